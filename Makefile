@@ -1,0 +1,33 @@
+# Two entry points do all set-up on a fresh machine: `make serve` and `make test`.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# pip prints a warning per package for the machine's file:// mirrors; drop only those lines.
+PIPQUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: install test serve lint clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | $(PIPQUIET)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | $(PIPQUIET)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+DEFAULT_MODEL := .cache/models/tiny-glm
+
+serve: install
+	test -f $(DEFAULT_MODEL)/config.json || $(VENV)/bin/indexcache make-tiny --kind glm_moe_dsa $(DEFAULT_MODEL)
+	$(VENV)/bin/indexcache generate --model $(DEFAULT_MODEL) --chat --max-tokens 16 "What is the capital of France?"
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Prefill and decode pools scaled on their own signals (pure policy + a thin Ray adapter)."""

@@ -1,0 +1,32 @@
+"""Reference FP8 quantisation (DeepSeek `act_quant` semantics)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def act_quant(x: torch.Tensor, block: int, ue8m0: bool):
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    # 1e-4 floor: an all-zero block still gets a finite, positive scale.
+    amax = xb.abs().amax(-1).clamp(min=1e-4)
+    scale = amax / FP8_MAX
+    if ue8m0:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (xb / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(shape), scale
+
+
+def hadamard(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard matrix (Sylvester order), H @ H.T = I. Applied to both indexer q
+    and k before FP8 so outliers spread across the block; exact dot products are unchanged."""
+    if n & (n - 1):
+        raise ValueError(f"hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(device=device, dtype=dtype)

@@ -1,0 +1,52 @@
+"""Per-forward metadata, passed explicitly through every layer (never a global).
+
+Tokens of all sequences in the step are packed: T rows, sequence b owns rows
+cu_seqlens_q[b]:cu_seqlens_q[b+1], and those are its last tokens (cached prefix first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.kv_cache import KVCache
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # [T] int64 absolute position of each query token
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32 keys per sequence after this step (cached + new)
+    block_tables: torch.Tensor  # [B, max_pages] int32
+    slot_mapping: torch.Tensor  # [T] int64 cache slot of each new token (-1: do not store)
+    cache: KVCache
+    is_decode: bool = False  # every sequence has exactly one query: decode kernels apply
+    logits_indices: torch.Tensor | None = None  # rows to compute logits for (None: all)
+    # Written by F layers, read by the S layers after them within this same forward.
+    topk: torch.Tensor | None = None  # [T, index_topk] int32 logical positions, -1 padded
+    rope: dict = field(default_factory=dict)  # rotary dim -> (cos, sin) for `positions`
+
+    @classmethod
+    def for_batch(cls, seqs_new: list[int], seqs_cached: list[int], block_tables: torch.Tensor,
+                  cache: KVCache, logits_indices: torch.Tensor | None = None) -> ForwardContext:
+        """Build the tensors from per-sequence (new, cached) token counts and page tables."""
+        device = block_tables.device
+        ps = cache.layout.page_size
+        positions, slots = [], []
+        for b, (n_new, n_cached) in enumerate(zip(seqs_new, seqs_cached, strict=True)):
+            pos = torch.arange(n_cached, n_cached + n_new, device=device)
+            positions.append(pos)
+            slots.append(block_tables[b, pos // ps].long() * ps + pos % ps)
+        cu = torch.zeros(len(seqs_new) + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.tensor(seqs_new, device=device).cumsum(0)
+        seq_lens = torch.tensor([a + b for a, b in zip(seqs_new, seqs_cached, strict=True)],
+                                dtype=torch.int32, device=device)
+        return cls(positions=torch.cat(positions), cu_seqlens_q=cu, seq_lens=seq_lens,
+                   block_tables=block_tables.to(torch.int32), slot_mapping=torch.cat(slots),
+                   cache=cache, is_decode=all(n == 1 for n in seqs_new),
+                   logits_indices=logits_indices)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])

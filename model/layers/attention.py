@@ -1,0 +1,107 @@
+"""DSA attention: MLA in absorbed form (deepseek_v32, glm_moe_dsa) and grouped-query attention
+(dsa_llama), both attending only to the keys in `ctx.topk`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.kv_store import store_rows
+from kernels.sparse_attn import sparse_attn_decode, sparse_attn_prefill
+from model.config import ModelConfig
+from model.context import ForwardContext
+from model.layers.indexer import LightningIndexer
+from model.layers.norm import RMSNorm
+from model.layers.rotary import apply_rotary
+
+
+# The latent norms use a fixed 1e-6, not rms_norm_eps: DeepSeek's reference and transformers do so
+# (vLLM passes rms_norm_eps, which differs only for GLM's 1e-5 and can flip near-tied top-k picks).
+LATENT_NORM_EPS = 1e-6
+
+
+def _attend(q, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
+    if ctx.is_decode:
+        return sparse_attn_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.topk,
+                                  scale)
+    return sparse_attn_prefill(q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q,
+                               ctx.seq_lens, ctx.topk, scale)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention computed in MQA ("absorbed") form: the cache holds one 576-d row
+    per token [latent c (512) | rope key (64)], queries are mapped into latent space with W_UK and
+    outputs back with W_UV (dsa.md 2.2)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = cfg.num_attention_heads
+        self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank, self.interleave, self.scale = cfg.kv_lora_rank, cfg.rope_interleave, cfg.softmax_scale
+        h, d, bias = self.n_heads, cfg.hidden_size, cfg.attention_bias
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * (self.dn + self.dr), bias=False)
+        else:
+            self.q_proj = nn.Linear(d, h * (self.dn + self.dr), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.dr, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.rank, h * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(h * self.dv, d, bias=bias)
+        # S layers build no indexer at all: no parameters, no cache rows.
+        self.indexer = LightningIndexer(cfg, layer_id) if runs_indexer else None
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t, h = x.shape[0], self.n_heads
+        cos, sin = ctx.rope[self.dr]
+        if hasattr(self, "q_a_proj"):
+            qr = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(qr).view(t, h, self.dn + self.dr)
+        else:
+            qr = x
+            q = self.q_proj(x).view(t, h, self.dn + self.dr)
+        q_nope, q_pe = q[..., : self.dn], apply_rotary(q[..., self.dn :], cos, sin, self.interleave)
+        kv = self.kv_a_proj_with_mqa(x)
+        c = self.kv_a_layernorm(kv[:, : self.rank])
+        k_pe = apply_rotary(kv[:, self.rank :], cos, sin, self.interleave)
+        k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
+        store_rows(k_cache, torch.cat([c, k_pe], -1)[:, None], ctx.slot_mapping)
+        if self.indexer is not None:
+            self.indexer(x, qr, ctx)
+        w = self.kv_b_proj.weight.view(h, self.dn + self.dv, self.rank)
+        q_lat = torch.einsum("thd,hdr->thr", q_nope, w[:, : self.dn])  # absorb W_UK
+        o_lat = _attend(torch.cat([q_lat, q_pe], -1), k_cache, v_cache, ctx, self.scale)
+        o = torch.einsum("thr,hvr->thv", o_lat, w[:, self.dn :])  # absorb W_UV
+        return self.o_proj(o.reshape(t, h * self.dv))
+
+
+class GQAttention(nn.Module):
+    """Llama-style grouped-query attention with a lightning indexer on the normed hidden state."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.softmax_scale
+        d, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=bias)
+        self.indexer = LightningIndexer(cfg, layer_id) if runs_indexer else None
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        cos, sin = ctx.rope[self.hd]  # HF Llama layout: NeoX halves
+        q = apply_rotary(self.q_proj(x).view(t, self.n_heads, self.hd), cos, sin, False)
+        k = apply_rotary(self.k_proj(x).view(t, self.n_kv, self.hd), cos, sin, False)
+        v = self.v_proj(x).view(t, self.n_kv, self.hd)
+        k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
+        store_rows(k_cache, k, ctx.slot_mapping)
+        store_rows(v_cache, v, ctx.slot_mapping)
+        if self.indexer is not None:
+            self.indexer(x, x, ctx)
+        o = _attend(q, k_cache, v_cache, ctx, self.scale)
+        return self.o_proj(o.reshape(t, self.n_heads * self.hd))

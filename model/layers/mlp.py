@@ -1,0 +1,97 @@
+"""Dense SwiGLU MLP and the DeepSeek-V3 MoE (sigmoid routing, group-limited top-k, correction bias,
+routed scaling, shared experts)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """noaux_tc routing: choose among the best `topk_group` groups (each scored by its two best
+    biased experts), the bias steers selection only, weights come from the unbiased sigmoid."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e = cfg.n_routed_experts
+        if e % cfg.n_group:
+            raise ValueError(f"n_routed_experts={e} is not divisible by n_group={cfg.n_group}")
+        self.weight = nn.Parameter(torch.zeros(e, cfg.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32),
+                                                    requires_grad=False)
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] -> (weights [T, top_k] fp32, expert ids [T, top_k])."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores + self.e_score_correction_bias
+        t, e = biased.shape
+        groups = biased.view(t, self.n_group, e // self.n_group)
+        group_scores = groups.topk(min(2, e // self.n_group), dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+        biased = biased.masked_fill(~keep.repeat_interleave(e // self.n_group, dim=1), float("-inf"))
+        ids = biased.topk(self.top_k, dim=-1).indices
+        w = scores.gather(1, ids)
+        if self.norm:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * self.scaling, ids
+
+
+class Experts(nn.Module):
+    """Routed experts packed as 3-D tensors (loader stacks per-expert checkpoint weights)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # group the (token, slot) pairs by expert
+        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        tokens = order // ids.shape[1]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = order[start : start + n]
+            tok = tokens[start : start + n]
+            start += n
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e])
+            out.index_add_(0, tok, (y * w.flatten()[sel, None]).to(out.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, ids = self.gate(x)
+        out = self.experts(x, w, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,185 @@
+"""Load a local Hugging Face checkpoint directory (config.json + *.safetensors, single file or
+sharded with model.safetensors.index.json) into a `DSAForCausalLM`.
+
+Everything is checked from the safetensors headers before any weight is read: missing,
+unexpected or misshapen tensors raise one ValueError listing them, so a bad checkpoint never
+leaves a half-loaded model. Indexer weights of S layers are skipped (S layers have no indexer
+module), MTP layers (index >= num_hidden_layers) are ignored, per-expert MoE weights are stacked
+into the packed expert tensors, and FP8 weights with 128x128 `weight_scale_inv` blocks are
+dequantised at load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from model.config import ModelConfig
+from model.dsa import DSAForCausalLM
+from model.index_cache import IndexCacheConfig
+
+# Kept in fp32 whatever the load dtype: routing and indexer head weights decide discrete choices.
+FP32_PARAMS = re.compile(r"(indexer\.weights_proj\.weight|mlp\.gate\.weight|e_score_correction_bias)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+@dataclass(frozen=True)
+class _Src:
+    key: str  # checkpoint tensor
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+    target: str  # model parameter it fills
+    index: tuple = ()  # where inside the target (expert stacking), () = whole tensor
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    return files
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    out = {}
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint shard {f.name} is missing from {f.parent}")
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                out[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
+    return out
+
+
+def _plan_sources(model: DSAForCausalLM, headers: dict) -> tuple[list[_Src], dict[str, str]]:
+    """Map checkpoint tensors to parameters; returns (sources, scale key -> weight key)."""
+    cfg = model.config
+    i_inter = cfg.moe_intermediate_size
+    sources, scales = [], {}
+    for key, (file, shape, dtype) in headers.items():
+        m = _LAYER.match(key)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+            continue  # MTP / next-token-prediction layers
+        if m and ".indexer." in key and not model.plan.is_full(int(m.group(1))):
+            continue  # S layer under this plan: its indexer is neither built nor loaded
+        if key.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings
+                                                   and key == "lm_head.weight"):
+            continue
+        if key.endswith("_scale_inv"):
+            scales[key] = key.removesuffix("_scale_inv")
+            continue
+        em = _EXPERT.match(key)
+        if em:
+            base, e, which = em.group(1), int(em.group(2)), em.group(3)
+            if which == "down":
+                target, index = f"{base}.down_proj", (e,)
+            else:
+                rows = slice(0, i_inter) if which == "gate" else slice(i_inter, 2 * i_inter)
+                target, index = f"{base}.gate_up_proj", (e, rows)
+        else:
+            target, index = key, ()
+        sources.append(_Src(key, file, shape, dtype, target, index))
+    return sources, scales
+
+
+def _check(model: DSAForCausalLM, sources: list[_Src], scales: dict[str, str]):
+    params = dict(model.named_parameters())
+    unexpected = sorted(s.key for s in sources if s.target not in params)
+    bad_shape, covered = [], {}
+    for s in sources:
+        p = params.get(s.target)
+        if p is None:
+            continue
+        want = tuple(p[s.index].shape) if s.index else tuple(p.shape)
+        if s.shape != want:
+            bad_shape.append(f"{s.key}: checkpoint {list(s.shape)}, model {list(want)}")
+        covered.setdefault(s.target, 0)
+        covered[s.target] += 1
+    missing = []
+    for name, p in params.items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            need = p.shape[0] * (2 if name.endswith("gate_up_proj") else 1)
+            have = covered.get(name, 0)
+            if have not in (need, 1):  # per-expert pieces, or one packed tensor
+                missing.append(f"{name} ({have} of {need} expert tensors)")
+        elif name not in covered:
+            missing.append(name)
+    weights = {s.key for s in sources}
+    orphan_scales = sorted(k for k, w in scales.items() if w not in weights and _kept(w, model))
+    fp8_unscaled = sorted(s.key for s in sources
+                          if s.dtype.startswith("F8") and s.key + "_scale_inv" not in scales)
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", bad_shape), ("scale without weight", orphan_scales),
+                         ("fp8 weight without weight_scale_inv", fp8_unscaled)):
+        if items:
+            shown = ", ".join(items[:20]) + (f" ... (+{len(items) - 20} more)" if len(items) > 20 else "")
+            problems.append(f"{title} ({len(items)}): {shown}")
+    if problems:
+        raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def _kept(weight_key: str, model: DSAForCausalLM) -> bool:
+    m = _LAYER.match(weight_key)
+    if m and int(m.group(1)) >= model.config.num_hidden_layers:
+        return False
+    return not (m and ".indexer." in weight_key and not model.plan.is_full(int(m.group(1))))
+
+
+def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """W[i, j] * scale_inv[i // bm, j // bn] in fp32 (DeepSeek `weight_dequant`)."""
+    bm, bn = block
+    m, n = w.shape
+    s = scale_inv.float().repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]
+    return w.float() * s
+
+
+def load_model(path: str | Path, index_cache: IndexCacheConfig | str | None = None,
+               dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cpu") -> DSAForCausalLM:
+    """`index_cache`: an IndexCacheConfig, a pattern such as "FSSF...", or None for the
+    checkpoint's own plan. Applying a plan to an all-F checkpoint is the training-free use."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    path = Path(path)
+    cfg = ModelConfig.from_pretrained(path)
+    plan = IndexCacheConfig.coerce(index_cache, cfg.num_hidden_layers, cfg.index_cache)
+    with torch.device("meta"):
+        model = DSAForCausalLM(cfg, plan)
+    headers = _headers(_shards(path))
+    sources, scales = _plan_sources(model, headers)
+    _check(model, sources, scales)
+
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if FP32_PARAMS.search(name) else dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    block = cfg.quantization.block if cfg.quantization else (128, 128)
+    by_file: dict[Path, list[_Src]] = {}
+    for s in sources:
+        by_file.setdefault(s.file, []).append(s)
+    with torch.no_grad():
+        for file, srcs in by_file.items():
+            with safe_open(file, "pt", device="cpu") as h:
+                for s in srcs:
+                    t = h.get_tensor(s.key)
+                    if s.key + "_scale_inv" in scales:
+                        sf = headers[s.key + "_scale_inv"][0]
+                        with safe_open(sf, "pt", device="cpu") as hs:
+                            t = dequant_fp8(t, hs.get_tensor(s.key + "_scale_inv"), block)
+                    dst = params[s.target]
+                    (dst[s.index] if s.index else dst).copy_(t.to(dst.dtype))
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Serving layer: engine (serving.engine), Ray Serve application, CLI."""

@@ -1,0 +1,37 @@
+"""`indexcache` command line. Each subcommand lives in its own module with `register(subparsers)`.
+
+Modules are imported lazily by name so `indexcache --help` stays fast and a subcommand's heavy
+imports (Ray, Locust) are paid only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module name -> (subcommand, one-line help). Order is the order shown in --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make_tiny": ("make-tiny", "write a tiny random DSA checkpoint with a tokenizer"),
+    "generate": ("generate", "generate text offline with the engine"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="indexcache", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module, (name, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        mod = importlib.import_module(f"serving.cli.{module}")
+        mod.register(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"indexcache {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,33 @@
+"""The one place that reads environment variables.
+
+Everything else receives plain values: kernels/ and model/ take explicit arguments, serving code
+takes this dataclass. Keeping reads here makes the full set of knobs greppable and testable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "INDEXCACHE_"
+
+
+@dataclass(frozen=True)
+class Env:
+    home: Path  # where converted / generated checkpoints are cached
+    kernels: str  # "auto" | "ref" | "triton": forces the kernel backend
+    log_level: str
+
+    @classmethod
+    def read(cls) -> Env:
+        home = os.environ.get(PREFIX + "HOME") or str(Path.cwd() / ".cache")
+        kernels = os.environ.get(PREFIX + "KERNELS", "auto")
+        if kernels not in ("auto", "ref", "triton"):
+            raise ValueError(f"{PREFIX}KERNELS must be auto, ref or triton, got {kernels!r}")
+        return cls(home=Path(home), kernels=kernels,
+                   log_level=os.environ.get(PREFIX + "LOG_LEVEL", "INFO"))
+
+
+def env() -> Env:
+    return Env.read()

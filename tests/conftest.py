@@ -1,0 +1,53 @@
+"""Shared test set-up: Triton interpreter on CPU-only machines, GPU skips that say why, seeds."""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before anything imports triton: the interpreter flag is read at @triton.jit time.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # fp32 dots really in fp32, not tf32
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: runs on the GPU machine "
+                                       "(python -m pytest -m gpu there)")
+    for item in items:
+        if "gpu" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where kernel tests run: the GPU when present, else the CPU under the Triton interpreter."""
+    return torch.device("cuda" if _HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Session cache of tiny random checkpoints, one per family: tiny_dir("glm_moe_dsa")."""
+    from model.tiny import make_tiny
+
+    made: dict[str, str] = {}
+
+    def get(kind: str, **overrides):
+        key = kind + repr(sorted(overrides.items()))
+        if key not in made:
+            made[key] = str(make_tiny(kind, tmp_path_factory.mktemp(kind), **overrides))
+        return made[key]
+
+    return get
