@@ -26,6 +26,9 @@ class ForwardContext:
     # Written by F layers, read by the S layers after them within this same forward.
     topk: torch.Tensor | None = None  # [T, index_topk] int32 logical positions, -1 padded
     rope: dict = field(default_factory=dict)  # rotary dim -> (cos, sin) for `positions`
+    # F layers that act as S layers for this forward (their indexer is not called, they reuse
+    # ctx.topk): lets calibration score any F/S plan on one all-F model without rebuilding it.
+    skip_indexer: frozenset[int] = frozenset()
 
     @classmethod
     def for_batch(cls, seqs_new: list[int], seqs_cached: list[int], block_tables: torch.Tensor,

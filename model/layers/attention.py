@@ -53,7 +53,9 @@ class MLAttention(nn.Module):
         # S layers build no indexer at all: no parameters, no cache rows.
         self.indexer = LightningIndexer(cfg, layer_id) if runs_indexer else None
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, ctx: ForwardContext):
+        """-> (qr [T, q_lora] indexer query input, q [T, H, C+R] in latent space, k [T, 1, C+R]
+        cache rows, v [T, 1, C] a view of k): what the attention kernel sees."""
         t, h = x.shape[0], self.n_heads
         cos, sin = ctx.rope[self.dr]
         if hasattr(self, "q_a_proj"):
@@ -66,15 +68,25 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         c = self.kv_a_layernorm(kv[:, : self.rank])
         k_pe = apply_rotary(kv[:, self.rank :], cos, sin, self.interleave)
-        k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
-        store_rows(k_cache, torch.cat([c, k_pe], -1)[:, None], ctx.slot_mapping)
-        if self.indexer is not None:
-            self.indexer(x, qr, ctx)
         w = self.kv_b_proj.weight.view(h, self.dn + self.dv, self.rank)
         q_lat = torch.einsum("thd,hdr->thr", q_nope, w[:, : self.dn])  # absorb W_UK
-        o_lat = _attend(torch.cat([q_lat, q_pe], -1), k_cache, v_cache, ctx, self.scale)
+        k = torch.cat([c, k_pe], -1)[:, None]
+        return qr, torch.cat([q_lat, q_pe], -1), k, k[..., : self.rank]
+
+    def output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space [T, H, C] -> [T, d]."""
+        t, h = o_lat.shape[:2]
+        w = self.kv_b_proj.weight.view(h, self.dn + self.dv, self.rank)
         o = torch.einsum("thr,hvr->thv", o_lat, w[:, self.dn :])  # absorb W_UV
         return self.o_proj(o.reshape(t, h * self.dv))
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        qr, q, k, _ = self.qkv(x, ctx)
+        k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
+        store_rows(k_cache, k, ctx.slot_mapping)
+        if self.indexer is not None and self.layer_id not in ctx.skip_indexer:
+            self.indexer(x, qr, ctx)
+        return self.output(_attend(q, k_cache, v_cache, ctx, self.scale))
 
 
 class GQAttention(nn.Module):
@@ -92,16 +104,22 @@ class GQAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=bias)
         self.indexer = LightningIndexer(cfg, layer_id) if runs_indexer else None
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, ctx: ForwardContext):
+        """-> (indexer query input [T, d], q [T, H, D], k [T, Hkv, D], v [T, Hkv, D])."""
         t = x.shape[0]
         cos, sin = ctx.rope[self.hd]  # HF Llama layout: NeoX halves
         q = apply_rotary(self.q_proj(x).view(t, self.n_heads, self.hd), cos, sin, False)
         k = apply_rotary(self.k_proj(x).view(t, self.n_kv, self.hd), cos, sin, False)
-        v = self.v_proj(x).view(t, self.n_kv, self.hd)
+        return x, q, k, self.v_proj(x).view(t, self.n_kv, self.hd)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(o.reshape(o.shape[0], self.n_heads * self.hd))
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        qr, q, k, v = self.qkv(x, ctx)
         k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
         store_rows(k_cache, k, ctx.slot_mapping)
         store_rows(v_cache, v, ctx.slot_mapping)
-        if self.indexer is not None:
-            self.indexer(x, x, ctx)
-        o = _attend(q, k_cache, v_cache, ctx, self.scale)
-        return self.o_proj(o.reshape(t, self.n_heads * self.hd))
+        if self.indexer is not None and self.layer_id not in ctx.skip_indexer:
+            self.indexer(x, qr, ctx)
+        return self.output(_attend(q, k_cache, v_cache, ctx, self.scale))

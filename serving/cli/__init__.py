@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "make_tiny": ("make-tiny", "write a tiny random DSA checkpoint with a tokenizer"),
     "generate": ("generate", "generate text offline with the engine"),
+    "calibrate": ("calibrate", "search an IndexCache F/S plan on calibration data"),
+    "distill": ("distill", "train F-layer indexers for an IndexCache plan (others frozen)"),
 }
 
 
