@@ -17,6 +17,10 @@ os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # fp32 dots really in fp32,
 
 import pytest  # noqa: E402
 
+# Test shapes are tiny: intra-op threads only add synchronisation, and on a busy 2-core runner
+# spinning OpenMP workers slow small ops down by an order of magnitude.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: runs on the GPU machine "
