@@ -40,8 +40,8 @@ class CalibrationData:
         return list(self.ids.split(batch_size))
 
     def provenance(self) -> dict:
-        return {"data_sha256": self.sha256, "data_files": self.files, "documents": self.documents,
-                "seq_len": self.seq_len, "num_seqs": self.num_seqs}
+        return {"calibration_data_hash": self.sha256, "data_files": self.files,
+                "documents": self.documents, "seq_len": self.seq_len, "num_seqs": self.num_seqs}
 
 
 def read_documents(path: str | Path, tokenizer: Tokenizer | None = None) -> list[str]:

@@ -9,6 +9,9 @@ records, at every layer boundary, the hidden state and the `ctx.topk` entering t
 needed: an S layer right after the boundary reads the indices of the F layer before it). A
 candidate is then scored by running layers l..N-1 only. Each layer rewrites its own cache rows
 before reading them, so one scratch context per batch shape serves every evaluation.
+
+Boundary memory is N x T x (d + index_topk) per batch; `boundary_device="cpu"` keeps it in host
+memory for long contexts (each candidate then copies one boundary back).
 """
 
 from __future__ import annotations
@@ -63,11 +66,13 @@ def predicted_tokens(ids: torch.Tensor) -> int:
 class PlanEvaluator:
     """Scores plans on `batches` (each [b, seq_len] int64 ids). The model must hold all indexers."""
 
-    def __init__(self, model: DSAForCausalLM, batches: list[torch.Tensor]):
+    def __init__(self, model: DSAForCausalLM, batches: list[torch.Tensor],
+                 boundary_device: torch.device | str | None = None):
         require_all_full(model)
         if not batches:
             raise ValueError("calibration needs at least one batch")
         self.model = model
+        self.boundary_device = torch.device(boundary_device or model.device)
         self.num_layers = model.config.num_hidden_layers
         self.batches = [b.to(model.device) for b in batches]
         self.targets = [targets(b) for b in self.batches]
@@ -87,10 +92,16 @@ class PlanEvaluator:
                    record: Boundaries | None = None) -> torch.Tensor:
         """Layers start..N-1 from hidden `h` and indices `topk` entering `start`."""
         ctx.topk, ctx.skip_indexer = topk, skip
+        # S layers share their F layer's tensor: store it once (the original is kept alive in
+        # the dict so its id cannot be reused by a later tensor).
+        stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i in range(start, self.num_layers):
             if record is not None:
-                record.hidden.append(h)
-                record.topk.append(ctx.topk)
+                record.hidden.append(h.to(self.boundary_device))
+                t = ctx.topk
+                if t is not None and id(t) not in stored:
+                    stored[id(t)] = (t, t.to(self.boundary_device))
+                record.topk.append(stored[id(t)][1] if t is not None else None)
             h = self.model.model.layers[i](h, ctx)
         return h
 
@@ -128,7 +139,10 @@ class PlanEvaluator:
                         skip: frozenset[int]) -> float:
         """Score a plan that agrees with the recorded one on layers < start."""
         ctx = self.context(self.batches[b])
-        h = self.run_layers(bounds.hidden[start], ctx, start, bounds.topk[start], skip)
+        dev = self.model.device
+        topk = bounds.topk[start]
+        h = self.run_layers(bounds.hidden[start].to(dev), ctx, start,
+                            topk.to(dev) if topk is not None else None, skip)
         return self.loss_sum(h, self.targets[b])
 
     def loss(self, plan: IndexCacheConfig | str) -> float:

@@ -162,6 +162,7 @@ def _score(ev: PlanEvaluator, pattern: list[str], cands: list[int], reuse_prefix
 
 def greedy_search(model: DSAForCausalLM, batches: list[torch.Tensor], retain: float, *,
                   pipeline_blocks: int = 1, reuse_prefix: bool = True,
+                  boundary_device: torch.device | str | None = None,
                   progress: bool = True) -> SearchResult:
     """Greedy search down to `retain` (fraction of F layers) on fixed `batches` [b, seq_len].
 
@@ -171,7 +172,7 @@ def greedy_search(model: DSAForCausalLM, batches: list[torch.Tensor], retain: fl
     fixed = {a for a, _ in blocks}
     target = target_full_layers(n, retain, len(fixed))
     quotas = block_quotas(blocks, target)
-    ev = PlanEvaluator(model, batches)
+    ev = PlanEvaluator(model, batches, boundary_device)
     pattern = ["F"] * n
     steps: list[SearchStep] = []
     base_loss, work, naive_work = None, 0, 0

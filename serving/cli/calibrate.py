@@ -35,6 +35,8 @@ def register(p) -> None:
     p.add_argument("--out", default=None, help="output directory (default calibration-<model>)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="score every candidate with a full forward (slower; for checking)")
+    p.add_argument("--offload-boundaries", action="store_true",
+                   help="keep the per-layer prefix states in host memory (long contexts)")
     p.add_argument("--no-overlap", action="store_true", help="skip the top-k overlap analysis")
     p.add_argument("--publish", action="store_true", help="store the plan in the plan registry")
     p.add_argument("--registry-model", default=None,
@@ -103,7 +105,8 @@ def run(args) -> int:
                          f"checkpoint): {e}") from None
     result = greedy_search(model, data.batches(args.batch_size), args.retain,
                            pipeline_blocks=args.pipeline_blocks,
-                           reuse_prefix=not args.no_prefix_cache, progress=not args.quiet)
+                           reuse_prefix=not args.no_prefix_cache, progress=not args.quiet,
+                           boundary_device="cpu" if args.offload_boundaries else None)
 
     out = Path(args.out or f"calibration-{model_dir.resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
@@ -115,9 +118,11 @@ def run(args) -> int:
         ov = topk_overlap(model, data.batches(args.batch_size), progress=not args.quiet)
         (out / "overlap.json").write_text(json.dumps(ov, indent=1) + "\n")
         overlap_heatmap(ov, out / "overlap.png")
-    provenance = {
+    now = datetime.now(UTC)
+    provenance = {  # registry keys: source, calibration_data_hash, created_at (epoch s)
         "source": "calibration", "tool": "indexcache calibrate", "model": traj["model"],
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"), **data.provenance(),
+        "created_at": now.timestamp(), "created_at_utc": now.isoformat(timespec="seconds"),
+        **data.provenance(),
         "retain": args.retain, "pipeline_blocks": args.pipeline_blocks, "dtype": traj["dtype"],
         "base_loss": result.base_loss, "final_loss": result.final_loss,
         "loss_trajectory": [{"flipped": s.flipped, "loss": s.loss} for s in result.steps],

@@ -55,7 +55,7 @@ def run(args) -> int:
     meta = {"model": model_dir.resolve().name, **data.provenance()}
     if args.resume:
         trainer.load(out)
-        saved = json.loads((out / "state.json").read_text()).get("data_sha256")
+        saved = json.loads((out / "state.json").read_text()).get("calibration_data_hash")
         if saved != data.sha256:
             raise ValueError(f"resume: the calibration data differs from the checkpoint's "
                              f"(sha256 {saved} vs {data.sha256})")

@@ -49,7 +49,7 @@ def test_calibrate_end_to_end(model_dir, text_file, tmp_path, capsys):
         IndexCacheConfig(plan.pattern, "pattern")
     prov = doc["provenance"]
     assert prov["source"] == "calibration" and prov["seq_len"] == 32 and prov["num_seqs"] == 4
-    assert len(prov["data_sha256"]) == 64 and prov["created_at"]
+    assert len(prov["calibration_data_hash"]) == 64 and isinstance(prov["created_at"], float)
     assert [s["loss"] for s in prov["loss_trajectory"]] and prov["final_loss"] > 0
     traj = json.loads((out / "trajectory.json").read_text())
     assert traj["pattern"] == plan.pattern and len(traj["steps"]) == 2
@@ -112,6 +112,8 @@ def test_publish_calls_the_registry(model_dir, text_file, tmp_path, monkeypatch)
     [(name, plan, prov, address)] = calls
     assert name == "tiny-llama" and address == "ray://head:10001"
     assert plan == read_plan(out / "plan.json", 4) and prov["source"] == "calibration"
+    assert prov["calibration_data_hash"] == json.loads((out / "trajectory.json").read_text())[
+        "calibration_data_hash"]
     doc = json.loads((out / "plan.json").read_text())
     assert doc["provenance"]["registry"] == {"model": "tiny-llama", "version": 7}
     assert not (out / "overlap.json").exists()

@@ -70,9 +70,9 @@ def test_checkpoint_resume_matches_uninterrupted_run(glm, tmp_path):
     straight.train(batches, progress=False)
 
     _, first = _trainer(glm, steps=2)
-    first.train(batches, tmp_path, progress=False, meta={"data_sha256": "x"})
+    first.train(batches, tmp_path, progress=False, meta={"calibration_data_hash": "x"})
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state["step"] == 2 and state["pattern"] == PLAN and state["data_sha256"] == "x"
+    assert state["step"] == 2 and state["pattern"] == PLAN and state["calibration_data_hash"] == "x"
     _, resumed = _trainer(glm, steps=4)
     resumed.load(tmp_path)
     assert resumed.step == 2 and len(resumed.history) == 2
