@@ -3,8 +3,9 @@
     python benchmarks/calibration_search.py [--layers 12] [--seq-len 512] [--device cpu]
 
 Builds a random dsa_llama checkpoint of the given depth in a temporary directory, runs the search
-to 1/4 retention both ways on the same batches and writes benchmarks/results/calibration_search_<device>.json.
-Both runs must return the same plan (checked) so only the speed differs.
+to 1/4 retention both ways on the same batches and writes
+benchmarks/results/calibration_search_<device>.json. Both runs must return the same plan (checked),
+so only the speed differs.
 """
 
 from __future__ import annotations

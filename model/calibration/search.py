@@ -56,7 +56,7 @@ class SearchResult:
     reuse_prefix: bool
     seconds: float
     layer_forwards: int  # decoder-layer forwards actually run
-    naive_layer_forwards: int  # what full forwards per candidate would have run
+    naive_layer_forwards: int  # with a full forward per candidate and for the current plan
     tokens: int = 0  # predicted tokens per evaluation
     extra: dict = field(default_factory=dict)
 
@@ -157,7 +157,13 @@ def _score(ev: PlanEvaluator, pattern: list[str], cands: list[int], reuse_prefix
                 work += n
                 bar.update(1)
         work += n
-    return cur / ev.tokens, {l: s / ev.tokens for l, s in sums.items()}, work
+    cur /= ev.tokens
+    if not math.isfinite(cur):
+        raise ValueError(f"calibration loss of plan {''.join(pattern)} is {cur}: the model "
+                         "produces non-finite logits (try --dtype float32)")
+    # A flip that breaks the model numerically is never the cheapest one.
+    return cur, {l: s / ev.tokens if math.isfinite(s) else math.inf
+                 for l, s in sums.items()}, work
 
 
 def greedy_search(model: DSAForCausalLM, batches: list[torch.Tensor], retain: float, *,
