@@ -1,0 +1,237 @@
+"""Asyncio front of the engine: one background thread owns the LLMEngine and steps it; requests
+and aborts reach it as commands, results come back to each caller's event loop through
+`loop.call_soon_threadsafe`.
+
+Only the engine thread touches engine state, so the engine needs no locks. Requests are validated
+in the caller first, so bad input raises ValueError there and never reaches the thread. A caller
+that stops iterating (client disconnect, task cancelled) aborts its request, which frees its pages
+in whatever phase it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from serving.engine.llm_engine import LLMEngine
+from serving.engine.outputs import EngineStats, PrefillResult, StepOutput, TokenDelta
+from serving.engine.params import SamplingParams
+from serving.engine.payload import KVPayload, check_payload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue | None = None  # streamed requests
+    future: asyncio.Future | None = None  # prefill requests
+    done: bool = False
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.Lock()  # guards _requests and the command list
+        self._commands: list[tuple] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> AsyncLLMEngine:
+        return cls(LLMEngine.from_pretrained(path, **kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # -- public API -------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int] | str,
+                       params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        """Unified role: stream a request's tokens."""
+        self._need_role("generate", ("unified",))
+        ids = self.engine.tokenize(prompt_token_ids)
+        self.engine.validate(ids, params, request_id)
+        req = self._register(request_id, stream=True)
+        self._submit(("add", request_id, ids, params))
+        async for delta in self._stream(request_id, req):
+            yield delta
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int] | str,
+                      params: SamplingParams) -> PrefillResult:
+        """Prefill role: compute the prompt, sample the first token, return the KV payload."""
+        self._need_role("prefill", ("prefill",))
+        ids = self.engine.tokenize(prompt_token_ids)
+        self.engine.validate(ids, params, request_id)
+        req = self._register(request_id, stream=False)
+        self._submit(("add", request_id, ids, params))
+        try:
+            return await req.future
+        finally:
+            if not req.done:
+                self.abort(request_id)
+            self._unregister(request_id)
+
+    async def decode(self, request_id: str, payload: KVPayload,
+                     params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        """Decode role: import the payload and stream the tokens after its first token."""
+        self._need_role("decode", ("decode", "unified"))
+        check_payload(payload, self.engine.layout)
+        self.engine.validate(payload.prompt_token_ids, params, request_id)
+        req = self._register(request_id, stream=True)
+        self._submit(("import", request_id, payload, params))
+        async for delta in self._stream(request_id, req):
+            yield delta
+
+    def abort(self, request_id: str) -> None:
+        """Idempotent; frees the request's pages whatever its phase (from any thread)."""
+        self._submit(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats  # a snapshot the engine thread refreshes after every step
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+
+    # -- caller side ------------------------------------------------------------------------
+    def _need_role(self, what: str, roles: tuple[str, ...]) -> None:
+        if self.engine.role not in roles:
+            raise ValueError(f"role: {what} needs a {' or '.join(roles)} engine, this one is "
+                             f"{self.engine.role!r}")
+        if self._stopping:
+            raise RuntimeError("engine is shut down")
+
+    def _register(self, request_id: str, stream: bool) -> _Request:
+        loop = asyncio.get_running_loop()
+        req = _Request(loop, asyncio.Queue() if stream else None,
+                       None if stream else loop.create_future())
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._requests[request_id] = req
+        return req
+
+    def _unregister(self, request_id: str) -> None:
+        with self._lock:
+            self._requests.pop(request_id, None)
+
+    def _submit(self, cmd: tuple) -> None:
+        with self._lock:
+            self._commands.append(cmd)
+        self._wake.set()
+
+    async def _stream(self, request_id: str, req: _Request) -> AsyncIterator[TokenDelta]:
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not req.done:
+                self.abort(request_id)
+            self._unregister(request_id)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            with self._lock:
+                cmds, self._commands = self._commands, []
+            for cmd in cmds:
+                self._handle(cmd)
+            if not self.engine.has_unfinished():
+                self._stats = self.engine.stats()
+                self._wake.wait()
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # a failed forward fails its requests, not the engine
+                log.exception("engine step failed")
+                for rid in list(self.engine.seqs):
+                    self.engine.abort(rid)
+                    self._deliver_error(rid, e)
+                outs = []
+            for out in outs:
+                self._deliver(out)
+            self._stats = self.engine.stats()
+        for rid in list(self.engine.seqs):  # shutdown: nothing stays allocated or waiting
+            self.engine.abort(rid)
+            self._deliver(StepOutput(rid, [], "", "abort"))
+
+    def _handle(self, cmd: tuple) -> None:
+        kind, rid = cmd[0], cmd[1]
+        try:
+            if kind == "add":
+                self.engine.add_request(rid, cmd[2], cmd[3])
+            elif kind == "import":
+                self.engine.import_payload(cmd[2], cmd[3], rid)
+            elif kind == "abort":
+                if self.engine.abort(rid):
+                    self._deliver(StepOutput(rid, [], "", "abort"))
+        except Exception as e:  # validated by the caller already; report anything left
+            self._deliver_error(rid, e)
+
+    def _lookup(self, rid: str, finished: bool) -> _Request | None:
+        with self._lock:
+            req = self._requests.get(rid)
+        if req is not None and finished:
+            req.done = True
+        return req
+
+    def _deliver(self, out: StepOutput) -> None:
+        req = self._lookup(out.request_id, out.finished or out.prefill is not None)
+        if req is None:
+            return  # the caller went away; its abort is queued
+        if req.future is not None:
+            if out.prefill is not None:
+                item, setter = out.prefill, _set_result
+            else:  # aborted before its first token
+                item, setter = None, _cancel
+        else:
+            item = TokenDelta(out.token_ids, out.text, out.finish_reason, out.logprobs)
+            setter = _put
+        try:
+            req.loop.call_soon_threadsafe(setter, req, item)
+        except RuntimeError:  # the caller's loop is closed
+            self.engine.abort(out.request_id)
+
+    def _deliver_error(self, rid: str, err: BaseException) -> None:
+        req = self._lookup(rid, True)
+        if req is None:
+            return
+        try:
+            req.loop.call_soon_threadsafe(_fail, req, err)
+        except RuntimeError:
+            pass
+
+
+def _put(req: _Request, item) -> None:
+    req.queue.put_nowait(item)
+
+
+def _set_result(req: _Request, item) -> None:
+    if not req.future.done():
+        req.future.set_result(item)
+
+
+def _cancel(req: _Request, _item) -> None:
+    req.future.cancel()
+
+
+def _fail(req: _Request, err: BaseException) -> None:
+    if req.queue is not None:
+        req.queue.put_nowait(err)
+    elif not req.future.done():
+        req.future.set_exception(err)

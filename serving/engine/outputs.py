@@ -1,0 +1,93 @@
+"""What the engine hands back: final outputs, streamed deltas, prefill results, statistics.
+
+Plain dataclasses of Python values and CPU tensors, so they pickle across process boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from serving.engine.payload import KVPayload
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """The sampled token's log-probability and the `k` most likely alternatives, from the model's
+    raw distribution (before temperature, top-k and top-p)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass
+class Output:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens (a stop token is included, its text is not)
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: list[Logprob] | None = None
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New tokens of one streamed request since the previous delta."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: list[Logprob] | None = None
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    request_id: str
+    first_token: int
+    payload: KVPayload
+    num_prompt_tokens: int
+    finish_reason: FinishReason | None = None  # set when the first token already ends the request
+    text: str = ""  # the first token's streamable text (held back while it may start a stop string)
+    logprobs: list[Logprob] | None = None
+
+
+@dataclass
+class StepOutput:
+    """One request's progress in one engine step (internal: the async layer turns it into
+    a TokenDelta or resolves a PrefillResult)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: list[Logprob] | None = None
+    prefill: PrefillResult | None = None
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    role: str
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # cumulative
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_usage: float  # 0..1
+    prompt_tokens_total: int  # prompt tokens computed (recomputation after preemption included)
+    generation_tokens_total: int
+    indexer_layers_run_total: int  # per token per layer: F layers run the indexer ...
+    indexer_layers_skipped_total: int  # ... S layers reuse the previous F layer's top-k
+    f_layer_ratio: float
+    plan_id: str
+    bytes_per_token: int
+    index_bytes_per_token: int
+    num_exporting: int = 0  # prefill role: prompts done, payload not yet built

@@ -1,0 +1,73 @@
+"""Per-request state: tokens, how many have KV in the cache, pages, sampling and output state.
+
+One invariant drives scheduling: tokens `token_ids[num_cached:]` still need a forward. A fresh
+prompt has all of them pending (prefill, possibly in chunks); a decoding sequence has exactly one
+(the last sampled token); a preempted sequence drops its pages, sets num_cached to 0 and so
+recomputes prompt + generated tokens in one prefill; an imported payload arrives with the prompt
+cached and the first token pending.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+import torch
+
+from serving.engine.detokenizer import Detokenizer
+from serving.engine.outputs import FinishReason, Logprob
+from serving.engine.params import SamplingParams
+
+if TYPE_CHECKING:
+    from serving.engine.payload import KVPayload
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted, or preempted: holds no pages
+    RUNNING = "running"  # admitted: holds pages for its cached tokens
+    EXPORTING = "exporting"  # prefill role: prompt done, pages held until the payload is built
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 detokenizer: Detokenizer, generator: torch.Generator | None = None):
+        self.request_id = request_id
+        self.params = params
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_cached = 0
+        self.pages: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.detok = detokenizer
+        self.generator = generator
+        self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
+        self.finish_reason: FinishReason | None = None
+        self.payload: KVPayload | None = None  # decode role: imported on admission, then dropped
+        self.num_streamed = 0  # generated tokens already reported (stream deltas)
+        self.num_logprobs_streamed = 0
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still needing a forward before the next sample."""
+        return len(self.token_ids) - self.num_cached
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"cached={self.num_cached}, pages={len(self.pages)})")
