@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from serving.engine.llm_engine import LLMEngine
@@ -61,8 +62,9 @@ class AsyncLLMEngine:
         self.engine.validate(ids, params, request_id)
         req = self._register(request_id, stream=True)
         self._submit(("add", request_id, ids, params))
-        async for delta in self._stream(request_id, req):
-            yield delta
+        async with aclosing(self._stream(request_id, req)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int] | str,
                       params: SamplingParams) -> PrefillResult:
@@ -87,8 +89,9 @@ class AsyncLLMEngine:
         self.engine.validate(payload.prompt_token_ids, params, request_id)
         req = self._register(request_id, stream=True)
         self._submit(("import", request_id, payload, params))
-        async for delta in self._stream(request_id, req):
-            yield delta
+        async with aclosing(self._stream(request_id, req)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def abort(self, request_id: str) -> None:
         """Idempotent; frees the request's pages whatever its phase (from any thread)."""

@@ -1,0 +1,101 @@
+"""Bad requests raise ValueError naming the field, leave nothing allocated, and the engine keeps
+serving the requests around them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from serving.engine import LLMEngine, SamplingParams
+from tests.engine.conftest import GREEDY
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"seed": "x"}, "seed"),
+    ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+    ({"stop": ("",)}, "stop"),
+    ({"logprobs": -1}, "logprobs"),
+])
+def test_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_normalise_lists():
+    p = SamplingParams(stop="##", stop_token_ids=[3, 4])
+    assert p.stop == ("##",) and p.stop_token_ids == (3, 4)
+    hash(p)  # frozen and hashable
+
+
+def test_bad_requests_do_not_disturb_others(model_dir, prompts, reference):
+    eng = LLMEngine.from_pretrained(model_dir(), max_num_batched_tokens=64, num_blocks=8,
+                                    max_model_len=120)
+    sp = SamplingParams(**GREEDY)
+    eng.add_request("good", prompts[0], sp)
+    done = {"good": [t for o in eng.step() for t in o.token_ids]}  # mid-flight from here on
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request("long", prompts[2], sp)  # 130 tokens > max_model_len 120
+    with pytest.raises(ValueError, match="prompt is empty"):
+        eng.add_request("empty", [], sp)
+    with pytest.raises(ValueError, match="prompt token ids"):
+        eng.add_request("oov", [1, 2, 10**6], sp)
+    with pytest.raises(ValueError, match="request_id"):
+        eng.add_request("good", prompts[1], sp)
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add_request("zero", prompts[1], dataclasses.replace(sp, max_tokens=0))
+    with pytest.raises(ValueError, match="params"):
+        eng.add_request("dict", prompts[1], {"max_tokens": 3})
+    with pytest.raises(ValueError, match="prompt"):  # one bad prompt rejects the whole batch
+        eng.generate([prompts[1], prompts[2]], sp)
+    assert set(eng.seqs) == {"good"}
+    while eng.has_unfinished():
+        for o in eng.step():
+            done.setdefault(o.request_id, []).extend(o.token_ids)
+    assert done == {"good": reference()[0]}
+    assert eng.block_manager.num_free == eng.block_manager.num_blocks
+
+
+def test_prompt_larger_than_the_pool_is_refused(model_dir, prompts):
+    eng = LLMEngine.from_pretrained(model_dir(), num_blocks=1)  # 64 token slots
+    with pytest.raises(ValueError, match="KV cache holds"):
+        eng.generate([prompts[1]], SamplingParams(**GREEDY))
+    out = eng.generate([prompts[0][:30]], SamplingParams(**GREEDY))[0]
+    assert len(out.token_ids) == 6
+
+
+def test_generation_stops_at_max_model_len(model_dir, prompts):
+    eng = LLMEngine.from_pretrained(model_dir(), num_blocks=4, max_model_len=44)
+    out = eng.generate([prompts[0]], SamplingParams(**GREEDY))[0]  # 41-token prompt
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def test_engine_config_errors(model_dir):
+    with pytest.raises(ValueError, match="role"):
+        LLMEngine.from_pretrained(model_dir(), role="both")
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        LLMEngine.from_pretrained(model_dir(), max_num_batched_tokens=0)
+    with pytest.raises(ValueError, match="kv_memory_bytes"):
+        LLMEngine.from_pretrained(model_dir(), kv_memory_bytes=1000)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLMEngine.from_pretrained(model_dir(), max_model_len=10**6)
+
+
+def test_roles_refuse_the_wrong_calls(model_dir, prompts):
+    sp = SamplingParams(**GREEDY)
+    pre = LLMEngine.from_pretrained(model_dir(), role="prefill", num_blocks=4)
+    dec = LLMEngine.from_pretrained(model_dir(), role="decode", num_blocks=4)
+    with pytest.raises(ValueError, match="role"):
+        pre.generate(prompts[:1], sp)
+    with pytest.raises(ValueError, match="role"):
+        dec.add_request("x", prompts[0], sp)
+    payload = pre.prefill(prompts[:1], sp)[0].payload
+    with pytest.raises(ValueError, match="role"):
+        pre.import_payload(payload, sp)
