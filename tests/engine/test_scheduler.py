@@ -53,10 +53,10 @@ def test_chunked_prefill_then_mixed_batches():
     sched.add(a)
     sched.add(b)
     batch = sched.schedule()
-    assert [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new, strict=False)] == [("a", 30), ("b", 20)]
+    assert rows(batch) == [("a", 30), ("b", 20)]
     run(sched, batch)
     batch = sched.schedule()  # a decodes (1 token), b continues its prompt with the rest
-    assert [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new, strict=False)] == [("a", 1), ("b", 49)]
+    assert rows(batch) == [("a", 1), ("b", 49)]
     assert batch.num_tokens == 50
 
 
