@@ -14,6 +14,7 @@ engine keeps serving the others.
 from __future__ import annotations
 
 import itertools
+import secrets
 from pathlib import Path
 
 import torch
@@ -160,7 +161,8 @@ class LLMEngine:
         gen = None
         if not params.greedy:
             gen = torch.Generator(self.model.device)
-            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            # Unseeded requests draw a fresh seed without touching torch's global RNG.
+            gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         return Sequence(rid, ids, params, Detokenizer(self.tokenizer, params), gen)
 
     def _enqueue(self, seq: Sequence) -> str:

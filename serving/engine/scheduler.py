@@ -5,6 +5,10 @@ first: a decoding sequence takes one token, a sequence in the middle of its prom
 chunk. Waiting sequences are then admitted while budget, pages and `max_num_seqs` allow, the last
 one possibly with a partial chunk. So one forward may mix decode rows and prefill chunks.
 
+Admission reserves pages for the whole prompt, not just its first chunk: admitting long prompts
+chunk by chunk would start more of them than the pool can finish, and they would then preempt
+each other and recompute; reserved, a prompt once admitted always completes its prefill.
+
 When a running sequence needs a page and none is free, the newest running sequence is preempted
 by recompute: its pages are freed and it goes back to the front of the queue with its generated
 tokens kept, to be prefilled again (prompt + generated) when pages free up. The oldest sequence
@@ -89,9 +93,8 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.payload is not None:  # decode role: the prompt arrives cached
                 n, total = 1, seq.payload.num_tokens + 1
-            else:
-                n = min(seq.num_pending, budget)
-                total = seq.num_cached + n
+            else:  # the whole (re)computation is reserved; chunks then run inside it
+                n, total = min(seq.num_pending, budget), seq.num_tokens
             if not self.bm.can_allocate(seq, total):
                 break
             self.waiting.popleft()

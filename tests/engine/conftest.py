@@ -13,7 +13,9 @@ from model import load_model
 # chunked one may keep different tied keys. 16 heads make exact ties vanishingly rare; the keys
 # each path keeps are then defined, and greedy equality is a real check.
 HEADS = {"index_n_heads": 16}
-PROMPT_LENS = (41, 97, 130)  # beyond index_topk=16, so every layer attends sparsely
+# Beyond index_topk=16, so every layer attends sparsely; 60 and 126 cross a page boundary
+# (64 tokens) within N_GEN generated tokens.
+PROMPT_LENS = (60, 97, 126)
 N_GEN = 6
 GREEDY = {"temperature": 0.0, "max_tokens": N_GEN, "ignore_eos": True}
 

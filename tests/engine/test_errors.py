@@ -42,7 +42,7 @@ def test_bad_requests_do_not_disturb_others(model_dir, prompts, reference):
     eng.add_request("good", prompts[0], sp)
     done = {"good": [t for o in eng.step() for t in o.token_ids]}  # mid-flight from here on
     with pytest.raises(ValueError, match="max_model_len"):
-        eng.add_request("long", prompts[2], sp)  # 130 tokens > max_model_len 120
+        eng.add_request("long", prompts[2], sp)  # 126 tokens > max_model_len 120
     with pytest.raises(ValueError, match="prompt is empty"):
         eng.add_request("empty", [], sp)
     with pytest.raises(ValueError, match="prompt token ids"):
@@ -72,8 +72,8 @@ def test_prompt_larger_than_the_pool_is_refused(model_dir, prompts):
 
 
 def test_generation_stops_at_max_model_len(model_dir, prompts):
-    eng = LLMEngine.from_pretrained(model_dir(), num_blocks=4, max_model_len=44)
-    out = eng.generate([prompts[0]], SamplingParams(**GREEDY))[0]  # 41-token prompt
+    eng = LLMEngine.from_pretrained(model_dir(), num_blocks=4, max_model_len=len(prompts[0]) + 3)
+    out = eng.generate([prompts[0]], SamplingParams(**GREEDY))[0]
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
 
 

@@ -72,14 +72,20 @@ def test_prefill_payload_decode_matches(model_dir, prompts, reference, plan):
 
 
 @pytest.mark.parametrize("plan", PLANS)
-def test_preemption_completes_with_same_tokens(model_dir, prompts, reference, plan):
-    # 4 pages = 256 token slots for 268 prompt tokens + generated ones: not all fit at once.
-    eng = LLMEngine.from_pretrained(model_dir(), plan, num_blocks=4, max_num_batched_tokens=64)
-    outs = eng.generate(prompts, SamplingParams(**GREEDY))
-    assert [o.token_ids for o in outs] == reference("glm_moe_dsa", plan)
+@pytest.mark.parametrize("max_tokens", [GREEDY["max_tokens"], 40])
+def test_preemption_completes_with_same_tokens(model_dir, prompts, reference, plan, max_tokens):
+    """3 pages (192 slots) for prompts of 60 + 97 + 126 tokens that grow past page boundaries
+    while decoding: sequences are preempted, recomputed, and still produce the same tokens."""
+    sp = SamplingParams(**{**GREEDY, "max_tokens": max_tokens})
+    roomy = LLMEngine.from_pretrained(model_dir(), plan, num_blocks=16).generate(prompts, sp)
+    eng = LLMEngine.from_pretrained(model_dir(), plan, num_blocks=3, max_num_batched_tokens=64)
+    outs = eng.generate(prompts, sp)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    if max_tokens == GREEDY["max_tokens"]:
+        assert [o.token_ids for o in outs] == reference("glm_moe_dsa", plan)
     stats = eng.stats()
     assert stats.num_preemptions > 0
-    assert eng.block_manager.num_free == 4 and stats.kv_blocks_used == 0
+    assert eng.block_manager.num_free == 3 and stats.kv_blocks_used == 0
     assert stats.num_running == stats.num_waiting == 0
 
 
