@@ -32,7 +32,7 @@ from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutpu
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload, export_rows, import_rows
 from serving.engine.sampler import logprobs_of, sample
-from serving.engine.scheduler import Scheduler
+from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
 
 
@@ -57,6 +57,7 @@ class LLMEngine:
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(mcfg.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
         self._done: list[StepOutput] = []  # finished without a forward (decode of a done request)
+        self.last_batch = ScheduledBatch()  # what the latest step ran (benchmarks, metrics)
         self._ids = itertools.count()
         self.prompt_tokens_total = self.generation_tokens_total = 0
         self.indexer_run_total = self.indexer_skipped_total = 0
@@ -202,7 +203,7 @@ class LLMEngine:
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         outputs, self._done = self._done, []
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         if not batch:
             return outputs
         logits, sampling = self.runner.run(batch)
