@@ -53,12 +53,3 @@ def reference(model_dir, prompts):
 
     return get
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: OpenMP fork/join costs more than it saves, and on a busy 2-core machine two
-    spinning threads slow every small op by an order of magnitude."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
