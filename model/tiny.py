@@ -74,7 +74,7 @@ def init_weights(model: DSAForCausalLM, seed: int = 0, std: float = 0.02) -> Non
 def byte_tokenizer() -> Tokenizer:
     """Byte-level BPE with no merges: 256 byte tokens after the special tokens."""
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # a set: unordered across runs
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -138,7 +138,8 @@ def test_prefill_aborted_before_its_first_token_is_cancelled(model_dir, prompts)
                                               max_num_batched_tokens=1)
         sp = SamplingParams(**GREEDY)
         task = asyncio.create_task(aeng.prefill("slow", prompts[2], sp))
-        await asyncio.sleep(0.05)
+        while aeng.stats().num_running == 0:  # one token per step: 126 forwards to go
+            await asyncio.sleep(0.001)
         aeng.abort("slow")
         with pytest.raises(asyncio.CancelledError):
             await task
