@@ -235,7 +235,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index-fp8", action="store_true", help="FP8 indexer keys (+ fp32 scale)")
     p.add_argument("--kernels", choices=["auto", "ref", "triton"], default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (tiny models run best on 1)")
-    p.add_argument("--out", type=Path, help="JSON path (default results/saturation-<device>.json)")
+    p.add_argument("--out", type=Path,
+                   help="JSON path (default results/saturation-<device>[-decode].json)")
     args = p.parse_args(argv)
     _, _, context, gen, fit, requests, mnbt = PRESETS[args.preset]
     args.context = args.context or context
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         results=results,
     )
-    out = args.out or RESULTS / f"saturation-{report['device']}.json"
+    mode = "" if args.mode == "unified" else f"-{args.mode}"
+    out = args.out or RESULTS / f"saturation-{report['device']}{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     plot(results, out.with_suffix(".png"))

@@ -169,7 +169,11 @@ class AsyncLLMEngine:
             for out in outs:
                 self._deliver(out)
             self._stats = self.engine.stats()
-        for rid in list(self.engine.seqs):  # shutdown: nothing stays allocated or waiting
+        # Shutdown: nothing stays allocated, queued or unanswered.
+        with self._lock:
+            cmds, self._commands = self._commands, []
+        pending = [c[1] for c in cmds if c[0] in ("add", "import")]
+        for rid in [*self.engine.seqs, *pending]:
             self.engine.abort(rid)
             self._deliver(StepOutput(rid, [], "", "abort"))
 

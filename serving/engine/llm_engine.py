@@ -67,13 +67,20 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path, index_cache: IndexCacheConfig | str | None = None,
                         role: str = "unified", dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", **engine_kwargs) -> LLMEngine:
-        """`index_cache` takes load_model's forms; `engine_kwargs` are EngineConfig fields
-        (num_blocks, kv_memory_bytes, max_num_seqs, max_num_batched_tokens, max_model_len,
-        index_fp8, gpu_memory_utilization)."""
+                        device: torch.device | str = "cpu", num_blocks: int | None = None,
+                        kv_memory_bytes: int | None = None, max_num_seqs: int = 64,
+                        max_num_batched_tokens: int = 512, max_model_len: int | None = None,
+                        index_fp8: bool = False,
+                        gpu_memory_utilization: float = 0.9) -> LLMEngine:
+        """`index_cache` takes load_model's forms (IndexCacheConfig, "FSSF..." or None for the
+        checkpoint's plan); the rest are EngineConfig fields."""
         from model.loader import load_model
 
-        config = EngineConfig(role=role, **engine_kwargs)
+        config = EngineConfig(role=role, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens,
+                              max_model_len=max_model_len, num_blocks=num_blocks,
+                              kv_memory_bytes=kv_memory_bytes, index_fp8=index_fp8,
+                              gpu_memory_utilization=gpu_memory_utilization)
         model = load_model(path, index_cache, dtype=dtype, device=device)
         return cls(model.eval(), Tokenizer.from_pretrained(path), config)
 

@@ -151,3 +151,21 @@ def test_prefill_aborted_before_its_first_token_is_cancelled(model_dir, prompts)
 
     stats, res = _run(main())
     assert stats.kv_blocks_used == 0 and res.finish_reason == "length"
+
+
+def test_shutdown_ends_open_streams_and_refuses_new_requests(model_dir, prompts):
+    async def main():
+        eng = LLMEngine.from_pretrained(model_dir(), num_blocks=4)
+        aeng = AsyncLLMEngine(eng)
+        long = SamplingParams(**{**GREEDY, "max_tokens": 150})
+        stream = aeng.generate("open", prompts[0], long)
+        await anext(stream)
+        await aeng.shutdown()
+        rest = [d async for d in stream]
+        with pytest.raises(RuntimeError, match="shut down"):
+            await _collect(aeng.generate("late", prompts[0], long))
+        return rest, eng
+
+    rest, eng = _run(main())
+    assert rest[-1].finish_reason == "abort"
+    assert not eng.seqs and eng.block_manager.num_free == 4
