@@ -116,3 +116,15 @@ def test_fp8_index_keys_disaggregated_equals_unified(model_dir, prompts):
     dec = LLMEngine.from_pretrained(model_dir(), "FSSF", role="decode", **kw)
     outs = dec.decode([r.payload for r in results], sp)
     assert [o.token_ids for o in outs] == [o.token_ids for o in unified]
+
+
+def test_decode_role_preempts_by_recompute(model_dir, prompts):
+    """A decode replica short of pages recomputes an imported request from its tokens."""
+    sp = SamplingParams(**{**GREEDY, "max_tokens": 40})
+    roomy = LLMEngine.from_pretrained(model_dir(), "FSSF", num_blocks=16).generate(prompts, sp)
+    pre = LLMEngine.from_pretrained(model_dir(), "FSSF", role="prefill", num_blocks=8)
+    dec = LLMEngine.from_pretrained(model_dir(), "FSSF", role="decode", num_blocks=3,
+                                    max_num_batched_tokens=64)
+    outs = dec.decode([r.payload for r in pre.prefill(prompts, sp)], sp)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    assert dec.stats().num_preemptions > 0 and dec.block_manager.num_free == 3
