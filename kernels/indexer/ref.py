@@ -25,11 +25,16 @@ def score_rows(q, w, k, k_scale):
 
 
 def select(scores, pos, topk: int):
-    """Top-k of each row among columns <= pos[row]; -1 padding where fewer are visible."""
+    """Top-k of each row among columns <= pos[row]; -1 padding where fewer are visible.
+
+    Ties go to the lower position (stable sort). torch.topk's tie order depends on the row
+    length, so without this a chunked prefill (shorter rows) and a one-shot prefill could keep
+    different keys when scores tie, e.g. at exactly 0 when every head's ReLU is off.
+    """
     n = scores.shape[1]
     cols = torch.arange(n, device=scores.device)
     scores = scores.masked_fill(cols[None, :] > pos[:, None], float("-inf"))
-    idx = scores.topk(min(topk, n), dim=-1).indices
+    idx = scores.sort(dim=-1, descending=True, stable=True).indices[:, : min(topk, n)]
     idx = torch.where(idx <= pos[:, None], idx, -1)  # masked columns only win when < topk visible
     out = torch.full((scores.shape[0], topk), -1, dtype=torch.int32, device=scores.device)
     out[:, : idx.shape[1]] = idx.to(torch.int32)

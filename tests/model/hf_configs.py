@@ -14,19 +14,22 @@ _BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermedi
              n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, kv_lora_rank=16,
              q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
              first_k_dense_replace=1, max_position_embeddings=512, index_topk=8,
-             index_head_dim=16, index_n_heads=4)
+             index_head_dim=16, index_n_heads=16)
 
 # name -> (family, overrides). Every case keeps index_topk well below the test length (>= 4x).
+# At least 12 indexer heads: a key scores exactly 0 when every head's ReLU is off (probability
+# 2^-heads with random weights), and exact ties are broken by position here but in
+# implementation-defined order by torch.topk in transformers.
 CASES = {
     "dsv32-yarn-groups2": ("deepseek_v32", dict(rope_parameters=YARN)),
     "dsv32-default-heads8": ("deepseek_v32", dict(num_attention_heads=8, num_key_value_heads=8,
-                                                  index_n_heads=8,
+                                                  index_n_heads=24,
                                                   n_group=4, topk_group=2, first_k_dense_replace=2)),
     "dsv32-yarn-mscale-uneven": ("deepseek_v32", dict(rope_parameters=YARN_UNEVEN, index_topk=12,
                                                       qk_rope_head_dim=16, index_head_dim=32)),
     "glm-default": ("glm_moe_dsa", dict()),
     "glm-heads2-dense2": ("glm_moe_dsa", dict(num_attention_heads=2, first_k_dense_replace=2,
-                                              n_group=4, topk_group=2, index_n_heads=6)),
+                                              n_group=4, topk_group=2, index_n_heads=12)),
     "glm-yarn-topk12": ("glm_moe_dsa", dict(rope_parameters=YARN, index_topk=12, v_head_dim=24)),
     # IndexCache plans through transformers' own config fields
     "glm-freq2": ("glm_moe_dsa", dict(num_hidden_layers=6, index_topk_freq=2)),
