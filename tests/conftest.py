@@ -22,6 +22,29 @@ import pytest  # noqa: E402
 torch.set_num_threads(1)
 
 
+def _patch_triton_interpreter() -> None:
+    """Triton 3.6's interpreter turns a scalar into a loop bound with int(ndarray of shape (1,)),
+    which numpy 2.x rejects, so every `range(0, n)` with a runtime n fails. Read the single
+    element instead. Only touches the interpreter, only in test sessions."""
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:  # pragma: no cover
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    if not getattr(original, "_indexcache_patched", False):
+        patched._indexcache_patched = True
+        interp._patch_lang_tensor = patched
+
+
+if not _HAS_CUDA:
+    _patch_triton_interpreter()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: runs on the GPU machine "
                                        "(python -m pytest -m gpu there)")

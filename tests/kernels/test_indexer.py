@@ -1,0 +1,126 @@
+"""Triton indexer (scores + causal top-k) against the reference, over a named grid.
+
+Each case: (n_q per sequence, keys per sequence after the step, heads, dim, topk, dtype). Query
+rows are each sequence's last tokens, so n_q < seq_len is chunked prefill over a cached prefix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.indexer import indexer_topk_decode, indexer_topk_prefill
+from kernels.indexer import ref as iref
+from kernels.indexer import triton as itri
+from kernels.testing import assert_topk_close, indexer_inputs, query_positions
+
+FP8 = torch.float8_e4m3fn
+_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", FP8: "fp8"}
+
+
+def case(n_q, lens, heads, dim, topk, dtype, *marks):
+    name = f"B{len(lens)}-T{sum(n_q)}-L{max(lens)}-H{heads}-topk{topk}-{_NAMES[dtype]}"
+    return pytest.param(n_q, lens, heads, dim, topk, dtype, id=name, marks=marks)
+
+
+interpret, gpu = pytest.mark.interpret, pytest.mark.gpu
+
+PREFILL = [
+    # interpreter subset: T not a multiple of the tile, a page boundary (64) inside the rows
+    case([77], [77], 4, 32, 16, torch.float32, interpret),
+    # varlen with a length-1 sequence, a cached prefix, topk above the visible keys
+    case([1, 30, 5], [1, 130, 64], 4, 32, 64, torch.float16, interpret),
+    case([77, 40], [77, 300], 20, 64, 64, torch.bfloat16, gpu),
+    case([1, 200, 129], [1, 2000, 129], 64, 128, 2048, torch.bfloat16, gpu),
+    case([1, 200, 129], [1, 2000, 129], 64, 128, 2048, FP8, gpu),
+    case([300], [5000], 64, 128, 256, FP8, gpu),
+    case([64, 63], [20000, 9000], 16, 128, 2048, torch.bfloat16, gpu),
+    case([1000], [1000], 64, 128, 512, torch.float16, gpu),
+    case([65, 1, 33], [65, 1, 4097], 32, 128, 128, torch.float32, gpu),
+]
+
+DECODE = [
+    case([1], [100], 4, 32, 16, torch.float32, interpret),
+    case([1, 1, 1], [1, 65, 200], 4, 32, 64, torch.float16, interpret),
+    case([1], [5000], 64, 128, 2048, FP8, gpu),
+    case([1] * 5, [1, 64, 65, 3000, 70000], 64, 128, 2048, torch.bfloat16, gpu),
+    case([1] * 5, [1, 64, 65, 3000, 70000], 64, 128, 2048, FP8, gpu),
+    case([1] * 64, [4096 + 7 * i for i in range(64)], 32, 128, 512, FP8, gpu),
+]
+
+
+def ref_scores(inp: dict, positions: torch.Tensor) -> torch.Tensor:
+    """Reference score of every (query row, key), -inf past the row's position: [T, max len]."""
+    cu, lens = inp["cu_seqlens_q"].tolist(), inp["seq_lens"].tolist()
+    width = max(lens)
+    out = torch.full((inp["q"].shape[0], width), float("-inf"), device=inp["q"].device)
+    for b, n in enumerate(lens):
+        k, s = iref.gather_keys(inp["k_cache"], inp["k_scale"], inp["block_tables"][b], n)
+        for c in range(cu[b], cu[b + 1], 256):
+            e = min(c + 256, cu[b + 1])
+            out[c:e, :n] = iref.score_rows(inp["q"][c:e], inp["weights"][c:e], k, s)
+    cols = torch.arange(width, device=out.device)
+    return out.masked_fill(cols[None, :] > positions[:, None], float("-inf"))
+
+
+def _check_prefill(n_q, lens, heads, dim, topk, dtype, device, **kw):
+    inp = indexer_inputs(n_q, lens, heads, dim, dtype, device)
+    ref = indexer_topk_prefill(**inp, topk=topk, impl="ref")
+    out = itri.indexer_topk_prefill(**inp, topk=topk, **kw)
+    pos = query_positions(n_q, lens, device)
+    assert_topk_close(ref, out, ref_scores(inp, pos), pos + 1)
+
+
+@pytest.mark.parametrize("n_q, lens, heads, dim, topk, dtype", PREFILL)
+def test_prefill(n_q, lens, heads, dim, topk, dtype, device):
+    _check_prefill(n_q, lens, heads, dim, topk, dtype, device)
+
+
+@pytest.mark.parametrize("n_q, lens, heads, dim, topk, dtype", DECODE)
+def test_decode(n_q, lens, heads, dim, topk, dtype, device):
+    inp = indexer_inputs(n_q, lens, heads, dim, dtype, device)
+    inp.pop("cu_seqlens_q")
+    ref = indexer_topk_decode(**inp, topk=topk, impl="ref")
+    out = indexer_topk_decode(**inp, topk=topk, impl="triton")
+    pos = inp["seq_lens"] - 1
+    inp["cu_seqlens_q"] = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
+    assert_topk_close(ref, out, ref_scores(inp, pos), pos + 1)
+
+
+@pytest.mark.interpret
+def test_prefill_small_score_budget(device):
+    """A budget of a few rows forces many launch groups, split inside a sequence."""
+    _check_prefill([40, 25], [40, 90], 4, 32, 16, torch.float32, device, score_budget=4096)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", range(len(itri.PREFILL_CONFIGS)))
+def test_prefill_every_config(cfg, device):
+    _check_prefill([300, 77], [3000, 77], 64, 128, 2048, FP8, device,
+                   config=itri.PREFILL_CONFIGS[cfg])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", range(len(itri.DECODE_CONFIGS)))
+def test_decode_every_config(cfg, device):
+    n_q, lens = [1] * 3, [70, 3000, 9000]
+    inp = indexer_inputs(n_q, lens, 64, 128, FP8, device)
+    inp.pop("cu_seqlens_q")
+    ref = indexer_topk_decode(**inp, topk=2048, impl="ref")
+    out = itri.indexer_topk_decode(**inp, topk=2048, config=itri.DECODE_CONFIGS[cfg])
+    pos = inp["seq_lens"] - 1
+    inp["cu_seqlens_q"] = torch.arange(4, dtype=torch.int32, device=device)
+    assert_topk_close(ref, out, ref_scores(inp, pos), pos + 1)
+
+
+def test_triton_rejects_odd_head_dim():
+    inp = indexer_inputs([3], [3], 2, 24, torch.float32)
+    with pytest.raises(ValueError, match="DI must be a power of two"):
+        itri.indexer_topk_prefill(**inp, topk=4)
+
+
+def test_triton_rejects_more_queries_than_keys():
+    inp = indexer_inputs([3], [3], 2, 32, torch.float32)
+    inp["seq_lens"] = torch.tensor([2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="has 3 queries but seq_lens 2"):
+        itri.indexer_topk_prefill(**inp, topk=4)
