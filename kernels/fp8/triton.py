@@ -14,7 +14,7 @@ ROWS = 16
 
 
 # grid: (cdiv(M, ROWS), D // block); each program: ROWS rows x one quantisation block.
-@triton.jit
+@triton.jit(do_not_specialize=["m"])
 def _act_quant_kernel(x_ptr, y_ptr, s_ptr, m, stride_x, stride_y, stride_s,
                       BLOCK: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
                       UE8M0: tl.constexpr, FMAX: tl.constexpr):

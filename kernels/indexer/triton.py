@@ -45,7 +45,7 @@ INTERPRET_DECODE = {"BN": 32, "num_warps": 4, "num_stages": 1}
 
 
 # grid: (cdiv(width, BN), query tiles of this group); each program: BM rows x BN keys, all heads.
-@triton.jit
+@triton.jit(do_not_specialize=["row0"])
 def _prefill_logits_kernel(q_ptr, wt_ptr, k_ptr, ks_ptr, bt_ptr, tile_ptr, s_ptr, mx_ptr, row0,
                            stride_qt, stride_qh, stride_wh, stride_kp, stride_ks, stride_sp,
                            stride_bt, stride_s,
@@ -163,7 +163,9 @@ def _groups(tiles, bn: int, budget: int, max_rows: int):
 
 def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens,
                          topk: int, config: dict | None = None,
-                         score_budget: int = SCORE_BUDGET) -> torch.Tensor:
+                         score_budget: int = SCORE_BUDGET, select: str = "radix") -> torch.Tensor:
+    """`select` (for kernels.bench): "radix" (the Triton top-k), "torch" (torch.topk on the same
+    score tiles) or "none" (scores only; the output is left unwritten)."""
     _check(q, k_cache, k_scale)
     interp = _interpreting(q)
     cfg = config or (INTERPRET_PREFILL if interp else DEFAULT_PREFILL)
@@ -201,8 +203,12 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
             stride_sp, block_tables.stride(0), scores.stride(0),
             H=hi, D=di, PS=k_cache.shape[1], BM=bm, BN=bn, HAS_SCALE=k_scale is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        topk_tri.launch(scores, lengths[row0: row0 + rows], mx, out[row0: row0 + rows], topk,
-                        cand=cand)
+        lens = lengths[row0: row0 + rows]
+        if select == "radix":
+            topk_tri.launch(scores, lens, mx, out[row0: row0 + rows], topk, cand=cand)
+        elif select == "torch":
+            from kernels.topk import ref as topk_ref
+            out[row0: row0 + rows] = topk_ref.topk_rows(scores, lens, topk)
     return out
 
 

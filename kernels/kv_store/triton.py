@@ -13,7 +13,7 @@ MAX_BLOCK = 1024
 
 
 # grid: (T, cdiv(N, BLOCK)); slot -1 rows are skipped.
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _store_kernel(cache_ptr, rows_ptr, slot_ptr, n, stride_cp, stride_cs, stride_r,
                   PS: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)

@@ -40,7 +40,7 @@ MAX_BH = 64  # query heads per program (MMA M side); more heads -> more programs
 
 
 # grid: (T, Hkv * head groups, splits); each program: one token x BH heads x one slice of topk.
-@triton.jit
+@triton.jit(do_not_specialize=["topk", "per_split"])
 def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml_ptr,
                         stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
                         stride_vp, stride_vs, stride_vh, stride_bt, stride_it,
@@ -121,7 +121,7 @@ def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml
 
 
 # grid: (T, H); each program merges the S partial softmaxes of one (token, head).
-@triton.jit
+@triton.jit(do_not_specialize=["n_split"])
 def _combine_kernel(part_ptr, ml_ptr, o_ptr, n_split,
                     stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ot, stride_oh,
                     SP: tl.constexpr, DV: tl.constexpr, DV_REAL: tl.constexpr):

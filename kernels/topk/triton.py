@@ -93,20 +93,19 @@ def _finish(row_ptr, ck_ptr, ci_ptr, out_ptr, n, mx, d1, k1, n_out,
 
 
 # grid: (R,); each program: one row, streamed in BLOCK-wide slices.
-@triton.jit
+@triton.jit(do_not_specialize=["topk", "cap"])
 def _topk_rows_kernel(s_ptr, len_ptr, mx_ptr, out_ptr, ck_ptr, ci_ptr,
-                      stride_s, stride_o, stride_c,
-                      TOPK: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+                      stride_s, stride_o, stride_c, topk, cap, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n = tl.load(len_ptr + row)
     row_ptr = s_ptr + row * stride_s
     out_ptr = out_ptr + row * stride_o
     ar = tl.arange(0, BLOCK)
-    if n <= TOPK:
+    if n <= topk:
         # -- every visible column is selected, then -1 padding --
-        for start in range(0, TOPK, BLOCK):
+        for start in range(0, topk, BLOCK):
             offs = start + ar
-            tl.store(out_ptr + offs, tl.where(offs < n, offs, -1), mask=offs < TOPK)
+            tl.store(out_ptr + offs, tl.where(offs < n, offs, -1), mask=offs < topk)
     else:
         mx = tl.load(mx_ptr + row)
         ck_ptr = ck_ptr + row * stride_c
@@ -118,8 +117,8 @@ def _topk_rows_kernel(s_ptr, len_ptr, mx_ptr, out_ptr, ck_ptr, ci_ptr,
             m = offs < n
             key = _key(tl.load(row_ptr + offs, mask=m, other=0.0), mx)
             h1 += tl.histogram(key >> SH1, NB1, mask=m)
-        d1, k1 = _pick(h1, TOPK, NB1)
-        fits = tl.sum(tl.where(tl.arange(0, NB1) == d1, h1, 0), 0) <= CAP
+        d1, k1 = _pick(h1, topk, NB1)
+        fits = tl.sum(tl.where(tl.arange(0, NB1) == d1, h1, 0), 0) <= cap
         # -- write the bins below d1; gather bin d1 into the candidate buffer --
         n_out = tl.full((), 0, tl.int32)
         n_cand = tl.full((), 0, tl.int32)
@@ -163,7 +162,7 @@ def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int = CAP,
     ck, ci = cand if cand is not None else scratch(r, scores.device, cap)
     assert ck.shape[0] >= r and ck.shape[1] == cap
     _topk_rows_kernel[(r,)](scores, lengths, row_max, out, ck, ci, scores.stride(0),
-                            out.stride(0), ck.stride(0), TOPK=topk, CAP=cap, BLOCK=block,
+                            out.stride(0), ck.stride(0), topk, cap, BLOCK=block,
                             num_warps=NUM_WARPS)
     return out
 

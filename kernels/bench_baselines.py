@@ -1,0 +1,95 @@
+"""Plain-PyTorch versions of the benchmarked work (what a user writes without kernels, as in
+shared/reference/h200-anchor.md), and spot checks of the kernels' outputs at benchmark sizes."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.testing import assert_topk_close, rms_rel_err
+
+
+def time_slow(fn, *args, reps: int = 1, **kwargs) -> float:
+    """Median ms of `reps` runs of fn(*args, **kwargs) after one warm-up, for work too slow for
+    do_bench's defaults."""
+    fn(*args, **kwargs)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args, **kwargs)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def indexer_prep(inp: dict):
+    """One sequence's (q, weights, contiguous keys) in bf16: the baseline reads no page table."""
+    n = int(inp["seq_lens"][0])
+    ps = inp["k_cache"].shape[1]
+    pos = torch.arange(n, device=inp["q"].device)
+    k = inp["k_cache"][inp["block_tables"][0, pos // ps].long(), pos % ps]
+    return inp["q"].to(torch.bfloat16), inp["weights"], k.to(torch.bfloat16)
+
+
+def indexer(prep, topk: int, chunk: int = 2048) -> torch.Tensor:
+    """einsum + relu + weighted head sum + masked topk, 2048 queries at a time (bf16)."""
+    q, w, k = prep
+    n, h, _ = q.shape
+    out = torch.full((n, topk), -1, dtype=torch.int64, device=q.device)
+    for c in range(0, n, chunk):
+        e = min(c + chunk, n)
+        s = torch.matmul(q[c:e].flatten(0, 1), k[:e].T).view(e - c, h, e).relu_()
+        sc = torch.bmm(w[c:e, None, :].to(torch.bfloat16), s).squeeze(1).float()
+        cols = torch.arange(e, device=q.device)
+        sc.masked_fill_(cols[None, :] > torch.arange(c, e, device=q.device)[:, None], float("-inf"))
+        out[c:e, : min(topk, e)] = sc.topk(min(topk, e), dim=-1).indices
+    return out
+
+
+def indexer_recall(inp: dict, out: torch.Tensor, topk: int, rows: int = 64) -> str:
+    """Check the last `rows` rows of a one-sequence prefill against the reference."""
+    from kernels.indexer import ref as iref
+    from kernels.topk import ref as tref
+
+    n = int(inp["seq_lens"][0])
+    rows = min(rows, n)
+    k, s = iref.gather_keys(inp["k_cache"], inp["k_scale"], inp["block_tables"][0], n)
+    scores = iref.score_rows(inp["q"][n - rows:], inp["weights"][n - rows:], k, s)
+    lengths = torch.arange(n - rows + 1, n + 1, device=scores.device, dtype=torch.int32)
+    ref = tref.topk_rows(scores, lengths, topk)
+    try:
+        return f"ok, recall {assert_topk_close(ref, out[n - rows:], scores, lengths):.4f}"
+    except AssertionError as e:
+        return f"FAILED: {e}"
+
+
+def _slots(inp, idx):
+    ps = inp["k_cache"].shape[1]
+    i = idx.clamp(min=0).long()
+    return inp["block_tables"][0].long()[i // ps] * ps + i % ps
+
+
+def sparse_attn(inp: dict, scale: float, chunk: int = 512) -> torch.Tensor:
+    """Gather the selected 576-d rows 512 queries at a time; softmax; weighted latent sum."""
+    q, kc, idx = inp["q"], inp["k_cache"], inp["indices"]
+    kf = kc.view(-1, kc.shape[-1])
+    dv = inp["v_cache"].shape[-1]
+    out = torch.empty(*q.shape[:2], dv, dtype=q.dtype, device=q.device)
+    for c in range(0, q.shape[0], chunk):
+        e = min(c + chunk, q.shape[0])
+        kv = kf[_slots(inp, idx[c:e])]  # [C, topk, Dk]
+        logits = torch.einsum("chd,ctd->cht", q[c:e], kv).float() * scale
+        logits.masked_fill_((idx[c:e] < 0)[:, None, :], float("-inf"))
+        p = torch.softmax(logits, -1).to(q.dtype)
+        out[c:e] = torch.einsum("cht,ctv->chv", p, kv[..., :dv])
+    return out
+
+
+def sparse_attn_err(inp: dict, got: torch.Tensor, scale: float, rows: int = 64) -> float:
+    from kernels.sparse_attn import ref as sref
+
+    rows = min(rows, got.shape[0])
+    ref = sref.attend_rows(inp["q"][-rows:], inp["k_cache"], inp["v_cache"],
+                           inp["block_tables"][0], inp["indices"][-rows:], scale)
+    return round(rms_rel_err(ref, got[-rows:].float()), 6)
