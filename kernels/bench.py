@@ -73,18 +73,31 @@ def sweep(name: str, configs: list[dict], fn, *args, **kwargs) -> tuple[dict, di
     return dict(configs[list(times).index(best)]), times
 
 
+def try_ms(out: dict, label: str, fn, *args, **kwargs) -> float | None:
+    """bench_ms, or None with the error kept in out["errors"] (the other numbers still count)."""
+    try:
+        return round(bench_ms(fn, *args, **kwargs), 4)
+    except Exception as e:  # noqa: BLE001
+        out["errors"][label or repr(fn)] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"  {label} failed: {out['errors'][label or repr(fn)]}", flush=True)
+        return None
+
+
 def row(op, shape, dtype, ms, *, flops=None, nbytes=None, base_ms=None, published=None,
         target=None, **extra) -> dict:
-    r = {"op": op, "shape": shape, "dtype": dtype, "ms": round(ms, 4)}
-    if flops is not None:
+    r = {"op": op, "shape": shape, "dtype": dtype, "ms": None if ms is None else round(ms, 4)}
+    if ms is None:
+        pass
+    elif flops is not None:
         r["tflops"] = round(flops / ms / 1e9, 1)
         r["pct_ceiling"] = round(100 * flops / (ms * 1e-3) / CEILING[dtype], 1)
-    if nbytes is not None:
+    elif nbytes is not None:
         r["gbps"] = round(nbytes / ms / 1e6, 1)
         r["pct_ceiling"] = round(100 * nbytes / (ms * 1e-3) / CEILING["bytes"], 1)
     if base_ms is not None:
         r["pytorch_ms"] = round(base_ms, 3)
-        r["speedup"] = round(base_ms / ms, 1)
+        if ms is not None:
+            r["speedup"] = round(base_ms / ms, 1)
     if published is not None:
         r["published_ms"] = published
     if target is not None:
@@ -118,26 +131,28 @@ def indexer_prefill(sh: Shapes, out: dict) -> None:
         _free()
     for dtype in (torch.float8_e4m3fn, half):
         inp = indexer_inputs([sh.sweep_len], [sh.sweep_len], h, d, dtype, dev)
+        # Configs are chosen on the scores alone, so a top-k failure cannot hide them.
         cfg, times = sweep(f"indexer-{_name(dtype)}", itri.PREFILL_CONFIGS,
-                           itri.indexer_topk_prefill, **inp, topk=topk)
-        out["sweeps"][f"indexer_prefill_{_name(dtype)}_L{sh.sweep_len}"] = times
+                           itri.indexer_topk_prefill, **inp, topk=topk, select="none")
+        out["sweeps"][f"indexer_prefill_{_name(dtype)}_L{sh.sweep_len}_scores_only"] = times
         for n in sh.lengths:
             inp = indexer_inputs([n], [n], h, d, dtype, dev)
             run = itri.indexer_topk_prefill
-            ms = bench_ms(run, **inp, topk=topk, config=cfg)
-            logits_ms = bench_ms(run, **inp, topk=topk, config=cfg, select="none")
-            torchk_ms = bench_ms(run, **inp, topk=topk, config=cfg, select="torch")
-            extra = {}
-            if n == max(sh.lengths):
+            ms = try_ms(out, f"indexer {n} {_name(dtype)}", run, **inp, topk=topk, config=cfg)
+            extra = {"scores_only_ms": try_ms(out, "", run, **inp, topk=topk, config=cfg,
+                                              select="none")}
+            if dtype == torch.float8_e4m3fn:
+                extra["scores_plus_torch_topk_ms"] = try_ms(
+                    out, f"indexer torch.topk {n}", run, **inp, topk=topk, config=cfg,
+                    select="torch")
+            if n == max(sh.lengths) and ms is not None:
                 got = run(**inp, topk=topk, config=cfg)
                 extra["check_last_rows"] = base.indexer_recall(inp, got, topk)
             target = {65536: "<= 90 ms", 32768: "<= 25 ms"}.get(n)
             out["results"].append(row(
                 "indexer+topk prefill", f"L={n} H={h} D={d} topk={topk}", _name(dtype), ms,
                 flops=h * d * n * (n + 1), base_ms=base_ms[n],
-                published=PUBLISHED_INDEXER.get(n), target=target,
-                logits_only_ms=round(logits_ms, 3), logits_plus_torch_topk_ms=round(torchk_ms, 3),
-                config=cfg, **extra))
+                published=PUBLISHED_INDEXER.get(n), target=target, config=cfg, **extra))
             inp = None
             _free()
 
@@ -259,8 +274,9 @@ SECTIONS = {"indexer": indexer_prefill, "indexer_decode": indexer_decode,
             "sparse": sparse_prefill, "sparse_decode": sparse_decode, "small": small_ops}
 
 
-def run(sh: Shapes, sections: list[str]) -> dict:
-    """Run the named sections; a failing section is recorded and the others still run."""
+def run(sh: Shapes, sections: list[str], after_each=None) -> dict:
+    """Run the named sections; a failing section is recorded and the others still run.
+    `after_each(out)` is called after every section (the CLI saves partial results)."""
     import triton
 
     dev = torch.device(sh.device)
@@ -280,12 +296,14 @@ def run(sh: Shapes, sections: list[str]) -> dict:
             out["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  section {name} failed: {out['errors'][name]}", flush=True)
         _free()
+        if after_each is not None:
+            after_each(out)
     return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__)
-    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--sections", default="indexer,sparse,sparse_decode,indexer_decode,small")
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536")
     ap.add_argument("--results-dir", default="benchmarks/results")
     ap.add_argument("--readme", default="benchmarks/README.md")
@@ -294,16 +312,19 @@ def main(argv=None) -> None:
         raise SystemExit("kernels.bench needs a CUDA GPU")
     lengths = tuple(int(x) for x in args.lengths.split(","))
     sh = Shapes(lengths=lengths, sweep_len=32768 if 32768 in lengths else lengths[-1])
-    out = run(sh, args.sections.split(","))
     from kernels import bench_report
 
     res = Path(args.results_dir)
     res.mkdir(parents=True, exist_ok=True)
-    (res / "kernels-h200.json").write_text(json.dumps(out, indent=1))
-    bench_report.plot_indexer(out, res / "kernels-h200-indexer.png", PUBLISHED_INDEXER)
-    table = bench_report.table(out)
-    print(table)
-    bench_report.write_readme(Path(args.readme), out, table, MARK_START, MARK_END)
+
+    def save(out: dict) -> None:  # after every section, so a cut-off run keeps its numbers
+        (res / "kernels-h200.json").write_text(json.dumps(out, indent=1))
+        bench_report.plot_indexer(out, res / "kernels-h200-indexer.png", PUBLISHED_INDEXER)
+        bench_report.write_readme(Path(args.readme), out, bench_report.table(out), MARK_START,
+                                  MARK_END)
+
+    out = run(sh, args.sections.split(","), after_each=save)
+    print(bench_report.table(out))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def table(out: dict) -> str:
     lines = ["| op | shape | dtype | ms | rate | % of ceiling | PyTorch ms | speedup | "
              "published ms | target |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in out["results"]:
-        cells = [r["op"], r["shape"], r["dtype"], f"{r['ms']:.3f}", _rate(r),
+        ms = "error" if r["ms"] is None else f"{r['ms']:.3f}"
+        cells = [r["op"], r["shape"], r["dtype"], ms, _rate(r),
                  f"{r['pct_ceiling']}%" if "pct_ceiling" in r else "",
                  f"{r['pytorch_ms']:.2f}" if "pytorch_ms" in r else "",
                  f"{r['speedup']}x" if "speedup" in r else "",
@@ -66,7 +67,8 @@ def plot_indexer(out: dict, path: Path, published: dict[int, float]) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for dtype in ("fp8", "bf16"):
-        pts = sorted((int(r["shape"].split()[0][2:]), r["ms"]) for r in rows if r["dtype"] == dtype)
+        pts = sorted((int(r["shape"].split()[0][2:]), r["ms"]) for r in rows
+                     if r["dtype"] == dtype and r["ms"] is not None)
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", label=f"Triton scores + radix top-k ({dtype})")
     base = sorted({(int(r["shape"].split()[0][2:]), r["pytorch_ms"]) for r in rows
