@@ -16,13 +16,16 @@ def _rate(r: dict) -> str:
 
 def table(out: dict) -> str:
     lines = ["| op | shape | dtype | ms | rate | % of ceiling | PyTorch ms | speedup | "
-             "published ms | target |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "tuned PyTorch ms | speedup vs tuned | published ms | target |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in out["results"]:
         ms = "error" if r["ms"] is None else f"{r['ms']:.3f}"
         cells = [r["op"], r["shape"], r["dtype"], ms, _rate(r),
                  f"{r['pct_ceiling']}%" if "pct_ceiling" in r else "",
                  f"{r['pytorch_ms']:.2f}" if "pytorch_ms" in r else "",
                  f"{r['speedup']}x" if "speedup" in r else "",
+                 f"{r['tuned_pytorch_ms']:.2f}" if "tuned_pytorch_ms" in r else "",
+                 f"{r['speedup_vs_tuned']}x" if "speedup_vs_tuned" in r else "",
                  str(r.get("published_ms", "")), r.get("target", "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -71,10 +74,11 @@ def plot_indexer(out: dict, path: Path, published: dict[int, float]) -> None:
                      if r["dtype"] == dtype and r["ms"] is not None)
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", label=f"Triton scores + radix top-k ({dtype})")
-    base = sorted({(int(r["shape"].split()[0][2:]), r["pytorch_ms"]) for r in rows
-                   if "pytorch_ms" in r})
-    if base:
-        ax.plot(*zip(*base, strict=True), "s--", label="plain PyTorch (bf16 einsum + topk)")
+    for key, label in (("pytorch_ms", "plain PyTorch (bf16 einsum + topk)"),
+                       ("tuned_pytorch_ms", "tuned PyTorch (bf16 bmm + topk)")):
+        base = sorted({(int(r["shape"].split()[0][2:]), r[key]) for r in rows if key in r})
+        if base:
+            ax.plot(*zip(*base, strict=True), "s--", label=label)
     ax.plot(list(published), list(published.values()), "^:",
             label="published: DeepGEMM fp8 logits + torch.topk")
     ax.set_xscale("log", base=2)

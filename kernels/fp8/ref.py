@@ -14,7 +14,9 @@ def act_quant(x: torch.Tensor, block: int, ue8m0: bool):
     xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
     # 1e-4 floor: an all-zero block still gets a finite, positive scale.
     amax = xb.abs().amax(-1).clamp(min=1e-4)
-    scale = amax / FP8_MAX
+    # Times the fp32 reciprocal, not a division: one correctly rounded fp32 product, so every
+    # device and kernel agrees bit for bit (CUDA PyTorch turns a division by a scalar into this).
+    scale = amax * (1.0 / FP8_MAX)
     if ue8m0:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (xb / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

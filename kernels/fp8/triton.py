@@ -17,7 +17,7 @@ ROWS = 16
 @triton.jit(do_not_specialize=["m"])
 def _act_quant_kernel(x_ptr, y_ptr, s_ptr, m, stride_x, stride_y, stride_s,
                       BLOCK: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
-                      UE8M0: tl.constexpr, FMAX: tl.constexpr):
+                      UE8M0: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     blk = tl.program_id(1)
     offs_c = tl.arange(0, BP)
@@ -27,7 +27,7 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, m, stride_x, stride_y, stride_s,
     x = tl.load(x_ptr + offs_r.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-4)
-    scale = tl.math.div_rn(amax, FMAX)
+    scale = amax * INV_FMAX  # as the reference: the fp32 reciprocal, one rounding
     if UE8M0:
         # 2^ceil(log2(scale)) from the bits: exact, unlike an approximate log2.
         bits = scale.to(tl.int32, bitcast=True)
@@ -53,5 +53,6 @@ def act_quant(x: torch.Tensor, block: int, ue8m0: bool):
     if m:
         _act_quant_kernel[(cdiv(m, ROWS), d // block)](
             x2, y, s, m, x2.stride(0), y.stride(0), s.stride(0), BLOCK=block,
-            BP=next_pow2(block), ROWS=ROWS, UE8M0=ue8m0, FMAX=FP8_MAX, num_warps=4)
+            BP=next_pow2(block), ROWS=ROWS, UE8M0=ue8m0, FMAX=FP8_MAX,
+            INV_FMAX=1.0 / FP8_MAX, num_warps=4)
     return y.view(shape), s.view(*shape[:-1], d // block)

@@ -36,8 +36,10 @@ DECODE_CONFIGS = [
     {"BN": 256, "num_warps": 8, "num_stages": 2},
     {"BN": 64, "num_warps": 4, "num_stages": 2},
 ]
-# Chosen from the H200 sweep in kernels/bench.py (see benchmarks/README.md).
-DEFAULT_PREFILL = PREFILL_CONFIGS[1]
+# Chosen from the H200 sweeps of kernels/bench.py (benchmarks/README.md): FP8 favours the
+# smaller tile (fp8 MMA is twice as fast, so the per-head relu/weight epilogue weighs more).
+DEFAULT_PREFILL = {torch.float8_e4m3fn: PREFILL_CONFIGS[0]}
+DEFAULT_PREFILL_16 = PREFILL_CONFIGS[1]
 DEFAULT_DECODE = DECODE_CONFIGS[0]
 # Interpreter (CPU tests): small tiles keep per-program numpy work low.
 INTERPRET_PREFILL = {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 1}
@@ -163,12 +165,14 @@ def _groups(tiles, bn: int, budget: int, max_rows: int):
 
 def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens,
                          topk: int, config: dict | None = None,
-                         score_budget: int = SCORE_BUDGET, select: str = "radix") -> torch.Tensor:
+                         score_budget: int = SCORE_BUDGET, select: str = "radix",
+                         misses: torch.Tensor | None = None) -> torch.Tensor:
     """`select` (for kernels.bench): "radix" (the Triton top-k), "torch" (torch.topk on the same
     score tiles) or "none" (scores only; the output is left unwritten)."""
     _check(q, k_cache, k_scale)
     interp = _interpreting(q)
-    cfg = config or (INTERPRET_PREFILL if interp else DEFAULT_PREFILL)
+    cfg = config or (INTERPRET_PREFILL if interp else
+                     DEFAULT_PREFILL.get(q.dtype, DEFAULT_PREFILL_16))
     bm, bn = cfg["BM"], cfg["BN"]
     t, hi, di = q.shape
     out = torch.empty((t, topk), dtype=torch.int32, device=q.device)
@@ -205,7 +209,8 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         lens = lengths[row0: row0 + rows]
         if select == "radix":
-            topk_tri.launch(scores, lens, mx, out[row0: row0 + rows], topk, cand=cand)
+            topk_tri.launch(scores, lens, mx, out[row0: row0 + rows], topk, cand=cand,
+                            misses=misses)
         elif select == "torch":
             from kernels.topk import ref as topk_ref
             out[row0: row0 + rows] = topk_ref.topk_rows(scores, lens, topk)
@@ -213,7 +218,8 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
 
 
 def indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, topk: int,
-                        config: dict | None = None) -> torch.Tensor:
+                        config: dict | None = None,
+                        misses: torch.Tensor | None = None) -> torch.Tensor:
     """No host synchronisation: sizes come from tensor shapes (CUDA-graph friendly)."""
     _check(q, k_cache, k_scale)
     cfg = config or (INTERPRET_DECODE if _interpreting(q) else DEFAULT_DECODE)
@@ -227,10 +233,11 @@ def indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, to
     mx = torch.full((b,), float("-inf"), dtype=torch.float32, device=q.device)
     lengths = seq_lens.to(torch.int32)
     ks = k_scale if k_scale is not None else k_cache
+    weights = weights.contiguous()
     _decode_logits_kernel[(width // bn, b)](
         q, weights, k_cache, ks, block_tables, lengths, scores, mx,
         q.stride(0), q.stride(1), weights.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_scale.stride(0) if k_scale is not None else 0, block_tables.stride(0), scores.stride(0),
         H=hi, BH=max(16, next_pow2(hi)), D=di, PS=k_cache.shape[1], BN=bn,
         HAS_SCALE=k_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return topk_tri.launch(scores, lengths, mx, out, topk)
+    return topk_tri.launch(scores, lengths, mx, out, topk, misses=misses)
