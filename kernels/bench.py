@@ -121,9 +121,16 @@ def _name(dtype) -> str:
     return {torch.float8_e4m3fn: "fp8", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def _with_topk_config(*args, config, scores_config, **kwargs):
+    from kernels.indexer import triton as itri
+
+    return itri.indexer_topk_prefill(*args, config=scores_config, topk_config=config, **kwargs)
+
+
 def indexer_prefill(sh: Shapes, out: dict) -> None:
     from kernels.indexer import triton as itri
     from kernels.testing import indexer_inputs
+    from kernels.topk import triton as topk_tri
 
     h, d, topk, dev, half = sh.heads, sh.dim, sh.topk, sh.device, getattr(torch, sh.half)
     base_ms, tuned_ms = {}, {}
@@ -144,10 +151,16 @@ def indexer_prefill(sh: Shapes, out: dict) -> None:
         out["sweeps"][f"indexer_prefill_{_name(dtype)}_L{sh.sweep_len}_scores_only"] = times
         out["resources"][f"indexer_prefill_{_name(dtype)}"] = base.kernel_resources(
             itri._prefill_logits_kernel)
+        if dtype == torch.float8_e4m3fn:
+            tcfg, times = sweep("topk", topk_tri.CONFIGS, _with_topk_config, **inp, topk=topk,
+                                scores_config=cfg)
+            out["sweeps"][f"indexer_prefill_fp8_L{sh.sweep_len}_topk_configs"] = times
+            out["resources"]["topk"] = base.kernel_resources(topk_tri._topk_rows_kernel)
         for n in sh.lengths:
             inp = indexer_inputs([n], [n], h, d, dtype, dev)
             run = itri.indexer_topk_prefill
-            ms = try_ms(out, f"indexer {n} {_name(dtype)}", run, **inp, topk=topk, config=cfg)
+            ms = try_ms(out, f"indexer {n} {_name(dtype)}", run, **inp, topk=topk, config=cfg,
+                        topk_config=tcfg)
             extra = {"scores_only_ms": try_ms(out, "", run, **inp, topk=topk, config=cfg,
                                               select="none")}
             if dtype == torch.float8_e4m3fn:
@@ -156,14 +169,15 @@ def indexer_prefill(sh: Shapes, out: dict) -> None:
                     select="torch")
             if n == max(sh.lengths) and ms is not None:
                 misses = torch.zeros(1, dtype=torch.int32, device=dev)
-                got = run(**inp, topk=topk, config=cfg, misses=misses)
+                got = run(**inp, topk=topk, config=cfg, misses=misses, topk_config=tcfg)
                 extra["check_last_rows"] = base.indexer_recall(inp, got, topk)
                 extra["topk_bracket_misses"] = f"{int(misses.item())} of {n - topk} rows"
             target = {65536: "<= 90 ms", 32768: "<= 25 ms"}.get(n)
             out["results"].append(row(
                 "indexer+topk prefill", f"L={n} H={h} D={d} topk={topk}", _name(dtype), ms,
                 flops=h * d * n * (n + 1), base_ms=base_ms[n], tuned_ms=tuned_ms[n],
-                published=PUBLISHED_INDEXER.get(n), target=target, config=cfg, **extra))
+                published=PUBLISHED_INDEXER.get(n), target=target, config=cfg,
+                topk_config=tcfg, **extra))
             inp = None
             _free()
 
@@ -184,13 +198,16 @@ def indexer_decode(sh: Shapes, out: dict) -> None:
                                    itri.indexer_topk_decode, **inp, topk=topk)
                 out["sweeps"][f"indexer_decode_fp8_B{b}_L{n}"] = times
             ms = bench_ms(itri.indexer_topk_decode, **inp, topk=topk, config=cfg)
+            scores_ms = bench_ms(itri.indexer_topk_decode, **inp, topk=topk, config=cfg,
+                                 select="none")
             base_ms = base.time_slow(indexer_topk_decode, **inp, topk=topk, impl="ref")
             per_token = sh.dim + 4 if dtype == torch.float8_e4m3fn else sh.dim * 2
             published = PUBLISHED_INDEXER_DECODE.get(b) if dtype == torch.float8_e4m3fn else None
             out["results"].append(row(
                 "indexer+topk decode", f"B={b} L={n} H={sh.heads} D={sh.dim} topk={topk}",
                 _name(dtype), ms, nbytes=b * n * per_token, base_ms=base_ms,
-                published=published if n == 65536 else None, config=cfg))
+                published=published if n == 65536 else None, config=cfg,
+                scores_only_ms=round(scores_ms, 4)))
             inp = None
             _free()
 
@@ -207,8 +224,8 @@ def sparse_prefill(sh: Shapes, out: dict) -> None:
         kind = "MLA absorbed" if mla else f"GQA {hkv} KV heads"
         cfg = None
         if mla and n == sh.attn_lens[0]:
-            cfg, times = sweep("sparse-mla", stri.WIDE_CONFIGS, stri.sparse_attn_prefill,
-                               **inp, scale=0.07)
+            cfg, times = sweep("sparse-mla", stri.WIDE_CONFIGS + stri.EXPERIMENTAL_WIDE,
+                               stri.sparse_attn_prefill, **inp, scale=0.07)
             out["sweeps"][f"sparse_mla_prefill_L{n}"] = times
             out["resources"]["sparse_attn"] = base.kernel_resources(stri._sparse_attn_kernel)
         ms = bench_ms(stri.sparse_attn_prefill, **inp, scale=0.07, config=cfg)

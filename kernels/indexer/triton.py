@@ -166,7 +166,8 @@ def _groups(tiles, bn: int, budget: int, max_rows: int):
 def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens,
                          topk: int, config: dict | None = None,
                          score_budget: int = SCORE_BUDGET, select: str = "radix",
-                         misses: torch.Tensor | None = None) -> torch.Tensor:
+                         misses: torch.Tensor | None = None,
+                         topk_config: dict | None = None) -> torch.Tensor:
     """`select` (for kernels.bench): "radix" (the Triton top-k), "torch" (torch.topk on the same
     score tiles) or "none" (scores only; the output is left unwritten)."""
     _check(q, k_cache, k_scale)
@@ -210,7 +211,7 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
         lens = lengths[row0: row0 + rows]
         if select == "radix":
             topk_tri.launch(scores, lens, mx, out[row0: row0 + rows], topk, cand=cand,
-                            misses=misses)
+                            misses=misses, config=topk_config)
         elif select == "torch":
             from kernels.topk import ref as topk_ref
             out[row0: row0 + rows] = topk_ref.topk_rows(scores, lens, topk)
@@ -218,9 +219,10 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
 
 
 def indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, topk: int,
-                        config: dict | None = None,
-                        misses: torch.Tensor | None = None) -> torch.Tensor:
-    """No host synchronisation: sizes come from tensor shapes (CUDA-graph friendly)."""
+                        config: dict | None = None, misses: torch.Tensor | None = None,
+                        topk_config: dict | None = None, select: str = "radix") -> torch.Tensor:
+    """No host synchronisation: sizes come from tensor shapes (CUDA-graph friendly).
+    `select` as in indexer_topk_prefill."""
     _check(q, k_cache, k_scale)
     cfg = config or (INTERPRET_DECODE if _interpreting(q) else DEFAULT_DECODE)
     bn = cfg["BN"]
@@ -240,4 +242,6 @@ def indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, to
         k_scale.stride(0) if k_scale is not None else 0, block_tables.stride(0), scores.stride(0),
         H=hi, BH=max(16, next_pow2(hi)), D=di, PS=k_cache.shape[1], BN=bn,
         HAS_SCALE=k_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return topk_tri.launch(scores, lengths, mx, out, topk, misses=misses)
+    if select == "none":
+        return out
+    return topk_tri.launch(scores, lengths, mx, out, topk, misses=misses, config=topk_config)

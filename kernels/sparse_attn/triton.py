@@ -26,10 +26,10 @@ WIDE_CONFIGS = [
     {"BN": 64, "num_warps": 8, "num_stages": 2},
     {"BN": 32, "num_warps": 8, "num_stages": 2},
     {"BN": 32, "num_warps": 8, "num_stages": 3},
-    {"BN": 64, "num_warps": 16, "num_stages": 2},
-    {"BN": 32, "num_warps": 16, "num_stages": 3},
-    {"BN": 128, "num_warps": 16, "num_stages": 1},
 ]
+# Measured in kernels.bench only: Triton's automatic warp specialisation is documented for
+# Blackwell matmul loops; whether it compiles and pays for this loop on Hopper is an experiment.
+EXPERIMENTAL_WIDE = [{"BN": 64, "num_warps": 8, "num_stages": 2, "WS": True}]
 NARROW_CONFIGS = [
     {"BN": 64, "num_warps": 4, "num_stages": 2},
     {"BN": 128, "num_warps": 8, "num_stages": 2},
@@ -37,29 +37,28 @@ NARROW_CONFIGS = [
 ]
 # Chosen from the H200 sweeps of kernels/bench.py (benchmarks/README.md).
 DEFAULT_WIDE = WIDE_CONFIGS[0]
-DEFAULT_WIDE_DECODE = WIDE_CONFIGS[1]
+DEFAULT_WIDE_DECODE = WIDE_CONFIGS[0]
 DEFAULT_NARROW = NARROW_CONFIGS[0]
 INTERPRET_CONFIG = {"BN": 16, "num_warps": 4, "num_stages": 1}
 MAX_BH = 64  # query heads per program (MMA M side); more heads -> more programs per KV head
 
 
-# grid: (T * Hkv * head groups, splits); each program: one token x BH heads x one slice of topk.
-# A token's KV heads are neighbouring programs: they gather the same positions' adjacent rows.
+# grid: (T, Hkv * head groups, splits); each program: one token x BH heads x one slice of topk.
 @triton.jit(do_not_specialize=["topk", "per_split"])
 def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml_ptr,
                         stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
                         stride_vp, stride_vs, stride_vh, stride_bt, stride_it,
                         stride_ot, stride_oh, stride_os, stride_mt, stride_mh,
                         topk, per_split, scale_log2,
-                        HKV: tl.constexpr, G: tl.constexpr, BH: tl.constexpr, PS: tl.constexpr,
+                        G: tl.constexpr, BH: tl.constexpr, PS: tl.constexpr,
                         DM: tl.constexpr, DT: tl.constexpr, DT_REAL: tl.constexpr,
                         DV: tl.constexpr, DV_REAL: tl.constexpr, V_IS_K: tl.constexpr,
-                        BN: tl.constexpr, HAS_SEQ: tl.constexpr, SPLIT: tl.constexpr):
+                        BN: tl.constexpr, HAS_SEQ: tl.constexpr, SPLIT: tl.constexpr,
+                        WS: tl.constexpr):
     n_hg: tl.constexpr = (G + BH - 1) // BH
-    pid = tl.program_id(0)
-    pid_t = (pid // (HKV * n_hg)).to(tl.int64)
-    pid_h = pid % (HKV * n_hg)
-    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1)
+    pid_s = tl.program_id(2)
     kvh = pid_h // n_hg
     offs_g = (pid_h % n_hg) * BH + tl.arange(0, BH)
     hmask = offs_g < G
@@ -82,7 +81,7 @@ def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml
     acc = tl.zeros((BH, DV), tl.float32)
     start = pid_s * per_split
     end = tl.minimum(start + per_split, topk)
-    for n0 in range(start, end, BN):
+    for n0 in tl.range(start, end, BN, warp_specialize=WS):
         # -- translate the block's logical positions to cache rows --
         offs_n = n0 + tl.arange(0, BN)
         ind = tl.load(idx_ptr + pid_t * stride_it + offs_n, mask=offs_n < end, other=-1)
@@ -173,9 +172,10 @@ def pick_config(dk: int, device: torch.device, decode: bool = False) -> dict:
 
 def decode_splits(tokens: int, programs_per_token: int, topk: int, bn: int,
                   device: torch.device) -> int:
-    """Slices of the index list per token so that about one program runs per SM (more slices
-    cost more in the merge than they gain: measured at batch 64, benchmarks/README.md)."""
-    want = cdiv(num_sms(device), max(1, tokens * programs_per_token))
+    """Slices of the index list per token: as many as fit in one wave of one program per SM
+    (at batch 64 on an H200, 2 slices beat 3, whose second partial wave costs more than the
+    slices gain, and 4; benchmarks/README.md)."""
+    want = num_sms(device) // max(1, tokens * programs_per_token)
     return max(1, min(cdiv(topk, bn), want))
 
 
@@ -208,16 +208,16 @@ def _run(q, k_cache, v_cache, block_tables, seq_of, indices, scale, splits, conf
         ml = out  # unused
         o_arg, o_strides, ml_strides = out, (out.stride(0), out.stride(1), 0), (0, 0)
     v_is_k = _v_is_k(k_cache, v_cache, dm)
-    _sparse_attn_kernel[(t * hkv * n_hg, splits)](
+    _sparse_attn_kernel[(t, hkv * n_hg, splits)](
         q, k_cache, v_cache, block_tables, seq_of if seq_of is not None else block_tables,
         indices, o_arg, ml,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         indices.stride(0), *o_strides, *ml_strides,
         topk, per_split, scale * LOG2E,
-        HKV=hkv, G=g, BH=bh, PS=k_cache.shape[1], DM=dm, DT=dt_pad, DT_REAL=dt, DV=dv_pad,
+        G=g, BH=bh, PS=k_cache.shape[1], DM=dm, DT=dt_pad, DT_REAL=dt, DV=dv_pad,
         DV_REAL=dv, V_IS_K=v_is_k, BN=bn, HAS_SEQ=seq_of is not None, SPLIT=splits > 1,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        WS=cfg.get("WS", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if splits > 1:
         _combine_kernel[(t, h)](
             part, ml, out, splits, part.stride(0), part.stride(1), part.stride(2),

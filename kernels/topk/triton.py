@@ -28,10 +28,16 @@ import triton.language as tl
 CAP = 4096  # candidate buffer per row (keys and columns)
 SAMPLE = 2048
 Z = 3.5  # a bracket miss per side has probability ~2e-4 per row
-BLOCK = 2048
+CONFIGS = [
+    {"BLOCK": 2048, "num_warps": 8},
+    {"BLOCK": 1024, "num_warps": 4},
+    {"BLOCK": 2048, "num_warps": 4},
+    {"BLOCK": 4096, "num_warps": 8},
+]
+DEFAULT = CONFIGS[0]
 # The interpreter pays per element of every block and sort, masked or not.
-INTERPRET_BLOCK, INTERPRET_SAMPLE = 256, 256
-NUM_WARPS = 8
+INTERPRET = {"BLOCK": 256, "num_warps": 4}
+INTERPRET_SAMPLE = 256
 
 
 @triton.jit
@@ -126,10 +132,15 @@ def _topk_rows_kernel(s_ptr, len_ptr, mx_ptr, out_ptr, ck_ptr, ci_ptr, miss_ptr,
             # -- one pass: write the sure keys, gather the bracket --
             n_out = tl.full((), 0, tl.int32)
             n_c = tl.full((), 0, tl.int32)
+            x = tl.load(row_ptr + ar, mask=ar < n, other=0.0)
             for start in range(0, n, BLOCK):
+                # the next block's load is issued before this block's work hides its latency
+                nxt = start + BLOCK + ar
+                x_next = tl.load(row_ptr + nxt, mask=nxt < n, other=0.0)
                 offs = start + ar
                 m = offs < n
-                key = _key(tl.load(row_ptr + offs, mask=m, other=0.0), mx)
+                key = _key(x, mx)
+                x = x_next
                 sure = (m & (key < key_a)).to(tl.int32)
                 slot = n_out + tl.cumsum(sure, 0) - 1
                 tl.store(out_ptr + slot, offs, mask=(sure != 0) & (slot < topk))
@@ -159,7 +170,7 @@ def scratch(rows: int, device: torch.device, cap: int = CAP) -> tuple[torch.Tens
 
 
 def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int = CAP,
-           block: int | None = None, z: float = Z, misses: torch.Tensor | None = None):
+           config: dict | None = None, z: float = Z, misses: torch.Tensor | None = None):
     """Top-k of rows of `scores` into `out` [R, topk] int32, given each row's visible maximum
     (`row_max` [R] fp32, only read for rows longer than topk). `misses` (int32 [1]), if given,
     is incremented once per row whose sampled bracket missed (the slow exact path ran)."""
@@ -168,7 +179,7 @@ def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int = CAP,
         return out
     assert scores.stride(1) == 1 and out.stride(1) == 1 and cap >= 1
     cuda = scores.device.type == "cuda"
-    block = block or (BLOCK if cuda else INTERPRET_BLOCK)
+    cfg = config or (DEFAULT if cuda else INTERPRET)
     ck, ci = cand if cand is not None else scratch(r, scores.device, cap)
     assert ck.shape[0] >= r and ck.shape[1] == cap
     if misses is None:
@@ -176,12 +187,12 @@ def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int = CAP,
     _topk_rows_kernel[(r,)](scores, lengths, row_max, out, ck, ci, misses, scores.stride(0),
                             out.stride(0), ck.stride(0), topk, cap, z,
                             SAMPLE=SAMPLE if cuda else INTERPRET_SAMPLE,
-                            BLOCK=block, num_warps=NUM_WARPS)
+                            BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
     return out
 
 
 def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, topk: int, cap: int = CAP,
-              block: int | None = None, z: float = Z,
+              config: dict | None = None, z: float = Z,
               misses: torch.Tensor | None = None) -> torch.Tensor:
     scores = scores.contiguous()
     cols = torch.arange(scores.shape[1], device=scores.device)
@@ -189,4 +200,5 @@ def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, topk: int, cap: int =
     row_max = scores.masked_fill(~visible, float("-inf")).amax(1) if scores.shape[1] else \
         torch.zeros(scores.shape[0], device=scores.device)
     out = torch.empty((scores.shape[0], topk), dtype=torch.int32, device=scores.device)
-    return launch(scores, lengths, row_max, out, topk, cap=cap, block=block, z=z, misses=misses)
+    return launch(scores, lengths, row_max, out, topk, cap=cap, config=config, z=z,
+                  misses=misses)

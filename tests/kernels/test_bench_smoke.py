@@ -11,6 +11,7 @@ import pytest
 from kernels import bench, bench_report
 from kernels.indexer import triton as itri
 from kernels.sparse_attn import triton as stri
+from kernels.topk import triton as topk_tri
 
 TOY = bench.Shapes(lengths=(24, 40), sweep_len=40, heads=4, dim=32, topk=16,
                    attn_lens=(40, 24), mla=(48, 32), gqa=(2, 16), dec_batch=3, dec_len=100,
@@ -35,6 +36,8 @@ def test_bench_runs_every_section(monkeypatch, tmp_path, device):
         itri.INTERPRET_PREFILL, BN=64)])
     monkeypatch.setattr(itri, "DECODE_CONFIGS", [itri.INTERPRET_DECODE] * 2)
     monkeypatch.setattr(stri, "WIDE_CONFIGS", [stri.INTERPRET_CONFIG] * 2)
+    monkeypatch.setattr(stri, "EXPERIMENTAL_WIDE", [])
+    monkeypatch.setattr(topk_tri, "CONFIGS", [topk_tri.INTERPRET] * 2)
     monkeypatch.setattr(bench, "bench_ms", fake_ms)
     monkeypatch.setattr(bench.base, "time_slow",
                         lambda fn, *a, reps=1, **k: fake_ms(fn, *a, **k) * 2)

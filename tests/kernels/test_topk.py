@@ -77,6 +77,13 @@ def test_wide(kind, width, topk, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", range(len(ttri.CONFIGS)))
+def test_every_config(cfg, device):
+    assert _check("normal", 20, 30000, 2048, device, config=ttri.CONFIGS[cfg]) <= 1
+    assert _check("ties", 20, 30000, 2048, device, config=ttri.CONFIGS[cfg], cap=512) > 0
+
+
+@pytest.mark.gpu
 def test_wide_fallback(device):
     assert _check("normal", 17, 65536, 2048, device, cap=256) > 0
 
