@@ -167,7 +167,8 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
                          topk: int, config: dict | None = None,
                          score_budget: int = SCORE_BUDGET, select: str = "radix",
                          misses: torch.Tensor | None = None,
-                         topk_config: dict | None = None) -> torch.Tensor:
+                         topk_config: dict | None = None,
+                         topk_cap: int | None = None) -> torch.Tensor:
     """`select` (for kernels.bench): "radix" (the Triton top-k), "torch" (torch.topk on the same
     score tiles) or "none" (scores only; the output is left unwritten)."""
     _check(q, k_cache, k_scale)
@@ -193,7 +194,7 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
     max_rows = max(g[2] for g in groups)
     scores_flat = torch.empty(max(g[2] * g[3] for g in groups), dtype=torch.float32, device=dev)
     row_max = torch.empty(max_rows, dtype=torch.float32, device=dev)
-    cand = topk_tri.scratch(max_rows, dev)
+    cand = topk_tri.scratch(max_rows, dev, topk_cap)
     wt = weights.t().contiguous()  # [HI, T]: coalesced per-head weight loads
     ks = k_scale if k_scale is not None else k_cache  # unused pointer when HAS_SCALE is False
     stride_sp = k_scale.stride(0) if k_scale is not None else 0

@@ -163,25 +163,28 @@ def _topk_rows_kernel(s_ptr, len_ptr, mx_ptr, out_ptr, ck_ptr, ci_ptr, miss_ptr,
             _select(row_ptr, ck_ptr, ci_ptr, out_ptr, n, mx, topk, zero, True, BLOCK)
 
 
-def scratch(rows: int, device: torch.device, cap: int = CAP) -> tuple[torch.Tensor, torch.Tensor]:
+def scratch(rows: int, device: torch.device, cap: int | None = None):
     """Candidate buffers (keys, columns) for `rows` rows; callers may reuse them across launches."""
+    cap = cap or CAP
     return (torch.empty((rows, cap), dtype=torch.int32, device=device),
             torch.empty((rows, cap), dtype=torch.int32, device=device))
 
 
-def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int = CAP,
+def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int | None = None,
            config: dict | None = None, z: float = Z, misses: torch.Tensor | None = None):
     """Top-k of rows of `scores` into `out` [R, topk] int32, given each row's visible maximum
-    (`row_max` [R] fp32, only read for rows longer than topk). `misses` (int32 [1]), if given,
-    is incremented once per row whose sampled bracket missed (the slow exact path ran)."""
+    (`row_max` [R] fp32, only read for rows longer than topk). `cand` buffers fix the
+    capacity; `misses` (int32 [1]), if given, counts rows whose sampled bracket missed (the
+    slow exact path ran)."""
     r = scores.shape[0]
     if r == 0:
         return out
-    assert scores.stride(1) == 1 and out.stride(1) == 1 and cap >= 1
+    assert scores.stride(1) == 1 and out.stride(1) == 1
+    cap = cand[0].shape[1] if cand is not None else (cap or CAP)
     cuda = scores.device.type == "cuda"
     cfg = config or (DEFAULT if cuda else INTERPRET)
     ck, ci = cand if cand is not None else scratch(r, scores.device, cap)
-    assert ck.shape[0] >= r and ck.shape[1] == cap
+    assert ck.shape[0] >= r and ck.shape[1] == cap >= 1
     if misses is None:
         misses = torch.zeros(1, dtype=torch.int32, device=scores.device)
     _topk_rows_kernel[(r,)](scores, lengths, row_max, out, ck, ci, misses, scores.stride(0),
@@ -191,7 +194,7 @@ def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int = CAP,
     return out
 
 
-def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, topk: int, cap: int = CAP,
+def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, topk: int, cap: int | None = None,
               config: dict | None = None, z: float = Z,
               misses: torch.Tensor | None = None) -> torch.Tensor:
     scores = scores.contiguous()

@@ -124,3 +124,26 @@ def test_triton_rejects_more_queries_than_keys():
     inp["seq_lens"] = torch.tensor([2], dtype=torch.int32)
     with pytest.raises(ValueError, match="has 3 queries but seq_lens 2"):
         itri.indexer_topk_prefill(**inp, topk=4)
+
+
+@pytest.mark.interpret
+def test_triton_ties_prefer_lower_positions(device):
+    """The reference's tie rule (exact ties go to the lower position, whatever the chunking) holds
+    for the Triton top-k too: exactly the same selection, on both of its paths (direct exact
+    select, and the sampled bracket when the candidate buffer is smaller than the row)."""
+    n, topk, hi, di, ps = 100, 16, 2, 16, 16
+    k = -torch.rand(n, di) - 0.1  # q.k < 0 for every head: ReLU off, score exactly 0 ...
+    k[[5, 17, 30, 70, 90]] *= -1  # ... except five keys, fewer than topk: the cut is a tie
+    q, w = torch.ones(n, hi, di), torch.ones(n, hi)
+    pages = (n + ps - 1) // ps
+    cache = torch.zeros(pages, ps, di)
+    cache.view(-1, di)[:n] = k
+    args = (cache.to(device), None, torch.arange(pages, dtype=torch.int32, device=device)[None])
+    lens = torch.tensor([n], dtype=torch.int32, device=device)
+    for rows in (30, 13):  # two chunk sizes over a cached prefix
+        cu = torch.tensor([0, rows], dtype=torch.int32, device=device)
+        qr, wr = q[-rows:].to(device), w[-rows:].to(device)
+        ref = indexer_topk_prefill(qr, wr, *args, cu, lens, topk, impl="ref")
+        for cap in (4096, 48):
+            out = itri.indexer_topk_prefill(qr, wr, *args, cu, lens, topk, topk_cap=cap)
+            assert torch.equal(out.sort(1).values, ref.sort(1).values), (rows, cap)
