@@ -16,7 +16,7 @@ def act_quant(x: torch.Tensor, block: int | None = None, ue8m0: bool = True, *,
               impl: str | None = None):
     """x [..., D] -> (x_fp8 [..., D] float8_e4m3fn, scale [..., D // block] fp32).
 
-    `block` defaults to min(128, D); `ue8m0` rounds scales up to powers of two as DeepSeek-V3.2 does.
+    `block` defaults to min(128, D); `ue8m0` rounds scales up to powers of two (DeepSeek-V3.2).
     Dequantised value: x_fp8.float() * scale (repeated over each block).
     """
     d = x.shape[-1]
