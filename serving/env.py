@@ -31,3 +31,18 @@ class Env:
 
 def env() -> Env:
     return Env.read()
+
+
+# Ray settings for a single-machine cluster bound to loopback (env.md section 3): without
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray advertises the machine's public interface.
+RAY_LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
+def apply_ray_local_env() -> None:
+    """Set the loopback Ray settings (keeping any the user set) before ray.init."""
+    for k, v in RAY_LOCAL_ENV.items():
+        os.environ.setdefault(k, v)

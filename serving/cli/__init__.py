@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("calibrate", "search an IndexCache F/S plan on calibration data"),
     "distill": ("distill", "train F-layer indexers for an IndexCache plan (others frozen)"),
     "convert_smollm2": ("convert-smollm2", "SmolLM2-135M-Instruct as a dsa_llama checkpoint"),
+    "serve": ("serve", "serve the OpenAI-compatible API with Ray Serve"),
+    "plans": ("plans", "list, show and publish IndexCache plans in the plan registry"),
 }
 
 

@@ -1,0 +1,76 @@
+"""build_app(config) -> serve.Application: the one place that binds deployments.
+
+unified:        OpenAIIngress -> UnifiedServer
+disaggregated:  OpenAIIngress -> PrefillServer (first token + KV handle)
+                              -> DecodeServer  (takes the KV payload, streams the rest)
+
+Pools with `autoscaling` get Serve autoscaling configs driven by autoscale/ray_policy.py; the
+others a fixed replica count. Engine deployments carry the plan settings as Serve `user_config`,
+so editing it (serve deploy, KubeRay serveConfigV2) re-plans replicas in place.
+
+`app_builder` is the import path form for `serve run` / serveConfigV2:
+`import_path: serving.app:app_builder`, `args: {config: path/to/serving.yaml}` (or the config
+fields inline).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from autoscale.ray_policy import autoscaling_config
+from serving.config import ServingConfig
+from serving.deployments import DecodeServer, EngineSpec, PrefillServer, UnifiedServer
+from serving.ingress import OpenAIIngress
+
+_CLASSES = {"unified": UnifiedServer, "prefill": PrefillServer, "decode": DecodeServer}
+
+
+def engine_spec(config: ServingConfig, role: str) -> EngineSpec:
+    g = config.group(role)
+    return EngineSpec(
+        app_name=config.app_name, model_path=config.model, model_name=config.model_name,
+        role=role, engine_kwargs=g.engine.engine_kwargs(), index_cache=config.index_cache,
+        kv_backend=config.kv_transfer.backend, tensor_transport=config.kv_transfer.tensor_transport,
+        kv_timeout_s=config.kv_transfer.timeout_s, metrics_interval_s=config.metrics_interval_s)
+
+
+def deployment_options(config: ServingConfig, role: str) -> dict[str, Any]:
+    g = config.group(role)
+    opts: dict[str, Any] = {
+        "name": f"{role.capitalize()}Server",
+        "ray_actor_options": {"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
+        "max_ongoing_requests": g.max_ongoing_requests,
+        "user_config": config.plans.user_config(),
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        # In-flight requests get this long to finish when a replica is scaled down.
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if g.autoscaling is not None:
+        opts["autoscaling_config"] = autoscaling_config(role, g.autoscaling)
+    else:
+        opts["num_replicas"] = g.num_replicas
+    return opts
+
+
+def build_app(config: ServingConfig) -> serve.Application:
+    engines = {role: _CLASSES[role].options(**deployment_options(config, role))
+               .bind(engine_spec(config, role)) for role in config.roles}
+    ic = config.ingress
+    ingress = OpenAIIngress.options(
+        name="OpenAIIngress", num_replicas=ic.num_replicas,
+        ray_actor_options={"num_cpus": ic.num_cpus},
+        # The ingress only waits on engines; its own limit answers 429 before Serve queues.
+        max_ongoing_requests=ic.max_concurrent_requests + 16)
+    return ingress.bind(config.model_dump(mode="json"), **engines)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """`serve run serving.app:app_builder config=serving.yaml` or inline config fields."""
+    args = dict(args)
+    path = args.pop("config", None)
+    config = (ServingConfig.from_yaml(path, **args) if path is not None
+              else ServingConfig.model_validate(args))
+    return build_app(config)

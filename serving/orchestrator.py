@@ -1,0 +1,84 @@
+"""The request flow between the ingress and the engine deployments, as pure async code.
+
+Disaggregated: prefill (first token + KV handle) -> the first token is streamed at once (TTFT
+ends here) -> decode takes the payload (acknowledged with `KVReceived`, under a timeout) ->
+decode streams the rest. Unified: one engine streams everything.
+
+Whatever ends the request early (client disconnect, task cancelled, an error at any step), the
+`finally` blocks close the downstream streams, which cancels the remote calls and makes the
+replicas abort the request and free its KV pages, and release the KV handle. Clients are
+typing.Protocols; the Ray-backed ones live in the ingress, fakes in the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from serving.errors import InternalError, KVTransferError
+from serving.protocol import DecodeRequest, GenerateRequest, KVReceived, PrefillResponse
+
+
+class EngineClient(Protocol):
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Any]: ...
+
+
+class PrefillClient(Protocol):
+    async def prefill(self, req: GenerateRequest) -> PrefillResponse: ...
+
+
+class DecodeClient(Protocol):
+    def decode(self, req: DecodeRequest) -> AsyncIterator[Any]: ...
+
+
+async def _aclose(stream: Any) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def run_unified(req: GenerateRequest, engine: EngineClient) -> AsyncIterator[Any]:
+    stream = engine.generate(req)
+    try:
+        async for delta in stream:
+            yield delta
+    finally:
+        await _aclose(stream)
+
+
+async def run_disaggregated(req: GenerateRequest, prefill: PrefillClient, decode: DecodeClient,
+                            *, kv_timeout_s: float,
+                            on_kv_received: Callable[[KVReceived], None] | None = None,
+                            make_delta: Callable[[PrefillResponse], Any]) -> AsyncIterator[Any]:
+    """Yields the first token's delta (from `make_delta(prefill_response)`), then decode's."""
+    resp = await prefill.prefill(req)
+    kv, stream = resp.kv, None
+    try:
+        yield make_delta(resp)
+        if resp.finish_reason is not None:
+            return
+        if kv is None:
+            raise InternalError("prefill returned neither a finish reason nor a KV payload")
+        stream = decode.decode(DecodeRequest(req.request_id, kv, req.params))
+        try:
+            ack = await asyncio.wait_for(anext(stream), kv_timeout_s)
+        except TimeoutError as e:
+            raise KVTransferError(f"no decode replica took the KV payload within "
+                                  f"{kv_timeout_s:.1f}s", code="kv_transfer_timeout") from e
+        except StopAsyncIteration as e:
+            raise KVTransferError("the decode replica ended the stream before taking the KV "
+                                  "payload", code="kv_transfer_failed") from e
+        if not isinstance(ack, KVReceived):
+            raise InternalError(f"decode stream must start with KVReceived, got "
+                                f"{type(ack).__name__}")
+        kv.release()  # decode holds the payload now
+        if on_kv_received is not None:
+            on_kv_received(ack)
+        async for delta in stream:
+            yield delta
+    finally:
+        if kv is not None:
+            kv.release()
+        if stream is not None:
+            await _aclose(stream)

@@ -1,0 +1,56 @@
+"""Messages that cross replica boundaries (Ray handles): frozen dataclasses of token ids and
+sampling parameters, never text and never pydantic objects. The ingress tokenizes once; replicas
+see ids only. Streamed results are the engine's `TokenDelta`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serving.engine import Logprob, SamplingParams
+    from serving.kv_transfer import KVHandle
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A tokenized request, as the ingress hands it to an engine deployment."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResponse:
+    """What a prefill replica returns: the first token (already streamable) and a handle to the
+    prompt's KV payload. `kv` is None when the first token already finished the request."""
+
+    request_id: str
+    first_token: int
+    text: str  # the first token's streamable text (held back while it may start a stop string)
+    finish_reason: str | None
+    num_prompt_tokens: int
+    kv: KVHandle | None
+    plan_id: str
+    logprobs: list[Logprob] | None = None
+    prefill_seconds: float = 0.0  # replica-side: arrival to first token (queue + compute)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    request_id: str
+    kv: KVHandle
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class KVReceived:
+    """The decode replica's first stream item: it holds the payload now, so the sender's copy
+    can go. Until it arrives the orchestrator counts down the KV transfer timeout."""
+
+    nbytes: int
+    seconds: float
+    plan_id: str = ""
+    extra: dict = field(default_factory=dict)
