@@ -10,8 +10,8 @@ handler task; closing the orchestrator stream cancels the engine calls, which ab
 and free its KV pages.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads route parameter types at runtime,
+# and string annotations on Serve-wrapped methods do not resolve (every route then answers 422).
 import asyncio
 import hmac
 import logging

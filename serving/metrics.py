@@ -125,9 +125,10 @@ class Recorder:
         """Engine statistics: cumulative totals become counter increments, the rest gauges."""
         for key, counter in _ENGINE_COUNTERS.items():
             if key in values:
+                child = counter.labels(**self.labels)  # exported from the start, at 0
                 delta = values[key] - self._last.get(key, 0)
                 if delta > 0:
-                    counter.labels(**self.labels).inc(delta)
+                    child.inc(delta)
                 self._last[key] = max(values[key], self._last.get(key, 0))
         for key, gauge in _ENGINE_GAUGES.items():
             if key in values:

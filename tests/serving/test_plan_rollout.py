@@ -1,0 +1,59 @@
+"""Acceptance: publishing a plan to the registry changes the indexer layers run per token
+(seen in the app's metrics) without restarting the app."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from serving import plan_registry
+from tests.serving.harness import API_KEY, metric_sum, scrape, wait_for
+
+pytestmark = pytest.mark.ray
+
+
+def _run_ratio(app, n_requests: int = 3) -> float:
+    """Share of layer-token pairs that ran the indexer over `n_requests` fresh requests."""
+    def totals():
+        s = scrape(app.metrics_url)
+        return (metric_sum(s, "indexcache_indexer_layers_run_total"),
+                metric_sum(s, "indexcache_indexer_layers_skipped_total"),
+                metric_sum(s, "indexcache_generation_tokens_total"))
+
+    run0, skip0, gen0 = totals()
+    for i in range(n_requests):
+        r = httpx.post(app.v1 + "/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": app.model, "prompt": f"plan {i}", "max_tokens": 4},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+    wait_for(lambda: totals()[2] >= gen0 + 4 * n_requests, 20, "engine counters to update")
+    run1, skip1, _ = totals()
+    return (run1 - run0) / ((run1 - run0) + (skip1 - skip0))
+
+
+def _replicas(app) -> set[str]:
+    return {lab["replica"] for n, lab, _ in scrape(app.metrics_url)
+            if n == "indexcache_plan_version"}
+
+
+def _plan_versions(app) -> set[float]:
+    return {v for n, _, v in scrape(app.metrics_url) if n == "indexcache_plan_version"}
+
+
+def test_publish_plan_changes_indexer_work_without_restart(apps):
+    app = apps["disaggregated"]  # both pools (prefill and decode) must follow
+    replicas = _replicas(app)
+    assert len(replicas) == 2
+    assert _run_ratio(app) == pytest.approx(1.0)  # the tiny checkpoint's plan: all F
+
+    version = plan_registry.publish(app.model, "FSSS", {"source": "pattern"})
+    try:
+        wait_for(lambda: _plan_versions(app) == {version}, 30, f"replicas on plan v{version}")
+        assert _run_ratio(app) == pytest.approx(0.25)  # 1 of 4 layers runs its indexer
+        assert _replicas(app) == replicas  # the same replicas: reconfigured, not restarted
+        health = httpx.get(app.base_url + "/health", timeout=30).json()
+        assert {e["plan_version"] for e in health["engines"]} == {version}
+    finally:  # leave the all-F plan for the other tests
+        back = plan_registry.publish(app.model, "FFFF", {"source": "pattern"})
+        wait_for(lambda: _plan_versions(app) == {back}, 30, "replicas back on the all-F plan")
+    assert _run_ratio(app) == pytest.approx(1.0)
