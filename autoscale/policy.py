@@ -58,6 +58,10 @@ def decode_load(s: PoolSignals, cfg: PolicyConfig) -> float:
     return max(s.kv_usage / cfg.target_kv_usage, per_replica / cfg.target_running_seqs)
 
 
+def _ceil(x: float) -> int:
+    return math.ceil(x - 1e-9)  # 0.8 * 3 / 0.8 is 3.0000000000000004: still 3 replicas
+
+
 def unified_load(s: PoolSignals, cfg: PolicyConfig) -> float:
     return max(prefill_load(s, cfg), decode_load(s, cfg))
 
@@ -68,10 +72,10 @@ def decide(load: float, current: int, state: PolicyState, now: float,
     base = max(current, 1)
     want = current
     if load > 1.0:
-        want = math.ceil(base * load)
+        want = _ceil(base * load)
     elif load < cfg.downscale_ratio and current > cfg.min_replicas:
         # Smallest count that keeps the pool's load under 1 (load scales as 1/replicas).
-        want = math.ceil(base * load)
+        want = _ceil(base * load)
     want = min(max(want, cfg.min_replicas), cfg.max_replicas)
     if current < cfg.min_replicas:  # bounds win over cooldown
         return want, replace(state, last_change_s=now)

@@ -55,7 +55,7 @@ from serving.openai_schema import (
     Usage,
 )
 from serving.orchestrator import run_disaggregated, run_unified
-from serving.protocol import GenerateRequest, KVReceived, PrefillResponse
+from serving.protocol import GenerateRequest, PrefillResponse
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,9 @@ class OpenAIIngress:
         def first(resp: PrefillResponse) -> TokenDelta:
             return TokenDelta([resp.first_token], resp.text, resp.finish_reason, resp.logprobs)
 
-        def received(ack: KVReceived) -> None:
-            pass  # measured on the decode replica (kv_transfer_seconds, role=decode)
-
+        # KV transfer time and bytes are recorded where they happen, on the decode replica.
         return run_disaggregated(req, self, self, kv_timeout_s=self.config.kv_transfer.timeout_s,
-                                 on_kv_received=received, make_delta=first)
+                                 make_delta=first)
 
     async def _handle(self, request: Request, cls: type) -> Response:
         start = time.monotonic()
