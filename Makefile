@@ -23,11 +23,10 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest
 
-DEFAULT_MODEL := .cache/models/tiny-glm
-
+# Serves the embedded default model (made on first use) at http://127.0.0.1:8000/v1 and prints a
+# curl example; pass flags through ARGS, e.g. make serve ARGS="--mode disaggregated --port 8080".
 serve: install
-	test -f $(DEFAULT_MODEL)/config.json || $(VENV)/bin/indexcache make-tiny --kind glm_moe_dsa $(DEFAULT_MODEL)
-	$(VENV)/bin/indexcache generate --model $(DEFAULT_MODEL) --chat --max-tokens 16 "What is the capital of France?"
+	$(VENV)/bin/indexcache serve $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
