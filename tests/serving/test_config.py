@@ -68,3 +68,10 @@ def test_missing_file_and_non_mapping(tmp_path):
         ServingConfig.from_yaml(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="mapping"):
         ServingConfig.from_yaml(write(tmp_path, "- a\n- b\n"))
+
+
+def test_documented_example_config_is_valid():
+    from tests.serving.harness import REPO
+
+    cfg = ServingConfig.from_yaml(REPO / "docs" / "serving.example.yaml")
+    assert cfg.mode == "disaggregated" and cfg.decode.autoscaling.max_replicas == 2

@@ -75,3 +75,17 @@ def test_cli_publish_list_show(ray_cluster, tiny_dir, capsys):
     assert [p["pattern"] for p in listed] == ["FFSF", "FSSS"]
     assert main(["plans", "publish", "registry-test-cli", "--freq", "2"]) == 2  # no layer count
     assert "--num-layers" in capsys.readouterr().err
+
+
+def test_calibrate_cli_provenance_is_accepted():
+    """`indexcache calibrate --publish` sends this shape (serving/cli/calibrate.py): the
+    registry keys are read, everything else is kept under `details`."""
+    prov = reg.Provenance.coerce({
+        "source": "calibration", "tool": "indexcache calibrate", "model": "m",
+        "created_at": 1795000000.0, "created_at_utc": "2026-11-19T00:00:00+00:00",
+        "calibration_data_hash": "sha", "data_files": ["a.jsonl"], "seq_len": 64,
+        "loss_trajectory": [{"flipped": 3, "loss": 1.5}]})
+    assert (prov.source, prov.calibration_data_hash, prov.created_at) == (
+        "calibration", "sha", 1795000000.0)
+    assert prov.details["tool"] == "indexcache calibrate"
+    assert prov.details["loss_trajectory"] == [{"flipped": 3, "loss": 1.5}]
