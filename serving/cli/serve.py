@@ -103,25 +103,42 @@ def start(config, timeout_s: float = 600.0):
     wait_running(config.app_name, timeout_s)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a supervisor, `timeout`, k8s) stops the server like Ctrl-C, so the local Ray
+    cluster this process started goes down with it instead of being orphaned."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def banner(config) -> str:
+    ic = config.ingress
+    base = f"http://{ic.host}:{ic.port}{ic.route_prefix.rstrip('/')}"
+    auth = f' -H "Authorization: Bearer {ic.api_keys[0]}"' if ic.api_keys else ""
+    return (f"\nIndexCache Serve ({config.mode}) is up: {base}/v1  (model `{config.model_name}`)\n"
+            f"metrics: {base}/metrics   health: {base}/health\n\n"
+            f"curl {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d "
+            f"'{{\"model\": \"{config.model_name}\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"Hello!\"}}], \"max_tokens\": 16}}'\n\n"
+            "Ctrl-C stops the server.")
+
+
 def run(args) -> int:
     import time
 
     config = resolve_config(args)
     start(config, args.timeout)
-    ic = config.ingress
-    base = f"http://{ic.host}:{ic.port}{ic.route_prefix.rstrip('/')}"
-    auth = f' -H "Authorization: Bearer {ic.api_keys[0]}"' if ic.api_keys else ""
-    print(f"\nIndexCache Serve ({config.mode}) is up: {base}/v1  (model `{config.model_name}`)")
-    print(f"metrics: {base}/metrics   health: {base}/health\n")
-    print(f"curl {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d "
-          f"'{{\"model\": \"{config.model_name}\", \"messages\": [{{\"role\": \"user\", "
-          f"\"content\": \"Hello!\"}}], \"max_tokens\": 16}}'\n", flush=True)
-    print("Ctrl-C stops the server.", flush=True)
     try:
+        _stop_on_sigterm()  # after ray.init, which installs a SIGTERM handler that aborts
+        print(banner(config), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         from ray import serve
 
-        serve.shutdown()
+        print("stopping ...", flush=True)
+        serve.shutdown()  # the local cluster goes down at exit (ray's atexit hook)
     return 0

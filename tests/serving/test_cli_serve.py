@@ -63,7 +63,7 @@ def test_indexcache_serve_end_to_end(tmp_path):
         body = json.loads(res.stdout)
         assert body["object"] == "chat.completion" and 1 <= body["usage"]["completion_tokens"] <= 16
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # what a supervisor sends; Ctrl-C takes the same path
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
