@@ -43,6 +43,8 @@ class EngineArgs(_Strict):
     num_blocks: int | None = Field(None, ge=1, description="KV pages (overrides kv_memory_bytes)")
     kv_memory_bytes: int | None = Field(None, ge=1, description="KV pool byte budget")
     index_fp8: bool = Field(False, description="store indexer keys as FP8 e4m3 + scales")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of free GPU "
+                                          "memory the default KV budget may take")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for LLMEngine.from_pretrained (dtype stays a string here)."""
