@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,7 +45,6 @@ from serving.openai_adapter import (
     check_model,
     parse,
     sampling_kwargs,
-    sse,
     tokenize,
 )
 from serving.openai_schema import (
@@ -52,10 +52,10 @@ from serving.openai_schema import (
     CompletionRequest,
     ModelCard,
     ModelList,
-    Usage,
 )
 from serving.orchestrator import run_disaggregated, run_unified
 from serving.protocol import GenerateRequest, PrefillResponse
+from serving.streaming import RequestTimer, collect, sse_events
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +85,6 @@ async def _unexpected(_request: Request, e: Exception) -> JSONResponse:
     return _error(from_exception(e))
 
 
-class _RequestTimer:
-    """TTFT, inter-token latency and end-to-end latency of one request, seen from the ingress."""
-
-    def __init__(self, recorder: metrics.Recorder, start: float):
-        self.recorder, self.start, self.last = recorder, start, None
-
-    def tokens(self, n: int) -> None:
-        if n <= 0:
-            return
-        now = time.monotonic()
-        if self.last is None:
-            self.recorder.observe_ttft(now - self.start)
-            n -= 1
-        for _ in range(n):  # tokens that arrived together share the gap
-            self.recorder.observe_itl((now - (self.last or now)) / max(n, 1))
-        self.last = now
-
-    def finished(self) -> None:
-        self.recorder.observe_e2e(time.monotonic() - self.start)
-
-
 async def _cancel_on_exit(gen) -> AsyncIterator[Any]:
     """A Serve streaming response as an async generator whose closing cancels the remote call."""
     try:
@@ -130,7 +109,10 @@ class OpenAIIngress:
                              ic.default_max_tokens)
         self._keys = tuple(k.encode() for k in ic.api_keys)
         self._unified, self._prefill, self._decode = unified, prefill, decode
-        self._inflight = 0
+        # Requests in flight = live orchestrator streams. A weak set, not a counter: a stream
+        # whose response is cancelled before its body starts is never iterated (no `finally`
+        # runs), but it is dropped, and so leaves the set.
+        self._live: weakref.WeakSet = weakref.WeakSet()
         replica = serve.get_replica_context().replica_id.unique_id
         self.recorder = metrics.Recorder(self.model_name, "ingress", replica)
         self.publisher = MetricsPublisher(self.config.app_name, f"ingress:{replica}",
@@ -203,7 +185,7 @@ class OpenAIIngress:
             params = SamplingParams(**sampling_kwargs(req, len(ids), self.limits))
         except ValueError as e:
             raise from_exception(e) from e
-        if self._inflight >= self.config.ingress.max_concurrent_requests:
+        if len(self._live) >= self.config.ingress.max_concurrent_requests:
             raise RateLimited(f"more than {self.config.ingress.max_concurrent_requests} requests "
                               "in flight on this ingress replica; retry later",
                               code="rate_limit_exceeded")
@@ -214,13 +196,12 @@ class OpenAIIngress:
         builder = ResponseBuilder(isinstance(req, ChatCompletionRequest), self.model_name,
                                   self.tokenizer, echo)
         greq = GenerateRequest(builder.id, tuple(ids), params)
-        timer = _RequestTimer(self.recorder, start)
-        self._inflight += 1
+        timer = RequestTimer(self.recorder, start)
         deltas = self._deltas(greq)
+        self._live.add(deltas)
         try:
             first = await anext(deltas)  # errors before the first token keep their HTTP status
         except BaseException as e:
-            self._inflight -= 1
             await deltas.aclose()
             if isinstance(e, StopAsyncIteration):
                 raise InternalError("the engine returned no output") from e
@@ -229,73 +210,12 @@ class OpenAIIngress:
             raise
         if req.stream:
             return StreamingResponse(
-                self._sse(first, deltas, builder, len(ids), req.include_usage, timer),
+                sse_events(first, deltas, builder, len(ids), req.include_usage, timer),
                 media_type="text/event-stream")
         try:
-            return JSONResponse(await self._collect(first, deltas, builder, len(ids), timer))
+            return JSONResponse(await collect(first, deltas, builder, len(ids), timer))
         finally:
-            self._inflight -= 1
             await deltas.aclose()
-
-    @staticmethod
-    def _check_delta(delta) -> None:
-        if delta.finish_reason == "abort":
-            raise Unavailable("the request was aborted by the engine (shutdown or plan swap); "
-                              "retry", code="aborted")
-
-    async def _collect(self, first, deltas, builder: ResponseBuilder, n_prompt: int,
-                       timer: _RequestTimer) -> dict[str, Any]:
-        text, n_gen, finish, logprobs = [], 0, None, None
-        delta = first
-        while True:
-            self._check_delta(delta)
-            timer.tokens(len(delta.token_ids))
-            text.append(delta.text)
-            n_gen += len(delta.token_ids)
-            if delta.logprobs:
-                logprobs = (logprobs or []) + list(delta.logprobs)
-            if delta.finish_reason is not None:
-                finish = delta.finish_reason
-                break
-            try:
-                delta = await anext(deltas)
-            except StopAsyncIteration:
-                break
-        timer.finished()
-        return builder.full("".join(text), finish, Usage.of(n_prompt, n_gen), logprobs)
-
-    async def _sse(self, first, deltas, builder: ResponseBuilder, n_prompt: int,
-                   include_usage: bool, timer: _RequestTimer) -> AsyncIterator[str]:
-        n_gen, delta, is_first = 0, first, True
-        try:
-            if builder.chat:  # OpenAI opens a chat stream with the role
-                yield sse(builder.chunk("", first=True))
-                is_first = False
-            while True:
-                self._check_delta(delta)
-                timer.tokens(len(delta.token_ids))
-                n_gen += len(delta.token_ids)
-                if delta.text or delta.finish_reason is not None or delta.logprobs:
-                    yield sse(builder.chunk(delta.text, delta.finish_reason, delta.logprobs,
-                                            first=is_first))
-                    is_first = False
-                if delta.finish_reason is not None:
-                    break
-                try:
-                    delta = await anext(deltas)
-                except StopAsyncIteration:
-                    break
-            timer.finished()
-            if include_usage:
-                yield sse(builder.usage_chunk(Usage.of(n_prompt, n_gen)))
-        except Exception as e:  # the status line is gone: report in the stream, as vLLM does
-            err = from_exception(e)
-            log.warning("stream %s failed: %s", builder.id, err.message)
-            yield sse(err.body())
-        finally:
-            self._inflight -= 1
-            await deltas.aclose()
-        yield sse("[DONE]")
 
     # -- routes --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")

@@ -1,0 +1,83 @@
+"""SSE events and JSON bodies from engine deltas, without Ray: framing, usage, mid-stream errors,
+and the metrics each request records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from serving.engine import TokenDelta
+from serving.errors import KVTransferError
+from serving.metrics import REGISTRY, Recorder
+from serving.openai_adapter import ResponseBuilder
+from serving.streaming import RequestTimer, collect, sse_events
+
+
+class Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+async def stream(items):
+    for it in items:
+        await asyncio.sleep(0)
+        if isinstance(it, Exception):
+            raise it
+        yield it
+
+
+def events(lines: list[str]) -> list:
+    assert all(ln.startswith("data: ") and ln.endswith("\n\n") for ln in lines)
+    return [ln[6:-2] if ln[6:-2] == "[DONE]" else json.loads(ln[6:-2]) for ln in lines]
+
+
+def run_sse(first, rest, chat=True, usage=True, replica="s1"):
+    timer = RequestTimer(Recorder("stream-test", "ingress", replica), 0.0)
+    builder = ResponseBuilder(chat, "stream-test", Tok())
+
+    async def go():
+        return [e async for e in sse_events(first, stream(rest), builder, 5, usage, timer)]
+
+    return events(asyncio.run(go()))
+
+
+def count(name: str, replica: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model": "stream-test", "role": "ingress",
+                                            "replica": replica}) or 0.0
+
+
+def test_chat_stream_framing_and_usage():
+    out = run_sse(TokenDelta([1], "a"), [TokenDelta([2, 3], "bc"), TokenDelta([4], "d", "stop")])
+    assert out[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["choices"][0]["delta"].get("content") for e in out[1:4]] == ["a", "bc", "d"]
+    assert out[3]["choices"][0]["finish_reason"] == "stop"
+    assert out[4]["choices"] == [] and out[4]["usage"]["completion_tokens"] == 4
+    assert out[5] == "[DONE]"
+    assert count("indexcache_time_to_first_token_seconds_count", "s1") == 1
+    assert count("indexcache_inter_token_latency_seconds_count", "s1") == 3
+    assert count("indexcache_e2e_request_latency_seconds_count", "s1") == 1
+
+
+def test_error_mid_stream_is_an_error_event_then_done():
+    out = run_sse(TokenDelta([1], "a"), [KVTransferError("no decode replica took it")],
+                  chat=False, usage=True, replica="s2")
+    assert out[0]["choices"][0]["text"] == "a"
+    assert out[1]["error"]["message"] == "no decode replica took it"
+    assert out[1]["error"]["type"] == "service_unavailable_error"
+    assert out[2] == "[DONE]" and len(out) == 3  # no usage chunk for a failed request
+    assert count("indexcache_e2e_request_latency_seconds_count", "s2") == 0
+
+
+def test_engine_abort_is_reported_not_passed_off_as_a_finish():
+    out = run_sse(TokenDelta([1], "a"), [TokenDelta([], "", "abort")], chat=False,
+                  replica="s3")
+    assert out[1]["error"]["code"] == "aborted" and out[-1] == "[DONE]"
+
+
+def test_collect_joins_text_and_counts_tokens():
+    timer = RequestTimer(Recorder("stream-test", "ingress", "s4"), 0.0)
+    builder = ResponseBuilder(False, "stream-test", Tok())
+    body = asyncio.run(collect(TokenDelta([1], "a"), stream([TokenDelta([2], "b", "length")]),
+                               builder, 3, timer))
+    assert body["choices"][0]["text"] == "ab" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
