@@ -15,6 +15,10 @@ fields inline).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -36,6 +40,28 @@ def engine_spec(config: ServingConfig, role: str) -> EngineSpec:
         kv_timeout_s=config.kv_transfer.timeout_s, metrics_interval_s=config.metrics_interval_s)
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """Hash of our Python sources: part of every deployment `version`, so new code redeploys."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("serving", "model", "kernels", "autoscale"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _version(*parts: Any) -> str:
+    """A Serve deployment version from our code and the deployment's arguments.
+
+    `serve deploy` / KubeRay derive versions from the config's import path, so a redeploy that
+    only changes `user_config` (a plan pin) or replica counts reconfigures replicas in place.
+    `serve.run` from Python instead draws a random version per run and replaces every replica;
+    Ray 2.60 accepts an explicit version only with `_internal=True` (see `_pin`)."""
+    blob = json.dumps([code_fingerprint(), *parts], sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def deployment_options(config: ServingConfig, role: str) -> dict[str, Any]:
     g = config.group(role)
     opts: dict[str, Any] = {
@@ -55,16 +81,26 @@ def deployment_options(config: ServingConfig, role: str) -> dict[str, Any]:
     return opts
 
 
+def _pin(deployment, version: str):
+    return deployment.options(version=version, _internal=True)
+
+
 def build_app(config: ServingConfig) -> serve.Application:
-    engines = {role: _CLASSES[role].options(**deployment_options(config, role))
-               .bind(engine_spec(config, role)) for role in config.roles}
+    engines = {}
+    for role in config.roles:
+        opts, spec = deployment_options(config, role), engine_spec(config, role)
+        dep = _CLASSES[role].options(**opts)
+        engines[role] = _pin(dep, _version(spec, opts["ray_actor_options"])).bind(spec)
     ic = config.ingress
+    # The ingress does not read `plans`: leaving it out keeps a plan change a pure user_config
+    # update of the engine deployments (reconfigured in place), with no ingress redeploy.
+    args = config.model_dump(mode="json", exclude={"plans"})
     ingress = OpenAIIngress.options(
         name="OpenAIIngress", num_replicas=ic.num_replicas,
         ray_actor_options={"num_cpus": ic.num_cpus},
         # The ingress only waits on engines; its own limit answers 429 before Serve queues.
         max_ongoing_requests=ic.max_concurrent_requests + 16)
-    return ingress.bind(config.model_dump(mode="json"), **engines)
+    return _pin(ingress, _version(args)).bind(args, **engines)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

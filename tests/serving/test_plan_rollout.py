@@ -57,3 +57,37 @@ def test_publish_plan_changes_indexer_work_without_restart(apps):
         back = plan_registry.publish(app.model, "FFFF", {"source": "pattern"})
         wait_for(lambda: _plan_versions(app) == {back}, 30, "replicas back on the all-F plan")
     assert _run_ratio(app) == pytest.approx(1.0)
+
+
+def test_pinning_a_plan_through_user_config_reconfigures_in_place(apps):
+    """The Serve-native path: a new `plans.version` in the app config reaches the replicas as a
+    user_config update (`reconfigure`), on the same replicas."""
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.cli.serve import wait_running
+
+    app = apps["unified"]
+    cfg = app.config
+    replicas = _replicas(app)
+    pinned = plan_registry.publish(app.model, "FSFS", {"source": "pattern"})
+
+    def deploy(version):
+        new = cfg.model_copy(update={"plans": cfg.plans.model_copy(update={"version": version})})
+        serve.run(build_app(new), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix,
+                  blocking=False)
+        wait_running(cfg.app_name, 120)
+
+    back = None
+    try:
+        deploy(pinned)
+        wait_for(lambda: _plan_versions(app) == {pinned}, 30, f"unified replica on v{pinned}")
+        assert _run_ratio(app) == pytest.approx(0.5)
+        back = plan_registry.publish(app.model, "FFFF", {"source": "pattern"})
+        assert _plan_versions(app) == {pinned}  # pinned: a newer version does not move it
+        assert _replicas(app) == replicas
+    finally:
+        back = back or plan_registry.publish(app.model, "FFFF", {"source": "pattern"})
+        deploy("latest")
+        wait_for(lambda: _plan_versions(app) == {back}, 30, "unified replica back on all-F")
+    assert _replicas(app) == replicas and _run_ratio(app) == pytest.approx(1.0)
