@@ -75,7 +75,7 @@ class _EngineServer:
         """Serve calls this after __init__ and on every user_config change."""
         self._plan_version = user_config.get("plan_version", "latest")
         self._poll_s = float(user_config.get("plan_poll_interval_s", 0))
-        await self.sync_plan(strict=True)
+        await self.sync_plan()  # raises only while no engine runs (a replica has nothing to keep)
         self.publisher.start()
         if self._follower is None:
             self._follower = asyncio.get_running_loop().create_task(self._follow())
@@ -96,10 +96,10 @@ class _EngineServer:
             return default
         return PlanInfo(rec.version, rec.pattern, rec.provenance.source)
 
-    async def sync_plan(self, strict: bool = False) -> None:
+    async def sync_plan(self) -> None:
         """Load the plan the user_config asks for. A bad plan (unknown version, wrong layer
-        count) keeps the running engine and is reported by check(); at start it fails the
-        replica, as there is nothing to keep."""
+        count) keeps the running engine and is reported by check() and the logs; at start it
+        fails the replica, as there is nothing to keep."""
         async with self._sync_lock:
             try:
                 plan = await asyncio.to_thread(self._resolve)
@@ -108,7 +108,7 @@ class _EngineServer:
             except Exception as e:
                 self._plan_error = f"{type(e).__name__}: {e}"
                 log.error("plan update failed: %s", self._plan_error)
-                if strict or not self.host.plan_ids:
+                if not self.host.plan_ids:
                     raise
 
     async def _follow(self) -> None:

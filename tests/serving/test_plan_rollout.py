@@ -91,3 +91,21 @@ def test_pinning_a_plan_through_user_config_reconfigures_in_place(apps):
         deploy("latest")
         wait_for(lambda: _plan_versions(app) == {back}, 30, "unified replica back on all-F")
     assert _replicas(app) == replicas and _run_ratio(app) == pytest.approx(1.0)
+
+
+def test_a_plan_that_does_not_fit_keeps_serving_the_old_one(apps):
+    app = apps["unified"]
+    before = _plan_versions(app)
+    bad = plan_registry.publish(app.model, "FSF", {"source": "pattern"})  # 3 layers, model has 4
+
+    def reported():
+        engines = httpx.get(app.base_url + "/health", timeout=30).json()["engines"]
+        return all(e["plan_error"] and "length" in e["plan_error"] for e in engines)
+
+    try:
+        wait_for(reported, 30, "the replica to report the unusable plan on /health")
+        assert _plan_versions(app) == before and bad not in _plan_versions(app)
+        assert _run_ratio(app, 1) == pytest.approx(1.0)  # still serving, on the old plan
+    finally:
+        back = plan_registry.publish(app.model, "FFFF", {"source": "pattern"})
+        wait_for(lambda: _plan_versions(app) == {back}, 30, "replica on a valid plan again")
