@@ -34,7 +34,8 @@ def assert_error(r: httpx.Response, status: int, param=None, code=None) -> dict:
 
 
 def still_answers(app) -> None:
-    r = post(app, "/completions", {"model": app.model, "prompt": "hi", "max_tokens": 2})
+    r = post(app, "/completions", {"model": app.model, "prompt": "hi", "max_tokens": 2,
+                           "ignore_eos": True})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2
 

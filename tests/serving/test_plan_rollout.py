@@ -23,7 +23,8 @@ def _run_ratio(app, n_requests: int = 3) -> float:
     run0, skip0, gen0 = totals()
     for i in range(n_requests):
         r = httpx.post(app.v1 + "/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                       json={"model": app.model, "prompt": f"plan {i}", "max_tokens": 4},
+                       json={"model": app.model, "prompt": f"plan {i}", "max_tokens": 4,
+                             "ignore_eos": True},  # exactly 4 tokens: no early EOS
                        timeout=60)
         assert r.status_code == 200, r.text
     wait_for(lambda: totals()[2] >= gen0 + 4 * n_requests, 20, "engine counters to update")

@@ -33,7 +33,7 @@ def request(app, i: int, stream: bool = False) -> None:
     r = httpx.post(app.v1 + "/completions", timeout=60,
                    headers={"Authorization": f"Bearer {API_KEY}"},
                    json={"model": app.model, "prompt": f"request {i}", "max_tokens": 3,
-                         "stream": stream})
+                         "ignore_eos": True, "stream": stream})
     assert r.status_code == 200, r.text
 
 
