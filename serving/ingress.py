@@ -178,7 +178,9 @@ class OpenAIIngress:
         body = await self._body(request)
         req = parse(body, cls, self.limits)
         check_model(req, self.model_name)
-        ids = tokenize(req, self.tokenizer)
+        # Off the event loop: long prompts take milliseconds to template and tokenize, and the
+        # Rust tokenizer releases the GIL.
+        ids = await asyncio.to_thread(tokenize, req, self.tokenizer)
         from serving.engine import SamplingParams
 
         try:

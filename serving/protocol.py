@@ -5,7 +5,7 @@ see ids only. Streamed results are the engine's `TokenDelta`s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,4 +53,3 @@ class KVReceived:
     nbytes: int
     seconds: float
     plan_id: str = ""
-    extra: dict = field(default_factory=dict)
