@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serving.env import env
 
-# The model `indexcache serve` uses when given none: a tiny random checkpoint made on first use
-# under INDEXCACHE_HOME. The one place that names it (the Makefile and the CLI read it from here).
-DEFAULT_MODEL_SUBDIR = "models/tiny-glm"
-DEFAULT_MODEL_KIND = "glm_moe_dsa"
+# The model `indexcache serve` uses when given none: SmolLM2-135M-Instruct with trained indexers
+# and its searched 1/4 plan (model/smollm2.py), built on first use under INDEXCACHE_HOME. The one
+# place that names it (the CLI reads it from here).
+DEFAULT_MODEL_SUBDIR = "models/smollm2-dsa"
 
 
 def default_model_path() -> Path:

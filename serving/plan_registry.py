@@ -6,8 +6,8 @@ cluster does (a plan put by a short-lived CLI driver would die with it). Engine 
 their plan at start and whenever their Serve `user_config` changes or, under `version: latest`,
 when a newer version appears, so publishing a plan rolls it out without a code change.
 
-    publish("tiny-glm", "FSFS", Provenance("pattern"))      -> 1
-    publish("tiny-glm", cfg, {"source": "calibration", "calibration_data_hash": "ab12..."})
+    publish("smollm2-dsa", "FSFS", Provenance("pattern"))      -> 1
+    publish("smollm2-dsa", cfg, {"source": "calibration", "calibration_data_hash": "ab12..."})
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`indexcache serve`: start a local Ray cluster and the OpenAI-compatible app, print the URL.
 
-Defaults: unified mode on CPU, the embedded default model (made on first use), 127.0.0.1:8000.
+Defaults: unified mode on CPU, the embedded default model (SmolLM2-135M with trained
+indexers, built on first use), 127.0.0.1:8000.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 def register(p) -> None:
     p.add_argument("--config", default=None, help="serving YAML (ServingConfig); flags override it")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded "
-                   "tiny model, created on first use)")
+                   "SmolLM2-135M DSA model, built on first use)")
     p.add_argument("--mode", choices=["unified", "disaggregated"], default=None)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
@@ -23,7 +24,7 @@ def register(p) -> None:
 def resolve_config(args):
     from pathlib import Path
 
-    from serving.config import DEFAULT_MODEL_KIND, ServingConfig, default_model_path
+    from serving.config import ServingConfig, default_model_path
 
     data: dict = {}
     if args.config:
@@ -42,10 +43,10 @@ def resolve_config(args):
     if "model" not in data:
         path = default_model_path()
         if not (path / "config.json").is_file():
-            from model.tiny import make_tiny
+            from model.smollm2 import build_default
 
-            print(f"creating the embedded default model in {path} ...", flush=True)
-            make_tiny(DEFAULT_MODEL_KIND, path)
+            print(f"building the embedded default model in {path} ...", flush=True)
+            build_default(path)
         data["model"] = str(path)
     if not Path(data["model"], "config.json").is_file():
         raise FileNotFoundError(f"no config.json in model directory {data['model']}")

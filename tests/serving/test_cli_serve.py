@@ -23,8 +23,10 @@ class Args:
 def test_resolve_config_makes_the_default_model(tmp_path, monkeypatch):
     monkeypatch.setenv("INDEXCACHE_HOME", str(tmp_path))
     cfg = resolve_config(Args())
-    assert cfg.model == str(tmp_path / "models" / "tiny-glm") and cfg.mode == "unified"
-    assert (tmp_path / "models" / "tiny-glm" / "config.json").is_file()
+    assert cfg.model == str(tmp_path / "models" / "smollm2-dsa") and cfg.mode == "unified"
+    cfg_json = json.loads((tmp_path / "models" / "smollm2-dsa" / "config.json").read_text())
+    assert cfg_json["model_type"] == "dsa_llama"
+    assert cfg_json["index_topk_pattern"].count("F") == 8  # the searched 1/4 plan
     assert (cfg.ingress.host, cfg.ingress.port) == ("127.0.0.1", 8000)
     assert cluster_cpus(cfg) >= 2  # an engine (1 CPU) + the ingress (0.5) always fit
 
@@ -62,6 +64,14 @@ def test_indexcache_serve_end_to_end(tmp_path):
         res = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
         body = json.loads(res.stdout)
         assert body["object"] == "chat.completion" and 1 <= body["usage"]["completion_tokens"] <= 16
+        # The embedded default is a real model: it answers sensibly through the OpenAI endpoint.
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        answer = client.chat.completions.create(
+            model=client.models.list().data[0].id, temperature=0, max_tokens=24,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in answer.choices[0].message.content
     finally:
         proc.send_signal(signal.SIGTERM)  # what a supervisor sends; Ctrl-C takes the same path
         try:
