@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert_smollm2": ("convert-smollm2", "SmolLM2-135M-Instruct as a dsa_llama checkpoint"),
     "serve": ("serve", "serve the OpenAI-compatible API with Ray Serve"),
     "plans": ("plans", "list, show and publish IndexCache plans in the plan registry"),
+    "render_k8s": ("render-k8s", "render the KubeRay serveConfigV2 of a serving YAML"),
 }
 
 
