@@ -32,48 +32,46 @@ def test_overlays_set_their_namespace(rendered):
     assert {d["metadata"]["namespace"] for d in rendered["prod"]} == {"indexcache"}
 
 
-def _errors_after(doc: dict, edit) -> list[str]:
-    doc = copy.deepcopy(doc)
-    edit(doc)
-    return k8s.validate(doc)
+DELETE = object()
+HEAD = ("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0)
+JOB_HEAD = ("spec", "rayClusterSpec", "headGroupSpec", "template", "spec")
 
-
-def _head(rs):
-    return rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-
-
-# (kind, name, how to break it, text the error must carry): a typo at each depth, and a wrong type.
+# (kind, name, path, new value or DELETE, text the error must carry): a typo at each depth,
+# wrong types, a missing required field.
 BREAKAGES = [
-    ("RayService", "indexcache", lambda d: d["spec"].__setitem__("serveConfigv2", "x"), "serveConfigv2"),
-    ("RayService", "indexcache", lambda d: d["spec"]["rayClusterConfig"].__setitem__("enableInTreeAutoscale",
-                                                                       True),
+    ("RayService", "indexcache", ("spec", "serveConfigv2"), "x", "serveConfigv2"),
+    ("RayService", "indexcache", ("spec", "rayClusterConfig", "enableInTreeAutoscale"), True,
      "enableInTreeAutoscale"),
-    ("RayService", "indexcache", lambda d: _head(d).__setitem__("imagePullPolicyy", "Always"),
-     "imagePullPolicyy"),
-    ("RayService", "indexcache", lambda d: _head(d)["resources"]["limits"].__setitem__("cpu", 1.5), "1.5"),
-    ("RayService", "indexcache", lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-     .__setitem__("maxReplicas", "two"), "'two'"),
-    ("RayService", "indexcache", lambda d: d["metadata"].__setitem__("lables", {}), "lables"),
-    ("RayJob", "indexcache-calibrate", lambda d: d["spec"].__setitem__("entryPoint", "x"), "entryPoint"),
-    ("RayJob", "indexcache-calibrate", lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-     .__setitem__("nodeSelectr", {}), "nodeSelectr"),
-    ("RayJob", "indexcache-calibrate", lambda d: d["spec"].pop("entrypoint"), "entrypoint"),
-    ("PodMonitor", "indexcache-app", lambda d: d["spec"]["podMetricsEndpoints"][0].__setitem__("intervall", "1s"),
+    ("RayService", "indexcache", (*HEAD, "imagePullPolicyy"), "Always", "imagePullPolicyy"),
+    ("RayService", "indexcache", (*HEAD, "resources", "limits", "cpu"), 1.5, "1.5"),
+    ("RayService", "indexcache", ("spec", "rayClusterConfig", "workerGroupSpecs", 0,
+                                  "maxReplicas"), "two", "'two'"),
+    ("RayService", "indexcache", ("metadata", "lables"), {}, "lables"),
+    ("RayJob", "indexcache-calibrate", ("spec", "entryPoint"), "x", "entryPoint"),
+    ("RayJob", "indexcache-calibrate", (*JOB_HEAD, "nodeSelectr"), {}, "nodeSelectr"),
+    ("RayJob", "indexcache-calibrate", ("spec", "entrypoint"), DELETE, "entrypoint"),
+    ("PodMonitor", "indexcache-app", ("spec", "podMetricsEndpoints", 0, "intervall"), "1s",
      "intervall"),
-    ("PrometheusRule", "indexcache", lambda d: d["spec"]["groups"][0]["rules"][0].__setitem__("expresion",
-                                                                                 "up"),
+    ("PrometheusRule", "indexcache", ("spec", "groups", 0, "rules", 0, "expresion"), "up",
      "expresion"),
-    ("PersistentVolumeClaim", "indexcache-models", lambda d: d["spec"].__setitem__("accesModes", []), "accesModes"),
-    ("ConfigMap", "indexcache-grafana-dashboard", lambda d: d.__setitem__("date", {}), "date"),
+    ("PersistentVolumeClaim", "indexcache-models", ("spec", "accesModes"), [], "accesModes"),
+    ("ConfigMap", "indexcache-grafana-dashboard", ("date",), {}, "date"),
 ]
 
 
-@pytest.mark.parametrize("kind,name,edit,needle", BREAKAGES,
-                         ids=[f"{k}-{n}" for k, _, _, n in BREAKAGES])
-def test_validator_rejects_broken_manifests(rendered, kind, name, edit, needle):
-    doc = one(rendered["prod"], kind, name)
+@pytest.mark.parametrize("kind,name,path,value,needle", BREAKAGES,
+                         ids=[f"{b[0]}-{b[-1]}" for b in BREAKAGES])
+def test_validator_rejects_broken_manifests(rendered, kind, name, path, value, needle):
+    doc = copy.deepcopy(one(rendered["prod"], kind, name))
     assert k8s.validate(doc) == []
-    errors = _errors_after(doc, edit)
+    parent = doc
+    for step in path[:-1]:
+        parent = parent[step]
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    errors = k8s.validate(doc)
     assert errors and any(needle in e for e in errors), errors
 
 
