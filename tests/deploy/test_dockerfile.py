@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -113,3 +114,20 @@ def test_nothing_machine_specific(pattern):
 def test_exposes_the_ports_the_manifests_use():
     ports = {p for a in args_of("EXPOSE") for p in a.split()}
     assert {"8000", "8080", "6379", "8265", "10001"} <= ports
+
+
+def test_torch_check_runs_and_rejects_a_cpu_torch(tmp_path):
+    """The build's torch check is valid Python and refuses this CPU-only torch, naming the pin."""
+    run = next(a for a in args_of("RUN") if "torch.version.cuda" in a)
+    code = shlex.split(run)[2]  # python -c "<code>" && ...
+    assert shlex.split(run)[:2] == ["python", "-c"]
+    (tmp_path / "requirements.txt").write_text((REPO / "requirements.txt").read_text())
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True)
+    import torch
+
+    if torch.version.cuda:  # a CUDA build of the pinned torch passes the check
+        assert proc.returncode == (0 if torch.__version__.split("+")[0] == torch_pin() else 1)
+    else:
+        assert proc.returncode == 1
+        assert f"need a CUDA build of {torch_pin()}" in proc.stderr
