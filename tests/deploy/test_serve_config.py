@@ -32,7 +32,11 @@ def test_checked_in_render_is_not_stale(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_serve_config_v2_is_its_serving_yaml(rendered, target):
+    from ray.serve.schema import ServeDeploySchema
+
     doc = serve_doc(rendered[target])
+    # What Serve's REST API parses the document into (it checks types, ignores unknown keys).
+    ServeDeploySchema.model_validate(doc)
     config = ServingConfig.from_yaml(SERVING_YAML[target])
     assert doc == render_k8s.serve_config(config)
     (app,) = doc["applications"]
