@@ -140,6 +140,7 @@ class EngineHost:
         out["num_waiting"] = sum(s.num_waiting for s in live)
         total = sum(s.kv_blocks_total for s in live)
         out["kv_usage"] = sum(s.kv_blocks_used for s in live) / total if total else 0.0
+        out["kv_capacity_tokens"] = sum(s.kv_capacity_tokens for s in live)
         if live:
             out["f_layer_ratio"] = live[-1].f_layer_ratio
             out["plan_version"] = self._slots[-1].plan.version

@@ -71,6 +71,9 @@ INDEXER_LAYERS_SKIPPED = _counter("indexer_layers_skipped",
 NUM_REQUESTS_RUNNING = _gauge("num_requests_running", "Requests in the engine's running batch")
 NUM_REQUESTS_WAITING = _gauge("num_requests_waiting", "Requests queued in the engine")
 KV_CACHE_USAGE_RATIO = _gauge("kv_cache_usage_ratio", "Share of KV pages in use (0..1)")
+# Load tests size their concurrency from it (loadtest/, the saturate scenario).
+KV_CACHE_CAPACITY_TOKENS = _gauge("kv_cache_capacity_tokens",
+                                  "Token slots in the replica's KV pool (pages x page size)")
 F_LAYER_RATIO = _gauge("f_layer_ratio", "Share of layers that run their indexer in the plan")
 PLAN_VERSION = _gauge("plan_version", "Registry version of the plan the replica runs "
                       "(0: the checkpoint's or config's own plan)")
@@ -82,7 +85,8 @@ METRIC_NAMES: tuple[str, ...] = tuple(
     for m in (TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_REQUEST_LATENCY, KV_TRANSFER_SECONDS,
               KV_TRANSFER_BYTES, PROMPT_TOKENS, GENERATION_TOKENS, NUM_PREEMPTIONS,
               INDEXER_LAYERS_RUN, INDEXER_LAYERS_SKIPPED, NUM_REQUESTS_RUNNING,
-              NUM_REQUESTS_WAITING, KV_CACHE_USAGE_RATIO, F_LAYER_RATIO, PLAN_VERSION))
+              NUM_REQUESTS_WAITING, KV_CACHE_USAGE_RATIO, KV_CACHE_CAPACITY_TOKENS, F_LAYER_RATIO,
+              PLAN_VERSION))
 
 # Engine cumulative totals -> the counter each feeds.
 _ENGINE_COUNTERS = {
@@ -96,6 +100,7 @@ _ENGINE_GAUGES = {
     "num_running": NUM_REQUESTS_RUNNING,
     "num_waiting": NUM_REQUESTS_WAITING,
     "kv_usage": KV_CACHE_USAGE_RATIO,
+    "kv_capacity_tokens": KV_CACHE_CAPACITY_TOKENS,
     "f_layer_ratio": F_LAYER_RATIO,
     "plan_version": PLAN_VERSION,
 }

@@ -199,6 +199,7 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions, kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used, kv_usage=bm.num_used / bm.num_blocks,
+            kv_capacity_tokens=self.kv_capacity_tokens,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             indexer_layers_run_total=self.indexer_run_total,

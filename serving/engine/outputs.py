@@ -82,6 +82,7 @@ class EngineStats:
     kv_blocks_total: int
     kv_blocks_used: int
     kv_usage: float  # 0..1
+    kv_capacity_tokens: int  # token slots in the pool: pages x page size
     prompt_tokens_total: int  # prompt tokens computed (recomputation after preemption included)
     generation_tokens_total: int
     indexer_layers_run_total: int  # per token per layer: F layers run the indexer ...

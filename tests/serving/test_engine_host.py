@@ -44,11 +44,15 @@ def test_swap_keeps_running_requests_and_counters(tiny_dir):
         assert len(await running) == 40
         stats = host.stats()
         assert stats["f_layer_ratio"] == 0.25 and stats["plan_version"] == 2
+        # Both pools are live during the swap; the 1/4 plan's pool holds more tokens.
+        caps = [s.engine.engine.kv_capacity_tokens for s in host._slots]
+        assert stats["kv_capacity_tokens"] == sum(caps) and caps[1] >= caps[0] > 0
         await asyncio.sleep(0.3)  # grace passes, the old engine drains and shuts down
         assert host.plan_ids == [host.plan_ids[-1]] and first_id not in host.plan_ids
         after = host.stats()
         assert after["generation_tokens_total"] == 6 + 40  # the retired engine's count is kept
         assert after["kv_usage"] == 0.0
+        assert after["kv_capacity_tokens"] == caps[1]
         assert len(before) == 6 and len(await generate(host, "c", 3)) == 3
         await host.shutdown()
 

@@ -25,7 +25,7 @@ def test_names_are_prefixed_and_unique():
 def test_engine_totals_become_counter_increments():
     r = metrics.Recorder("m-counter-test", "decode", "r1")
     r.update_engine({"prompt_tokens_total": 10, "generation_tokens_total": 4, "kv_usage": 0.5,
-                     "num_running": 2})
+                     "num_running": 2, "kv_capacity_tokens": 1024})
     r.update_engine({"prompt_tokens_total": 25, "generation_tokens_total": 4, "kv_usage": 0.0,
                      "num_running": 0})
     labels = {"model": "m-counter-test", "role": "decode", "replica": "r1"}
@@ -33,6 +33,7 @@ def test_engine_totals_become_counter_increments():
     assert get("indexcache_prompt_tokens_total", labels) == 25
     assert get("indexcache_generation_tokens_total", labels) == 4
     assert get("indexcache_kv_cache_usage_ratio", labels) == 0.0
+    assert get("indexcache_kv_cache_capacity_tokens", labels) == 1024  # kept: not re-reported
     assert get("indexcache_num_preemptions_total", labels) is None  # not reported: not created
     r.update_engine({"num_preemptions": 0})
     assert get("indexcache_num_preemptions_total", labels) == 0.0  # reported: exported at 0
