@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 # Must happen before anything imports triton: the interpreter flag is read at @triton.jit time.
 try:
@@ -78,3 +80,27 @@ def tiny_dir(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster and one Serve instance per test run (loopback only), shared by
+    every suite that deploys apps; yields the Serve HTTP port."""
+    from serving.env import apply_ray_local_env
+
+    apply_ray_local_env()
+    import ray
+    from ray import serve
+
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit
+    # Logical CPUs: replicas ask for fractions; the machine's 2 cores are shared by all.
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             namespace="indexcache-tests")
+    from tests.serving.harness import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

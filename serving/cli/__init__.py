@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve the OpenAI-compatible API with Ray Serve"),
     "plans": ("plans", "list, show and publish IndexCache plans in the plan registry"),
     "render_k8s": ("render-k8s", "render the KubeRay serveConfigV2 of a serving YAML"),
+    "loadtest": ("loadtest", "Locust load test of a running server, with a report and plots"),
 }
 
 

@@ -1,16 +1,15 @@
-"""One Ray cluster and one Serve instance per test run, with both application modes deployed
-side by side (unified at /unified, disaggregated at /disagg) on the real engine and a tiny model.
+"""Both application modes deployed side by side (unified at /unified, disaggregated at /disagg)
+on the real engine and a tiny model, in the session's one Ray cluster (`ray_cluster`, defined in
+tests/conftest.py so that every suite shares it).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import pytest
 
-from tests.serving.harness import API_KEY, free_port
+from tests.serving.harness import API_KEY
 
 
 @dataclass(frozen=True)
@@ -28,26 +27,6 @@ class App:
     @property
     def metrics_url(self) -> str:
         return self.base_url + "/metrics"
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    from serving.env import apply_ray_local_env
-
-    apply_ray_local_env()
-    import ray
-    from ray import serve
-
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit
-    # Logical CPUs: replicas ask for fractions; the machine's 2 cores are shared by all.
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             namespace="indexcache-tests")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _config(model_dir: str, mode: str):
