@@ -71,7 +71,7 @@ class MetricsSample:
     t: float  # unix time of the scrape
     kv_usage: float  # capacity-weighted over unified/decode engine replicas (0..1)
     kv_capacity_tokens: float  # summed over unified/decode engine replicas
-    kv_capacity_per_replica: float  # the smallest replica's pool
+    kv_capacity_per_replica: float  # the smallest engine replica's pool, prefill included
     running: float
     waiting: float
     preemptions: float  # cumulative
@@ -85,6 +85,7 @@ class MetricsSample:
 def parse_metrics(text: str, t: float) -> MetricsSample:
     usage: dict[tuple, float] = {}
     cap: dict[tuple, float] = {}
+    smallest = float("inf")  # a prompt must fit every pool it passes through
     sums = {"running": 0.0, "waiting": 0.0, "preemptions": 0.0, "generation_tokens": 0.0,
             "requests_finished": 0.0}
     names = {"indexcache_num_requests_running": "running",
@@ -97,8 +98,10 @@ def parse_metrics(text: str, t: float) -> MetricsSample:
             key = (s.labels.get("role"), s.labels.get("replica"))
             if s.name == "indexcache_kv_cache_usage_ratio" and key[0] in KV_ROLES:
                 usage[key] = s.value
-            elif s.name == "indexcache_kv_cache_capacity_tokens" and key[0] in KV_ROLES:
-                cap[key] = s.value
+            elif s.name == "indexcache_kv_cache_capacity_tokens":
+                smallest = min(smallest, s.value)
+                if key[0] in KV_ROLES:
+                    cap[key] = s.value
             elif s.name in names:
                 sums[names[s.name]] += s.value
     total = sum(cap.get(k, 0.0) for k in usage)
@@ -106,7 +109,7 @@ def parse_metrics(text: str, t: float) -> MetricsSample:
         kv = sum(u * cap.get(k, 0.0) for k, u in usage.items()) / total
     else:
         kv = sum(usage.values()) / len(usage) if usage else 0.0
-    return MetricsSample(t, kv, sum(cap.values()), min(cap.values(), default=0.0), **sums)
+    return MetricsSample(t, kv, sum(cap.values()), smallest if cap else 0.0, **sums)
 
 
 def scrape(host: str, api_key: str | None = None, timeout: float = 10) -> MetricsSample:

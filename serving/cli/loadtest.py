@@ -82,8 +82,9 @@ def verdict(summary: dict) -> list[str]:
     if summary["scenario"] == "saturate" and summary.get("requests_fit") is not None:
         if not sat or sat["p50"] < SATURATED_KV:
             problems.append(f"KV usage in the oversubscribed stage: median "
-                            f"{sat['p50'] if sat else 'n/a'} < {SATURATED_KV} (is the server's "
-                            "max_num_seqs below the users the pool holds?)")
+                            f"{sat['p50'] if sat else 'n/a'} < {SATURATED_KV}: the pool never "
+                            "filled (max_num_seqs below the requests it holds, or prefill too "
+                            "slow to keep up: see waiting in kv.png)")
     return problems
 
 

@@ -113,5 +113,6 @@ indexcache_e2e_request_latency_seconds_count{model="m",role="ingress",replica="i
 def test_metrics_parse_weights_kv_by_capacity_and_skips_prefill():
     s = parse_metrics(METRICS, t=1.0)
     assert s.kv_usage == pytest.approx((1.0 * 1000 + 0.5 * 3000) / 4000)
-    assert s.kv_capacity_tokens == 4000 and s.kv_capacity_per_replica == 1000
+    assert s.kv_capacity_tokens == 4000  # prefill pools are freed as payloads leave ...
+    assert s.kv_capacity_per_replica == 500  # ... but a document must fit them too
     assert s.waiting == 5 and s.preemptions == 7 and s.requests_finished == 11
