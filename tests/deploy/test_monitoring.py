@@ -28,7 +28,8 @@ def app_series() -> set[str]:
     rec.update_engine({"prompt_tokens_total": 5, "generation_tokens_total": 3,
                        "num_preemptions": 1, "indexer_layers_run_total": 2,
                        "indexer_layers_skipped_total": 6, "num_running": 1, "num_waiting": 0,
-                       "kv_usage": 0.5, "f_layer_ratio": 0.25, "plan_version": 1})
+                       "kv_usage": 0.5, "kv_capacity_tokens": 1024, "f_layer_ratio": 0.25,
+                       "plan_version": 1})
     text = metrics.render([metrics.snapshot()]).decode()
     families = list(text_string_to_metric_families(text))
     exposed = {f.name + ("_total" if f.type == "counter" else "") for f in families}
