@@ -20,7 +20,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# Lint first: it takes a second and a style error should not wait for the whole suite.
 test: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 # Serves the embedded default model (made on first use) at http://127.0.0.1:8000/v1 and prints a

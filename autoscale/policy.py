@@ -36,8 +36,10 @@ class PolicyConfig:
 
     def __post_init__(self):
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
-                             f"{self.min_replicas}, {self.max_replicas}")
+            raise ValueError(
+                f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                f"{self.min_replicas}, {self.max_replicas}"
+            )
         if not 0 < self.downscale_ratio < 1:
             raise ValueError(f"downscale_ratio must be in (0, 1), got {self.downscale_ratio}")
 
@@ -49,8 +51,10 @@ class PolicyState:
 
 def prefill_load(s: PoolSignals, cfg: PolicyConfig) -> float:
     per_replica = s.queued_prompt_tokens / max(s.replicas, 1)
-    return max(per_replica / cfg.target_queued_prompt_tokens,
-               s.prefill_latency_p90_s / cfg.target_prefill_latency_s)
+    return max(
+        per_replica / cfg.target_queued_prompt_tokens,
+        s.prefill_latency_p90_s / cfg.target_prefill_latency_s,
+    )
 
 
 def decode_load(s: PoolSignals, cfg: PolicyConfig) -> float:
@@ -66,8 +70,9 @@ def unified_load(s: PoolSignals, cfg: PolicyConfig) -> float:
     return max(prefill_load(s, cfg), decode_load(s, cfg))
 
 
-def decide(load: float, current: int, state: PolicyState, now: float,
-           cfg: PolicyConfig) -> tuple[int, PolicyState]:
+def decide(
+    load: float, current: int, state: PolicyState, now: float, cfg: PolicyConfig
+) -> tuple[int, PolicyState]:
     """Target replica count for a pool of `current` replicas running at `load`."""
     base = max(current, 1)
     want = current

@@ -62,16 +62,20 @@ class UnifiedPolicy(_PoolPolicy):
 
 def autoscaling_config(role: str, args) -> dict[str, Any]:
     """Serve `autoscaling_config` for a pool from `serving.config.AutoscalingArgs`."""
-    policy = {"prefill": "PrefillPolicy", "decode": "DecodePolicy",
-              "unified": "UnifiedPolicy"}[role]
+    policy = {"prefill": "PrefillPolicy", "decode": "DecodePolicy", "unified": "UnifiedPolicy"}[
+        role
+    ]
     kwargs = {k: getattr(args, k) for k in PolicyConfig.__dataclass_fields__}
-    out = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-           # Deprecated in 2.60 but still the replica's push interval for custom stats.
-           "metrics_interval_s": args.metrics_interval_s,
-           "look_back_period_s": args.look_back_period_s,
-           "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
-           "policy": {"policy_function": f"autoscale.ray_policy:{policy}",
-                      "policy_kwargs": kwargs}}
+    out = {
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+        # Deprecated in 2.60 but still the replica's push interval for custom stats.
+        "metrics_interval_s": args.metrics_interval_s,
+        "look_back_period_s": args.look_back_period_s,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "policy": {"policy_function": f"autoscale.ray_policy:{policy}", "policy_kwargs": kwargs},
+    }
     if args.initial_replicas is not None:
         out["initial_replicas"] = args.initial_replicas
     return out

@@ -38,9 +38,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny("dsa_llama", tmp, num_hidden_layers=args.layers,
-                         hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         index_topk=args.index_topk)
+        path = make_tiny(
+            "dsa_llama",
+            tmp,
+            num_hidden_layers=args.layers,
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            index_topk=args.index_topk,
+        )
         model = load_model(path, dtype=torch.float32, device=args.device)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 320, (args.num_seqs, args.seq_len), generator=g)
@@ -49,17 +54,26 @@ def main() -> None:
     for name, reuse in (("cached_prefix", True), ("naive", False)):
         t0 = time.perf_counter()
         r = greedy_search(model, batches, args.retain, reuse_prefix=reuse, progress=False)
-        runs[name] = {"seconds": time.perf_counter() - t0, "plan": r.plan.pattern,
-                      "candidate_evals": r.candidate_evals,
-                      "candidate_evals_per_s": r.to_dict()["candidate_evals_per_s"],
-                      "layer_forwards": r.layer_forwards, "final_loss": r.final_loss}
+        runs[name] = {
+            "seconds": time.perf_counter() - t0,
+            "plan": r.plan.pattern,
+            "candidate_evals": r.candidate_evals,
+            "candidate_evals_per_s": r.to_dict()["candidate_evals_per_s"],
+            "layer_forwards": r.layer_forwards,
+            "final_loss": r.final_loss,
+        }
     if runs["cached_prefix"]["plan"] != runs["naive"]["plan"]:
         raise SystemExit("cached-prefix and naive searches disagree")
-    out = {"date": datetime.now(UTC).date().isoformat(), "device": args.device,
-           "hardware": torch.cuda.get_device_name() if args.device.startswith("cuda")
-           else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-           "config": vars(args), **runs,
-           "speedup": runs["naive"]["seconds"] / runs["cached_prefix"]["seconds"]}
+    out = {
+        "date": datetime.now(UTC).date().isoformat(),
+        "device": args.device,
+        "hardware": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "config": vars(args),
+        **runs,
+        "speedup": runs["naive"]["seconds"] / runs["cached_prefix"]["seconds"],
+    }
     res = Path(__file__).parent / "results" / f"calibration_search_{args.device.split(':')[0]}.json"
     res.parent.mkdir(exist_ok=True)
     res.write_text(json.dumps(out, indent=1) + "\n")

@@ -36,11 +36,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # GLM-5-style attention shapes (MLA 512 + 64, indexer 32 heads x 128, top-2048) on few layers and
 # a small MoE: the KV rows and the indexer work per token are the real ones, the weights are not.
 GLM_MID = dict(
-    vocab_size=32768, hidden_size=2048, intermediate_size=8192, moe_intermediate_size=1024,
-    num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
-    n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1, kv_lora_rank=512,
-    q_lora_rank=1024, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-    first_k_dense_replace=1, max_position_embeddings=131072, index_topk=2048, index_head_dim=128,
+    vocab_size=32768,
+    hidden_size=2048,
+    intermediate_size=8192,
+    moe_intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    n_shared_experts=1,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=512,
+    q_lora_rank=1024,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=128,
+    v_head_dim=128,
+    first_k_dense_replace=1,
+    max_position_embeddings=131072,
+    index_topk=2048,
+    index_head_dim=128,
     index_n_heads=32,
 )
 PRESETS = {
@@ -50,8 +66,14 @@ PRESETS = {
 }
 
 
-def build_model(kind: str, overrides: dict, pattern: str, dtype: torch.dtype,
-                device: torch.device, seed: int = 0):
+def build_model(
+    kind: str,
+    overrides: dict,
+    pattern: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+):
     """A random-weight DSA model built in place on `device` (no checkpoint on disk)."""
     from model.config import ModelConfig
     from model.dsa import DSAForCausalLM
@@ -88,16 +110,35 @@ def synthetic_payload(layout, prompt: list[int], dtype: torch.dtype, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     n = len(prompt)
-    row = ((1, layout.k_dim) if layout.attn_kind == "mla"
-           else (layout.kv_heads, layout.k_dim + layout.v_dim))
+    row = (
+        (1, layout.k_dim)
+        if layout.attn_kind == "mla"
+        else (layout.kv_heads, layout.k_dim + layout.v_dim)
+    )
     attn = [torch.randn(n, *row, generator=g).to(dtype) for _ in range(layout.num_layers)]
     idt = torch.float8_e4m3fn if layout.index_fp8 else dtype
-    index_k = [torch.randn(n, layout.index_head_dim, generator=g).to(idt)
-               if i in layout.index_layers else None for i in range(layout.num_layers)]
-    scales = ([torch.ones(n) if i in layout.index_layers else None
-               for i in range(layout.num_layers)] if layout.index_fp8 else [])
-    return KVPayload(PAYLOAD_VERSION, layout.plan_id, layout.to_dict(), prompt, prompt[-1], n,
-                     attn, index_k, scales)
+    index_k = [
+        torch.randn(n, layout.index_head_dim, generator=g).to(idt)
+        if i in layout.index_layers
+        else None
+        for i in range(layout.num_layers)
+    ]
+    scales = (
+        [torch.ones(n) if i in layout.index_layers else None for i in range(layout.num_layers)]
+        if layout.index_fp8
+        else []
+    )
+    return KVPayload(
+        PAYLOAD_VERSION,
+        layout.plan_id,
+        layout.to_dict(),
+        prompt,
+        prompt[-1],
+        n,
+        attn,
+        index_k,
+        scales,
+    )
 
 
 def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -> dict:
@@ -109,15 +150,21 @@ def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -
     dtype = getattr(torch, args.dtype)
     model = build_model(kind, overrides, pattern, dtype, device)
     role = "decode" if args.mode == "decode" else "unified"
-    cfg = EngineConfig(role=role, kv_memory_bytes=budget, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_model_len=args.context + args.gen + 1, index_fp8=args.index_fp8)
+    cfg = EngineConfig(
+        role=role,
+        kv_memory_bytes=budget,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.context + args.gen + 1,
+        index_fp8=args.index_fp8,
+    )
     engine = LLMEngine(model, Tokenizer(byte_tokenizer(), None, ()), cfg)
     sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(5, vocab, (args.context,), generator=g).tolist()
-               for _ in range(args.requests)]
+    prompts = [
+        torch.randint(5, vocab, (args.context,), generator=g).tolist() for _ in range(args.requests)
+    ]
     shared = synthetic_payload(engine.layout, prompts[0], dtype, 0) if role == "decode" else None
     _warm_up(engine, sp, role, shared)
     for i, p in enumerate(prompts):
@@ -127,8 +174,9 @@ def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -
             engine.add_request(f"r{i}", p, sp)
     pre0 = engine.stats().num_preemptions
     steps, t_start = [], time.perf_counter()
-    bar = tqdm(total=args.requests * (args.gen - (role == "decode")), desc=f"{name} tokens",
-               leave=False)
+    bar = tqdm(
+        total=args.requests * (args.gen - (role == "decode")), desc=f"{name} tokens", leave=False
+    )
     while engine.has_unfinished():
         waiting = len(engine.scheduler.waiting)
         t0 = time.perf_counter()
@@ -139,10 +187,18 @@ def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -
         b = engine.last_batch
         new = sum(len(o.token_ids) for o in outs)
         bar.update(new)
-        steps.append(dict(t=t1 - t_start, dt=t1 - t0, running=len(b.seqs), waiting=waiting,
-                          kv_usage=engine.block_manager.num_used / engine.block_manager.num_blocks,
-                          decode_only=bool(b.seqs) and all(n == 1 for n in b.num_new),
-                          prefill_tokens=sum(n for n in b.num_new if n > 1), new_tokens=new))
+        steps.append(
+            dict(
+                t=t1 - t_start,
+                dt=t1 - t0,
+                running=len(b.seqs),
+                waiting=waiting,
+                kv_usage=engine.block_manager.num_used / engine.block_manager.num_blocks,
+                decode_only=bool(b.seqs) and all(n == 1 for n in b.num_new),
+                prefill_tokens=sum(n for n in b.num_new if n > 1),
+                new_tokens=new,
+            )
+        )
     bar.close()
     return _summary(engine, steps, pre0, time.perf_counter() - t_start)
 
@@ -165,21 +221,29 @@ def _summary(engine, steps: list[dict], pre0: int, wall: float) -> dict:
     stats = engine.stats()
     lay = engine.layout
     return dict(
-        plan=engine.plan.pattern, plan_id=lay.plan_id, bytes_per_token=lay.bytes_per_token,
-        index_bytes_per_token=lay.index_bytes_per_token, kv_blocks=engine.block_manager.num_blocks,
-        kv_capacity_tokens=engine.kv_capacity_tokens, kv_pool_bytes=engine.cache.nbytes,
+        plan=engine.plan.pattern,
+        plan_id=lay.plan_id,
+        bytes_per_token=lay.bytes_per_token,
+        index_bytes_per_token=lay.index_bytes_per_token,
+        kv_blocks=engine.block_manager.num_blocks,
+        kv_capacity_tokens=engine.kv_capacity_tokens,
+        kv_pool_bytes=engine.cache.nbytes,
         max_concurrent_seqs=max((s["running"] for s in steps), default=0),
         mean_concurrent_seqs_saturated=_mean([s["running"] for s in window]),
-        decode_tok_s_saturated=_rate(window), decode_tok_s_all_decode_steps=_rate(dec),
-        saturated_steps=len(sat), steps=len(steps),
+        decode_tok_s_saturated=_rate(window),
+        decode_tok_s_all_decode_steps=_rate(dec),
+        saturated_steps=len(sat),
+        steps=len(steps),
         mean_kv_usage_saturated=_mean([s["kv_usage"] for s in window]),
         max_kv_usage=max((s["kv_usage"] for s in steps), default=0.0),
         preemptions=stats.num_preemptions - pre0,
         prefill_tokens=sum(s["prefill_tokens"] for s in steps),
-        generated_tokens=sum(s["new_tokens"] for s in steps), wall_s=wall,
+        generated_tokens=sum(s["new_tokens"] for s in steps),
+        wall_s=wall,
         pages_free_after=engine.block_manager.num_free,
-        trace=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in s.items()}
-               for s in steps],
+        trace=[
+            {k: (round(v, 5) if isinstance(v, float) else v) for k, v in s.items()} for s in steps
+        ],
     )
 
 
@@ -235,8 +299,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index-fp8", action="store_true", help="FP8 indexer keys (+ fp32 scale)")
     p.add_argument("--kernels", choices=["auto", "ref", "triton"], default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (tiny models run best on 1)")
-    p.add_argument("--out", type=Path,
-                   help="JSON path (default results/saturation-<device>[-decode].json)")
+    p.add_argument(
+        "--out", type=Path, help="JSON path (default results/saturation-<device>[-decode].json)"
+    )
     args = p.parse_args(argv)
     _, _, context, gen, fit, requests, mnbt = PRESETS[args.preset]
     args.context = args.context or context
@@ -266,31 +331,43 @@ def main(argv: list[str] | None = None) -> dict:
     mcfg = ModelConfig.from_hf({**tiny_config(kind), **overrides})
     layers = mcfg.num_hidden_layers
     plans = {"all-F": "F" * layers, "1/4": quarter_pattern(layers)}
-    full = KVLayout.for_model(mcfg, IndexCacheConfig(plans["all-F"]), getattr(torch, args.dtype),
-                              args.index_fp8)
+    full = KVLayout.for_model(
+        mcfg, IndexCacheConfig(plans["all-F"]), getattr(torch, args.dtype), args.index_fp8
+    )
     if args.kv_gb:
         budget = int(args.kv_gb * (1 << 30))
     else:  # all-F holds exactly `fit` whole requests
         pages = math.ceil((args.context + args.gen) / full.page_size)
         budget = args.fit * pages * full.bytes_per_block
-    results = {name: run_plan(name, pattern, args, budget, device)
-               for name, pattern in plans.items()}
+    results = {
+        name: run_plan(name, pattern, args, budget, device) for name, pattern in plans.items()
+    }
     f, q = results["all-F"], results["1/4"]
     report = dict(
-        benchmark="saturation", device=device_name(device), date=dt.date.today().isoformat(),
-        torch=torch.__version__, config={k: (str(v) if isinstance(v, Path) else v)
-                                         for k, v in vars(args).items()},
-        model=dict(kind=kind, layers=layers, kv_lora_rank=mcfg.kv_lora_rank,
-                   index_head_dim=mcfg.index_head_dim, index_n_heads=mcfg.index_n_heads,
-                   index_topk=mcfg.index_topk),
+        benchmark="saturation",
+        device=device_name(device),
+        date=dt.date.today().isoformat(),
+        torch=torch.__version__,
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        model=dict(
+            kind=kind,
+            layers=layers,
+            kv_lora_rank=mcfg.kv_lora_rank,
+            index_head_dim=mcfg.index_head_dim,
+            index_n_heads=mcfg.index_n_heads,
+            index_topk=mcfg.index_topk,
+        ),
         kv_budget_bytes=budget,
         summary=dict(
             capacity_ratio=q["kv_capacity_tokens"] / f["kv_capacity_tokens"],
             index_bytes_ratio=q["index_bytes_per_token"] / f["index_bytes_per_token"],
             max_concurrent=[f["max_concurrent_seqs"], q["max_concurrent_seqs"]],
             decode_tok_s_saturated=[f["decode_tok_s_saturated"], q["decode_tok_s_saturated"]],
-            decode_speedup=(q["decode_tok_s_saturated"] / f["decode_tok_s_saturated"]
-                            if f["decode_tok_s_saturated"] else None),
+            decode_speedup=(
+                q["decode_tok_s_saturated"] / f["decode_tok_s_saturated"]
+                if f["decode_tok_s_saturated"]
+                else None
+            ),
             preemptions=[f["preemptions"], q["preemptions"]],
         ),
         results=results,
@@ -301,14 +378,18 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(report, indent=1))
     plot(results, out.with_suffix(".png"))
     s = report["summary"]
-    print(f"KV budget {budget / 2**20:.1f} MiB | capacity x{s['capacity_ratio']:.2f} | "
-          f"index bytes x{s['index_bytes_ratio']:.2f}")
+    print(
+        f"KV budget {budget / 2**20:.1f} MiB | capacity x{s['capacity_ratio']:.2f} | "
+        f"index bytes x{s['index_bytes_ratio']:.2f}"
+    )
     for name, r in results.items():
-        print(f"{name:6s} {r['plan']}: {r['bytes_per_token']} B/token, "
-              f"{r['kv_capacity_tokens']} tokens, max {r['max_concurrent_seqs']} seqs "
-              f"(mean {r['mean_concurrent_seqs_saturated']:.1f} saturated), "
-              f"{r['decode_tok_s_saturated']:.1f} decode tok/s saturated, "
-              f"{r['preemptions']} preemptions, KV {r['mean_kv_usage_saturated']:.0%}")
+        print(
+            f"{name:6s} {r['plan']}: {r['bytes_per_token']} B/token, "
+            f"{r['kv_capacity_tokens']} tokens, max {r['max_concurrent_seqs']} seqs "
+            f"(mean {r['mean_concurrent_seqs_saturated']:.1f} saturated), "
+            f"{r['decode_tok_s_saturated']:.1f} decode tok/s saturated, "
+            f"{r['preemptions']} preemptions, KV {r['mean_kv_usage_saturated']:.0%}"
+        )
     print(f"wrote {out}")
     return report
 

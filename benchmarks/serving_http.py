@@ -31,11 +31,17 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": f"Request {i}: once upon a time", "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True, "temperature": 0,
-            # logprobs make every token its own SSE event even when its text is empty (random
-            # tiny weights emit partial UTF-8), so the client clocks each token.
-            "logprobs": 0}
+    body = {
+        "model": model,
+        "prompt": f"Request {i}: once upon a time",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+        # logprobs make every token its own SSE event even when its text is empty (random
+        # tiny weights emit partial UTF-8), so the client clocks each token.
+        "logprobs": 0,
+    }
     start = time.perf_counter()
     stamps = []
     async with client.stream("POST", url, json=body) as r:
@@ -46,13 +52,17 @@ async def one(client: httpx.AsyncClient, url: str, model: str, i: int, max_token
                 if "error" in chunk:
                     raise RuntimeError(chunk["error"])
                 stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - start, "e2e": stamps[-1] - start,
-            "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)]}
+    return {
+        "ttft": stamps[0] - start,
+        "e2e": stamps[-1] - start,
+        "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+    }
 
 
 async def load(base: str, model: str, n: int, concurrency: int, max_tokens: int) -> dict:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600) as client:
+
         async def run(i):
             async with sem:
                 return await one(client, base + "/v1/completions", model, i, max_tokens)
@@ -64,12 +74,21 @@ async def load(base: str, model: str, n: int, concurrency: int, max_tokens: int)
     ttft = [r["ttft"] for r in res]
     itl = [x for r in res for x in r["itl"]]
     e2e = [r["e2e"] for r in res]
-    return {"requests": n, "concurrency": concurrency, "max_tokens": max_tokens,
-            "wall_s": wall, "output_tokens_per_s": n * max_tokens / wall,
-            "ttft_s": {"p50": pct(ttft, .5), "p90": pct(ttft, .9), "p99": pct(ttft, .99)},
-            "itl_s": {"p50": pct(itl, .5), "p90": pct(itl, .9), "p99": pct(itl, .99),
-                      "mean": statistics.fmean(itl)},
-            "e2e_s": {"p50": pct(e2e, .5), "p90": pct(e2e, .9)}}
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+        "wall_s": wall,
+        "output_tokens_per_s": n * max_tokens / wall,
+        "ttft_s": {"p50": pct(ttft, 0.5), "p90": pct(ttft, 0.9), "p99": pct(ttft, 0.99)},
+        "itl_s": {
+            "p50": pct(itl, 0.5),
+            "p90": pct(itl, 0.9),
+            "p99": pct(itl, 0.99),
+            "mean": statistics.fmean(itl),
+        },
+        "e2e_s": {"p50": pct(e2e, 0.5), "p90": pct(e2e, 0.9)},
+    }
 
 
 def main() -> None:
@@ -99,19 +118,36 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = 8000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    out = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-           "device": args.device, "model": base_cfg.model, "modes": {}}
+    out = {
+        "date": date.today().isoformat(),
+        "machine": platform.processor() or platform.machine(),
+        "device": args.device,
+        "model": base_cfg.model,
+        "modes": {},
+    }
     engine = {"device": args.device, "max_num_seqs": max(args.concurrency, 1)}
     for mode in args.modes.split(","):
         cfg = base_cfg.model_copy(update={"mode": mode, "app_name": f"bench-{mode}"})
-        cfg = type(cfg).model_validate({
-            **cfg.model_dump(mode="json"), "unified": {"engine": engine},
-            "prefill": {"engine": engine}, "decode": {"engine": engine},
-            "ingress": {"route_prefix": f"/{mode}", "port": port}})
+        cfg = type(cfg).model_validate(
+            {
+                **cfg.model_dump(mode="json"),
+                "unified": {"engine": engine},
+                "prefill": {"engine": engine},
+                "decode": {"engine": engine},
+                "ingress": {"route_prefix": f"/{mode}", "port": port},
+            }
+        )
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=f"/{mode}", blocking=False)
         wait_running(cfg.app_name, 300)
-        res = asyncio.run(load(f"http://127.0.0.1:{port}/{mode}", cfg.model_name, args.requests,
-                               args.concurrency, args.max_tokens))
+        res = asyncio.run(
+            load(
+                f"http://127.0.0.1:{port}/{mode}",
+                cfg.model_name,
+                args.requests,
+                args.concurrency,
+                args.max_tokens,
+            )
+        )
         out["modes"][mode] = res
         print(mode, json.dumps(res, indent=1))
         serve.delete(cfg.app_name)

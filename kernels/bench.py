@@ -30,6 +30,7 @@ MARK_START, MARK_END = "<!-- kernels-bench:start -->", "<!-- kernels-bench:end -
 @dataclass(frozen=True)
 class Shapes:
     """Problem sizes; the defaults are the targets of the kernels issue."""
+
     lengths: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
     sweep_len: int = 32768
     heads: int = 64  # indexer heads and MLA query heads
@@ -51,8 +52,11 @@ def bench_ms(fn, *args, **kwargs) -> float:
     """Median ms of fn(*args, **kwargs) by triton.testing.do_bench."""
     import triton.testing
 
-    return float(triton.testing.do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=100,
-                                         return_mode="median"))
+    return float(
+        triton.testing.do_bench(
+            lambda: fn(*args, **kwargs), warmup=25, rep=100, return_mode="median"
+        )
+    )
 
 
 def sweep(name: str, configs: list[dict], fn, *args, **kwargs) -> tuple[dict, dict]:
@@ -83,8 +87,20 @@ def try_ms(out: dict, label: str, fn, *args, **kwargs) -> float | None:
         return None
 
 
-def row(op, shape, dtype, ms, *, flops=None, nbytes=None, base_ms=None, tuned_ms=None,
-        published=None, target=None, **extra) -> dict:
+def row(
+    op,
+    shape,
+    dtype,
+    ms,
+    *,
+    flops=None,
+    nbytes=None,
+    base_ms=None,
+    tuned_ms=None,
+    published=None,
+    target=None,
+    **extra,
+) -> dict:
     r = {"op": op, "shape": shape, "dtype": dtype, "ms": None if ms is None else round(ms, 4)}
     if ms is None:
         pass
@@ -139,45 +155,80 @@ def indexer_prefill(sh: Shapes, out: dict) -> None:
         reps = 1 if n > 16384 else 3
         base_ms[n] = base.time_slow(base.indexer_plain, prep, topk, reps=reps)
         tuned_ms[n] = base.time_slow(base.indexer, prep, topk, reps=reps)
-        print(f"  pytorch indexer L={n}: plain {base_ms[n]:.2f} ms, tuned {tuned_ms[n]:.2f} ms",
-              flush=True)
+        print(
+            f"  pytorch indexer L={n}: plain {base_ms[n]:.2f} ms, tuned {tuned_ms[n]:.2f} ms",
+            flush=True,
+        )
         prep = None
         _free()
     for dtype in (torch.float8_e4m3fn, half):
         inp = indexer_inputs([sh.sweep_len], [sh.sweep_len], h, d, dtype, dev)
         # Configs are chosen on the scores alone, so a top-k failure cannot hide them.
-        cfg, times = sweep(f"indexer-{_name(dtype)}", itri.PREFILL_CONFIGS,
-                           itri.indexer_topk_prefill, **inp, topk=topk, select="none")
+        cfg, times = sweep(
+            f"indexer-{_name(dtype)}",
+            itri.PREFILL_CONFIGS,
+            itri.indexer_topk_prefill,
+            **inp,
+            topk=topk,
+            select="none",
+        )
         out["sweeps"][f"indexer_prefill_{_name(dtype)}_L{sh.sweep_len}_scores_only"] = times
         out["resources"][f"indexer_prefill_{_name(dtype)}"] = base.kernel_resources(
-            itri._prefill_logits_kernel)
+            itri._prefill_logits_kernel
+        )
         if dtype == torch.float8_e4m3fn:
-            tcfg, times = sweep("topk", topk_tri.CONFIGS, _with_topk_config, **inp, topk=topk,
-                                scores_config=cfg)
+            tcfg, times = sweep(
+                "topk", topk_tri.CONFIGS, _with_topk_config, **inp, topk=topk, scores_config=cfg
+            )
             out["sweeps"][f"indexer_prefill_fp8_L{sh.sweep_len}_topk_configs"] = times
             out["resources"]["topk"] = base.kernel_resources(topk_tri._topk_rows_kernel)
         for n in sh.lengths:
             inp = indexer_inputs([n], [n], h, d, dtype, dev)
             run = itri.indexer_topk_prefill
-            ms = try_ms(out, f"indexer {n} {_name(dtype)}", run, **inp, topk=topk, config=cfg,
-                        topk_config=tcfg)
-            extra = {"scores_only_ms": try_ms(out, "", run, **inp, topk=topk, config=cfg,
-                                              select="none")}
+            ms = try_ms(
+                out,
+                f"indexer {n} {_name(dtype)}",
+                run,
+                **inp,
+                topk=topk,
+                config=cfg,
+                topk_config=tcfg,
+            )
+            extra = {
+                "scores_only_ms": try_ms(out, "", run, **inp, topk=topk, config=cfg, select="none")
+            }
             if dtype == torch.float8_e4m3fn:
                 extra["scores_plus_torch_topk_ms"] = try_ms(
-                    out, f"indexer torch.topk {n}", run, **inp, topk=topk, config=cfg,
-                    select="torch")
+                    out,
+                    f"indexer torch.topk {n}",
+                    run,
+                    **inp,
+                    topk=topk,
+                    config=cfg,
+                    select="torch",
+                )
             if n == max(sh.lengths) and ms is not None:
                 misses = torch.zeros(1, dtype=torch.int32, device=dev)
                 got = run(**inp, topk=topk, config=cfg, misses=misses, topk_config=tcfg)
                 extra["check_last_rows"] = base.indexer_recall(inp, got, topk)
                 extra["topk_bracket_misses"] = f"{int(misses.item())} of {n - topk} rows"
             target = {65536: "<= 90 ms", 32768: "<= 25 ms"}.get(n)
-            out["results"].append(row(
-                "indexer+topk prefill", f"L={n} H={h} D={d} topk={topk}", _name(dtype), ms,
-                flops=h * d * n * (n + 1), base_ms=base_ms[n], tuned_ms=tuned_ms[n],
-                published=PUBLISHED_INDEXER.get(n), target=target, config=cfg,
-                topk_config=tcfg, **extra))
+            out["results"].append(
+                row(
+                    "indexer+topk prefill",
+                    f"L={n} H={h} D={d} topk={topk}",
+                    _name(dtype),
+                    ms,
+                    flops=h * d * n * (n + 1),
+                    base_ms=base_ms[n],
+                    tuned_ms=tuned_ms[n],
+                    published=PUBLISHED_INDEXER.get(n),
+                    target=target,
+                    config=cfg,
+                    topk_config=tcfg,
+                    **extra,
+                )
+            )
             inp = None
             _free()
 
@@ -194,20 +245,34 @@ def indexer_decode(sh: Shapes, out: dict) -> None:
             inp.pop("cu_seqlens_q")
             cfg = None
             if b > 1 and dtype == torch.float8_e4m3fn:
-                cfg, times = sweep("indexer-decode", itri.DECODE_CONFIGS,
-                                   itri.indexer_topk_decode, **inp, topk=topk)
+                cfg, times = sweep(
+                    "indexer-decode",
+                    itri.DECODE_CONFIGS,
+                    itri.indexer_topk_decode,
+                    **inp,
+                    topk=topk,
+                )
                 out["sweeps"][f"indexer_decode_fp8_B{b}_L{n}"] = times
             ms = bench_ms(itri.indexer_topk_decode, **inp, topk=topk, config=cfg)
-            scores_ms = bench_ms(itri.indexer_topk_decode, **inp, topk=topk, config=cfg,
-                                 select="none")
+            scores_ms = bench_ms(
+                itri.indexer_topk_decode, **inp, topk=topk, config=cfg, select="none"
+            )
             base_ms = base.time_slow(indexer_topk_decode, **inp, topk=topk, impl="ref")
             per_token = sh.dim + 4 if dtype == torch.float8_e4m3fn else sh.dim * 2
             published = PUBLISHED_INDEXER_DECODE.get(b) if dtype == torch.float8_e4m3fn else None
-            out["results"].append(row(
-                "indexer+topk decode", f"B={b} L={n} H={sh.heads} D={sh.dim} topk={topk}",
-                _name(dtype), ms, nbytes=b * n * per_token, base_ms=base_ms,
-                published=published if n == 65536 else None, config=cfg,
-                scores_only_ms=round(scores_ms, 4)))
+            out["results"].append(
+                row(
+                    "indexer+topk decode",
+                    f"B={b} L={n} H={sh.heads} D={sh.dim} topk={topk}",
+                    _name(dtype),
+                    ms,
+                    nbytes=b * n * per_token,
+                    base_ms=base_ms,
+                    published=published if n == 65536 else None,
+                    config=cfg,
+                    scores_only_ms=round(scores_ms, 4),
+                )
+            )
             inp = None
             _free()
 
@@ -224,8 +289,13 @@ def sparse_prefill(sh: Shapes, out: dict) -> None:
         kind = "MLA absorbed" if mla else f"GQA {hkv} KV heads"
         cfg = None
         if mla and n == sh.attn_lens[0]:
-            cfg, times = sweep("sparse-mla", stri.WIDE_CONFIGS + stri.EXPERIMENTAL_WIDE,
-                               stri.sparse_attn_prefill, **inp, scale=0.07)
+            cfg, times = sweep(
+                "sparse-mla",
+                stri.WIDE_CONFIGS + stri.EXPERIMENTAL_WIDE,
+                stri.sparse_attn_prefill,
+                **inp,
+                scale=0.07,
+            )
             out["sweeps"][f"sparse_mla_prefill_L{n}"] = times
             out["resources"]["sparse_attn"] = base.kernel_resources(stri._sparse_attn_kernel)
         ms = bench_ms(stri.sparse_attn_prefill, **inp, scale=0.07, config=cfg)
@@ -235,11 +305,19 @@ def sparse_prefill(sh: Shapes, out: dict) -> None:
             got = stri.sparse_attn_prefill(**inp, scale=0.07, config=cfg)
             extra["rms_err_last_rows"] = base.sparse_attn_err(inp, got, 0.07)
         target = ">= 300 TFLOP/s" if mla and n == 65536 else None
-        out["results"].append(row(
-            "sparse attn prefill", f"{kind} L={n} H={h} D={kd}/{vd} topk={topk}", _name(half),
-            ms,
-            flops=2 * h * (kd + vd) * topk * n, base_ms=base_ms, target=target, config=cfg,
-            **extra))
+        out["results"].append(
+            row(
+                "sparse attn prefill",
+                f"{kind} L={n} H={h} D={kd}/{vd} topk={topk}",
+                _name(half),
+                ms,
+                flops=2 * h * (kd + vd) * topk * n,
+                base_ms=base_ms,
+                target=target,
+                config=cfg,
+                **extra,
+            )
+        )
         inp = None
         _free()
 
@@ -251,14 +329,16 @@ def sparse_decode(sh: Shapes, out: dict) -> None:
 
     b, n, topk, (dk, dv) = sh.dec_batch, sh.dec_len, sh.topk, sh.mla
     for i, h in enumerate(sh.dec_heads):
-        inp = attn_inputs([1] * b, [n] * b, h, 1, dk, dv, topk, getattr(torch, sh.half),
-                          sh.device, mla=True)
+        inp = attn_inputs(
+            [1] * b, [n] * b, h, 1, dk, dv, topk, getattr(torch, sh.half), sh.device, mla=True
+        )
         inp.pop("cu_seqlens_q")
         cfg, splits = None, None
         if i == 0:
             variants = [dict(c, splits=s) for c in stri.WIDE_CONFIGS[:3] for s in (None, 1, 2, 4)]
-            best, times = sweep("sparse-decode", variants, stri.sparse_attn_decode, **inp,
-                                scale=0.07)
+            best, times = sweep(
+                "sparse-decode", variants, stri.sparse_attn_decode, **inp, scale=0.07
+            )
             out["sweeps"][f"sparse_mla_decode_B{b}_H{h}"] = times
             splits = best.pop("splits")
             cfg = best
@@ -267,11 +347,20 @@ def sparse_decode(sh: Shapes, out: dict) -> None:
         # Bytes it must read: the selected rows (the value is the same row) and indices, q; out.
         nbytes = b * topk * (dk * 2 + 4) + b * h * (dk + dv) * 2
         target = ">= 60% of 4.25 TB/s" if i == 0 else None
-        out["results"].append(row(
-            "sparse attn decode", f"MLA absorbed B={b} L={n} H={h} topk={topk}",
-            _name(getattr(torch, sh.half)), ms,
-            nbytes=nbytes, base_ms=base_ms, target=target,
-            tflops=round(2 * h * (dk + dv) * topk * b / ms / 1e9, 1), config=cfg, splits=splits))
+        out["results"].append(
+            row(
+                "sparse attn decode",
+                f"MLA absorbed B={b} L={n} H={h} topk={topk}",
+                _name(getattr(torch, sh.half)),
+                ms,
+                nbytes=nbytes,
+                base_ms=base_ms,
+                target=target,
+                tflops=round(2 * h * (dk + dv) * topk * b / ms / 1e9, 1),
+                config=cfg,
+                splits=splits,
+            )
+        )
         inp = None
         _free()
 
@@ -281,26 +370,48 @@ def small_ops(sh: Shapes, out: dict) -> None:
     from kernels.kv_store import store_rows
 
     t, dev = sh.store_tokens, sh.device
-    for shape, dtype, name in [((t, 1, sh.mla[0]), getattr(torch, sh.half), "MLA rows"),
-                               ((t, sh.dim), torch.float8_e4m3fn, "indexer k fp8"),
-                               ((t,), torch.float32, "indexer k scale fp32")]:
+    for shape, dtype, name in [
+        ((t, 1, sh.mla[0]), getattr(torch, sh.half), "MLA rows"),
+        ((t, sh.dim), torch.float8_e4m3fn, "indexer k fp8"),
+        ((t,), torch.float32, "indexer k scale fp32"),
+    ]:
         cache = torch.zeros((t // 64 + 1, 64, *shape[1:]), device=dev).to(dtype)
         rows = torch.randn(shape, device=dev).to(dtype)
         slots = torch.randperm(cache.shape[0] * 64, device=dev)[:t]
         ms = bench_ms(store_rows, cache, rows, slots, impl="triton")
         base_ms = bench_ms(store_rows, cache, rows, slots, impl="ref")
-        out["results"].append(row("kv store", f"T={t} {name} {tuple(shape[1:])}", "bytes", ms,
-                                  nbytes=2 * rows.numel() * rows.element_size(), base_ms=base_ms))
+        out["results"].append(
+            row(
+                "kv store",
+                f"T={t} {name} {tuple(shape[1:])}",
+                "bytes",
+                ms,
+                nbytes=2 * rows.numel() * rows.element_size(),
+                base_ms=base_ms,
+            )
+        )
     x = torch.randn(sh.quant_tokens, sh.heads, sh.dim, device=dev)
     ms = bench_ms(act_quant, x, sh.dim, impl="triton")
     base_ms = bench_ms(act_quant, x, sh.dim, impl="ref")
-    out["results"].append(row(
-        "act_quant fp8", f"T={sh.quant_tokens} H={sh.heads} D={sh.dim} fp32 in", "bytes", ms,
-        nbytes=x.numel() * 5 + x.numel() * 4 // sh.dim, base_ms=base_ms))
+    out["results"].append(
+        row(
+            "act_quant fp8",
+            f"T={sh.quant_tokens} H={sh.heads} D={sh.dim} fp32 in",
+            "bytes",
+            ms,
+            nbytes=x.numel() * 5 + x.numel() * 4 // sh.dim,
+            base_ms=base_ms,
+        )
+    )
 
 
-SECTIONS = {"indexer": indexer_prefill, "indexer_decode": indexer_decode,
-            "sparse": sparse_prefill, "sparse_decode": sparse_decode, "small": small_ops}
+SECTIONS = {
+    "indexer": indexer_prefill,
+    "indexer_decode": indexer_decode,
+    "sparse": sparse_prefill,
+    "sparse_decode": sparse_decode,
+    "small": small_ops,
+}
 
 
 def run(sh: Shapes, sections: list[str], after_each=None) -> dict:
@@ -309,13 +420,20 @@ def run(sh: Shapes, sections: list[str], after_each=None) -> dict:
     import triton
 
     dev = torch.device(sh.device)
-    out = {"date": datetime.date.today().isoformat(),
-           "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "command": "python -m kernels.bench",
-           "ceilings": {"bf16_tflops": 772, "fp8_tflops": 1410, "copy_tbps": 4.25},
-           "shapes": asdict(sh),
-           "results": [], "sweeps": {}, "resources": {}, "errors": {}}
+    out = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": "python -m kernels.bench",
+        "ceilings": {"bf16_tflops": 772, "fp8_tflops": 1410, "copy_tbps": 4.25},
+        "shapes": asdict(sh),
+        "results": [],
+        "sweeps": {},
+        "resources": {},
+        "errors": {},
+    }
     torch.manual_seed(0)
     for name in sections:
         print(f"== {name}", flush=True)
@@ -349,8 +467,9 @@ def main(argv=None) -> None:
     def save(out: dict) -> None:  # after every section, so a cut-off run keeps its numbers
         (res / "kernels-h200.json").write_text(json.dumps(out, indent=1))
         bench_report.plot_indexer(out, res / "kernels-h200-indexer.png", PUBLISHED_INDEXER)
-        bench_report.write_readme(Path(args.readme), out, bench_report.table(out), MARK_START,
-                                  MARK_END)
+        bench_report.write_readme(
+            Path(args.readme), out, bench_report.table(out), MARK_START, MARK_END
+        )
 
     out = run(sh, args.sections.split(","), after_each=save)
     print(bench_report.table(out))

@@ -73,11 +73,11 @@ def indexer_recall(inp: dict, out: torch.Tensor, topk: int, rows: int = 64) -> s
     n = int(inp["seq_lens"][0])
     rows = min(rows, n)
     k, s = iref.gather_keys(inp["k_cache"], inp["k_scale"], inp["block_tables"][0], n)
-    scores = iref.score_rows(inp["q"][n - rows:], inp["weights"][n - rows:], k, s)
+    scores = iref.score_rows(inp["q"][n - rows :], inp["weights"][n - rows :], k, s)
     lengths = torch.arange(n - rows + 1, n + 1, device=scores.device, dtype=torch.int32)
     ref = tref.topk_rows(scores, lengths, topk)
     try:
-        return f"ok, recall {assert_topk_close(ref, out[n - rows:], scores, lengths):.4f}"
+        return f"ok, recall {assert_topk_close(ref, out[n - rows :], scores, lengths):.4f}"
     except AssertionError as e:
         return f"FAILED: {e}"
 
@@ -108,8 +108,14 @@ def sparse_attn_err(inp: dict, got: torch.Tensor, scale: float, rows: int = 64) 
     from kernels.sparse_attn import ref as sref
 
     rows = min(rows, got.shape[0])
-    ref = sref.attend_rows(inp["q"][-rows:], inp["k_cache"], inp["v_cache"],
-                           inp["block_tables"][0], inp["indices"][-rows:], scale)
+    ref = sref.attend_rows(
+        inp["q"][-rows:],
+        inp["k_cache"],
+        inp["v_cache"],
+        inp["block_tables"][0],
+        inp["indices"][-rows:],
+        scale,
+    )
     return round(rms_rel_err(ref, got[-rows:].float()), 6)
 
 
@@ -120,6 +126,13 @@ def kernel_resources(fn) -> list[dict]:
         cache = entry[0] if isinstance(entry, tuple) else entry
         for k in cache.values():
             md = k.metadata
-            out.append({"warps": md.num_warps, "stages": md.num_stages, "regs": k.n_regs,
-                        "spills": k.n_spills, "smem": md.shared})
+            out.append(
+                {
+                    "warps": md.num_warps,
+                    "stages": md.num_stages,
+                    "regs": k.n_regs,
+                    "spills": k.n_spills,
+                    "smem": md.shared,
+                }
+            )
     return out

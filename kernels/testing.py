@@ -34,13 +34,19 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float) 
     assert not torch.isnan(out).any(), f"{name}: output has NaN"
     err = rms_rel_err(ref, out)
     max_abs = (out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
-    assert err <= ratio, \
+    assert err <= ratio, (
         f"{name}: RMS-relative error {err:.3g} > {ratio:.3g} (max abs {max_abs:.3g})"
+    )
 
 
-def assert_topk_close(ref_idx: torch.Tensor, out_idx: torch.Tensor, scores: torch.Tensor | None,
-                      lengths: torch.Tensor, min_recall: float = 0.99,
-                      score_tol: float = 1e-4) -> float:
+def assert_topk_close(
+    ref_idx: torch.Tensor,
+    out_idx: torch.Tensor,
+    scores: torch.Tensor | None,
+    lengths: torch.Tensor,
+    min_recall: float = 0.99,
+    score_tol: float = 1e-4,
+) -> float:
     """Top-k rows [R, topk] (-1 padded) against the reference selection.
 
     Exact: every valid index is < lengths[r] (causality), no duplicates, and each row holds
@@ -52,8 +58,9 @@ def assert_topk_close(ref_idx: torch.Tensor, out_idx: torch.Tensor, scores: torc
     reference picks' summed |score|): another choice among ties passes, a wrong pick does not.
     Returns the recall.
     """
-    assert ref_idx.shape == out_idx.shape, \
+    assert ref_idx.shape == out_idx.shape, (
         f"top-k shape {tuple(out_idx.shape)} != {tuple(ref_idx.shape)}"
+    )
     assert out_idx.dtype == torch.int32, f"top-k dtype {out_idx.dtype} != int32"
     ref_idx, out_idx, lengths = ref_idx.cpu().long(), out_idx.cpu().long(), lengths.cpu().long()
     r, k = out_idx.shape
@@ -62,12 +69,14 @@ def assert_topk_close(ref_idx: torch.Tensor, out_idx: torch.Tensor, scores: torc
     assert (out_idx >= -1).all(), "top-k: index below -1"
     assert (valid.sum(1) == want).all(), (
         f"top-k: wrong number of valid entries in rows "
-        f"{torch.nonzero(valid.sum(1) != want).flatten()[:8].tolist()}")
+        f"{torch.nonzero(valid.sum(1) != want).flatten()[:8].tolist()}"
+    )
     assert (out_idx < lengths[:, None]).all(), "top-k: index at or after the query's position + 1"
     srt = out_idx.sort(1).values
     dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-    assert not dup.any(), \
+    assert not dup.any(), (
         f"top-k: duplicate indices in rows {torch.nonzero(dup.any(1)).flatten()[:8].tolist()}"
+    )
     # Recall via one-hot rows (column `width` collects the padding).
     width = int(max(lengths.max().item(), 1))
     ref_hot = torch.zeros(r, width + 1, dtype=torch.bool)
@@ -87,6 +96,7 @@ def assert_topk_close(ref_idx: torch.Tensor, out_idx: torch.Tensor, scores: torc
     recall = per_row.sum().item() / max(ref_hot.sum().item(), 1)
     assert recall >= min_recall, f"top-k: recall {recall:.4f} < {min_recall}"
     if scores is not None:
+
         def pick(vals, idx):
             return vals.gather(1, torch.where(idx >= 0, idx, width)).sum(1)
 
@@ -94,11 +104,13 @@ def assert_topk_close(ref_idx: torch.Tensor, out_idx: torch.Tensor, scores: torc
         gap = (pick(s, ref_idx) - pick(s, out_idx)) / scale
         assert (gap <= score_tol).all(), (
             f"top-k: chosen scores fall short of the reference by up to {gap.max().item():.3g} "
-            f"(relative) in rows {torch.nonzero(gap > score_tol).flatten()[:8].tolist()}")
+            f"(relative) in rows {torch.nonzero(gap > score_tol).flatten()[:8].tolist()}"
+        )
     return recall
 
 
 # -- input factories (tests and kernels.bench); seed torch's RNGs for repeatable draws --
+
 
 def paged_tables(seq_lens: list[int], page_size: int, device=None) -> tuple[torch.Tensor, int]:
     """Block tables [B, max_pages] int32 over a shuffled pool (so logical neighbours are not
@@ -109,7 +121,7 @@ def paged_tables(seq_lens: list[int], page_size: int, device=None) -> tuple[torc
     tables = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32)
     o = 0
     for b, n in enumerate(pages):
-        tables[b, :n] = perm[o: o + n]
+        tables[b, :n] = perm[o : o + n]
         o += n
     return tables.to(device), pool
 
@@ -139,8 +151,15 @@ def causal_indices(positions: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.where(pos + 1 >= topk, strat, dense).to(torch.int32)
 
 
-def indexer_inputs(n_q: list[int], seq_lens: list[int], heads: int, dim: int, dtype, device=None,
-                   page_size: int = 64) -> dict:
+def indexer_inputs(
+    n_q: list[int],
+    seq_lens: list[int],
+    heads: int,
+    dim: int,
+    dtype,
+    device=None,
+    page_size: int = 64,
+) -> dict:
     """Keyword arguments of indexer_topk_prefill (minus topk). dtype float8_e4m3fn quantises q and
     k as the model does (one scale per key and per (query, head), the latter folded into the
     weights); keys are stored for the whole sequences, queries are each sequence's last tokens."""
@@ -152,29 +171,54 @@ def indexer_inputs(n_q: list[int], seq_lens: list[int], heads: int, dim: int, dt
     k_scale = None
     if dtype == torch.float8_e4m3fn:
         from kernels.fp8 import ref as fp8_ref
+
         q, q_scale = fp8_ref.act_quant(q, dim, True)
         k, k_scale = fp8_ref.act_quant(k, dim, True)
         w, k_scale = w * q_scale[..., 0], k_scale[..., 0].contiguous()
     else:
         q, k = q.to(dtype), k.to(dtype)
-    return {"q": q, "weights": w.float().contiguous(), "k_cache": k, "k_scale": k_scale,
-                "block_tables": tables, "cu_seqlens_q": cu_seqlens(n_q, device),
-                "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=device)}
+    return {
+        "q": q,
+        "weights": w.float().contiguous(),
+        "k_cache": k,
+        "k_scale": k_scale,
+        "block_tables": tables,
+        "cu_seqlens_q": cu_seqlens(n_q, device),
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=device),
+    }
 
 
-def attn_inputs(n_q: list[int], seq_lens: list[int], heads: int, kv_heads: int, k_dim: int,
-                v_dim: int, topk: int, dtype, device=None, mla: bool = False,
-                page_size: int = 64) -> dict:
+def attn_inputs(
+    n_q: list[int],
+    seq_lens: list[int],
+    heads: int,
+    kv_heads: int,
+    k_dim: int,
+    v_dim: int,
+    topk: int,
+    dtype,
+    device=None,
+    mla: bool = False,
+    page_size: int = 64,
+) -> dict:
     """Keyword arguments of sparse_attn_prefill (minus scale). mla=True makes v_cache the
     leading v_dim columns of k_cache, as the model passes it."""
     tables, pool = paged_tables(seq_lens, page_size, device)
     t = sum(n_q)
     k = torch.randn(pool, page_size, kv_heads, k_dim, device=device).to(dtype)
-    v = k[..., :v_dim] if mla else \
-        torch.randn(pool, page_size, kv_heads, v_dim, device=device).to(dtype)
+    v = (
+        k[..., :v_dim]
+        if mla
+        else torch.randn(pool, page_size, kv_heads, v_dim, device=device).to(dtype)
+    )
     q = torch.randn(t, heads, k_dim, device=device).to(dtype)
     pos = query_positions(n_q, seq_lens, device)
-    return {"q": q, "k_cache": k, "v_cache": v, "block_tables": tables,
-                "cu_seqlens_q": cu_seqlens(n_q, device),
-                "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                "indices": causal_indices(pos, topk)}
+    return {
+        "q": q,
+        "k_cache": k,
+        "v_cache": v,
+        "block_tables": tables,
+        "cu_seqlens_q": cu_seqlens(n_q, device),
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        "indices": causal_indices(pos, topk),
+    }

@@ -29,8 +29,10 @@ def corpus_text() -> str:
     if len(text) < MIN_CHARS:
         text = _stdlib_docstrings()
     if len(text) < MIN_CHARS:
-        raise RuntimeError(f"found only {len(text)} characters of offline text in this Python "
-                           "installation (pydoc_data and the stdlib sources are missing)")
+        raise RuntimeError(
+            f"found only {len(text)} characters of offline text in this Python "
+            "installation (pydoc_data and the stdlib sources are missing)"
+        )
     return text
 
 
@@ -71,7 +73,7 @@ def document(rng: random.Random, num_chars: int) -> str:
     start = 0 if start < 0 else start + 2
     out = []
     while num_chars > 0:
-        piece = text[start:start + num_chars]
+        piece = text[start : start + num_chars]
         out.append(piece)
         num_chars -= len(piece)
         start = 0

@@ -59,24 +59,46 @@ def _args(parser) -> None:
     g = parser.add_argument_group("IndexCache load test")
     g.add_argument("--scenario", choices=SCENARIOS, default="smoke")
     g.add_argument("--duration", type=float, default=60.0, help="seconds of load")
-    g.add_argument("--out-dir", default="loadtest-out",
-                   help="where requests.jsonl, metrics.csv and run.json go")
-    g.add_argument("--workload", choices=WORKLOADS, default=None,
-                   help="override the scenario's workload")
+    g.add_argument(
+        "--out-dir",
+        default="loadtest-out",
+        help="where requests.jsonl, metrics.csv and run.json go",
+    )
+    g.add_argument(
+        "--workload", choices=WORKLOADS, default=None, help="override the scenario's workload"
+    )
     g.add_argument("--max-tokens", type=int, default=None, help="output tokens per request")
-    g.add_argument("--doc-tokens", type=int, default=None,
-                   help="largest document prompt in tokens (documents draw from [N/2, N])")
-    g.add_argument("--oversubscribe", type=float, default=1.5,
-                   help="saturate: users at the top step, as a multiple of what the KV pool holds")
+    g.add_argument(
+        "--doc-tokens",
+        type=int,
+        default=None,
+        help="largest document prompt in tokens (documents draw from [N/2, N])",
+    )
+    g.add_argument(
+        "--oversubscribe",
+        type=float,
+        default=1.5,
+        help="saturate: users at the top step, as a multiple of what the KV pool holds",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--api-key", default="", help="Bearer key of the server")
     g.add_argument("--scrape-interval", type=float, default=1.0)
-    g.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="seconds to wait after the load for KV usage to return to zero")
-    g.add_argument("--no-ignore-eos", action="store_true",
-                   help="let requests stop at EOS (default: exactly max_tokens each)")
-    g.add_argument("--no-logprobs", action="store_true",
-                   help="do not ask for logprobs (then tokens with no text send no event)")
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait after the load for KV usage to return to zero",
+    )
+    g.add_argument(
+        "--no-ignore-eos",
+        action="store_true",
+        help="let requests stop at EOS (default: exactly max_tokens each)",
+    )
+    g.add_argument(
+        "--no-logprobs",
+        action="store_true",
+        help="do not ask for logprobs (then tokens with no text send no event)",
+    )
 
 
 @events.init.add_listener
@@ -93,12 +115,21 @@ def _init(environment, **_kw) -> None:
         limit = min(card.max_model_len, sample.kv_capacity_per_replica)
         cpt = server.chars_per_token(host, card.id, key, sample_chars=int(min(2000, limit // 4)))
         STATE.plan = build_plan(
-            opts.scenario, duration_s=opts.duration, model=card.id,
-            max_model_len=card.max_model_len, capacity_tokens=sample.kv_capacity_tokens,
-            capacity_per_replica=sample.kv_capacity_per_replica, chars_per_token=cpt,
-            workload=opts.workload, users=opts.num_users, max_tokens=opts.max_tokens,
-            doc_tokens=opts.doc_tokens, oversubscribe=opts.oversubscribe,
-            ignore_eos=not opts.no_ignore_eos, logprobs=not opts.no_logprobs)
+            opts.scenario,
+            duration_s=opts.duration,
+            model=card.id,
+            max_model_len=card.max_model_len,
+            capacity_tokens=sample.kv_capacity_tokens,
+            capacity_per_replica=sample.kv_capacity_per_replica,
+            chars_per_token=cpt,
+            workload=opts.workload,
+            users=opts.num_users,
+            max_tokens=opts.max_tokens,
+            doc_tokens=opts.doc_tokens,
+            oversubscribe=opts.oversubscribe,
+            ignore_eos=not opts.no_ignore_eos,
+            logprobs=not opts.no_logprobs,
+        )
     except (server.ServerError, ValueError) as e:
         raise SystemExit(f"loadtest: {e}") from e
     if not environment.stop_timeout:
@@ -108,23 +139,43 @@ def _init(environment, **_kw) -> None:
     for name in ("requests.jsonl", "metrics.csv"):
         (STATE.out / name).unlink(missing_ok=True)
     STATE.log_file = open(STATE.out / "requests.jsonl", "a")  # closed at quit
-    STATE.recorder = server.MetricsRecorder(host, STATE.out / "metrics.csv", key,
-                                            opts.scrape_interval)
-    STATE.meta = {"host": host, "model": card.id, "max_model_len": card.max_model_len,
-                  "kv_capacity_tokens": sample.kv_capacity_tokens,
-                  "kv_capacity_per_replica": sample.kv_capacity_per_replica,
-                  "chars_per_token": cpt, "seed": opts.seed, "plan": STATE.plan.to_json()}
+    STATE.recorder = server.MetricsRecorder(
+        host, STATE.out / "metrics.csv", key, opts.scrape_interval
+    )
+    STATE.meta = {
+        "host": host,
+        "model": card.id,
+        "max_model_len": card.max_model_len,
+        "kv_capacity_tokens": sample.kv_capacity_tokens,
+        "kv_capacity_per_replica": sample.kv_capacity_per_replica,
+        "chars_per_token": cpt,
+        "seed": opts.seed,
+        "plan": STATE.plan.to_json(),
+    }
     stages = ", ".join(f"{s.users} users until {s.until_s:.0f}s" for s in STATE.plan.stages)
-    log.info("loadtest %s on %s (KV %d tokens): %s", opts.scenario, card.id,
-             sample.kv_capacity_tokens, stages)
+    log.info(
+        "loadtest %s on %s (KV %d tokens): %s",
+        opts.scenario,
+        card.id,
+        sample.kv_capacity_tokens,
+        stages,
+    )
     _write_meta()
 
 
 def _write_meta() -> None:
-    counts = {"sent": STATE.sent, "completed": STATE.completed, "failed": STATE.failed,
-              "lost": STATE.sent - STATE.completed - STATE.failed}
-    meta = {**STATE.meta, "requests": counts, "load_started": STATE.load_started,
-            "load_stopped": STATE.load_stopped}
+    counts = {
+        "sent": STATE.sent,
+        "completed": STATE.completed,
+        "failed": STATE.failed,
+        "lost": STATE.sent - STATE.completed - STATE.failed,
+    }
+    meta = {
+        **STATE.meta,
+        "requests": counts,
+        "load_started": STATE.load_started,
+        "load_stopped": STATE.load_stopped,
+    }
     (STATE.out / "run.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -144,13 +195,22 @@ def _stop(environment, **_kw) -> None:
     idle, waited = STATE.recorder.drain(environment.parsed_options.drain_timeout)
     STATE.recorder.stop()
     last = STATE.recorder.samples[-1] if STATE.recorder.samples else None
-    STATE.meta["drain"] = {"idle": idle, "seconds": round(waited, 2),
-                           "last_sample": last.as_row() if last else None,
-                           "scrape_errors": STATE.recorder.errors}
+    STATE.meta["drain"] = {
+        "idle": idle,
+        "seconds": round(waited, 2),
+        "last_sample": last.as_row() if last else None,
+        "scrape_errors": STATE.recorder.errors,
+    }
     STATE.log_file.flush()
     _write_meta()
-    log.info("load stopped: %d sent, %d completed, %d failed; server %s after %.1fs",
-             STATE.sent, STATE.completed, STATE.failed, "idle" if idle else "NOT idle", waited)
+    log.info(
+        "load stopped: %d sent, %d completed, %d failed; server %s after %.1fs",
+        STATE.sent,
+        STATE.completed,
+        STATE.failed,
+        "idle" if idle else "NOT idle",
+        waited,
+    )
 
 
 @events.quitting.add_listener
@@ -205,8 +265,14 @@ class OpenAIStreamingUser(HttpUser):
     def _stream(self, req, t0: float):
         stamps: list[tuple[float, int]] = []  # (time, tokens in the event)
         usage, done, error = None, False, None
-        with self.client.post("/v1" + req.path, json=req.body, headers=self.headers,
-                              stream=True, catch_response=True, name=req.workload) as resp:
+        with self.client.post(
+            "/v1" + req.path,
+            json=req.body,
+            headers=self.headers,
+            stream=True,
+            catch_response=True,
+            name=req.workload,
+        ) as resp:
             if resp.status_code != 200:
                 error = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 resp.failure(error)
@@ -244,17 +310,34 @@ class OpenAIStreamingUser(HttpUser):
         ttft = stamps[0][0] - t0
         gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:], strict=False)]
         tpot = (end - t0 - ttft) / (out_tokens - 1) if out_tokens > 1 else None
-        fire(request_type="TTFT", name=workload, response_time=ttft * 1000,
-             response_length=prompt_tokens)
+        fire(
+            request_type="TTFT",
+            name=workload,
+            response_time=ttft * 1000,
+            response_length=prompt_tokens,
+        )
         for g in gaps:
             fire(request_type="ITL", name=workload, response_time=g * 1000, response_length=1)
         if tpot is not None:
-            fire(request_type="TPOT", name=workload, response_time=tpot * 1000,
-                 response_length=out_tokens)
-        fire(request_type="E2E", name=workload, response_time=(end - t0) * 1000,
-             response_length=out_tokens)
-        rec.update(ttft_s=ttft, tpot_s=tpot, prompt_tokens=prompt_tokens,
-                   output_tokens=out_tokens, itl_ms=[round(g * 1000, 3) for g in gaps])
+            fire(
+                request_type="TPOT",
+                name=workload,
+                response_time=tpot * 1000,
+                response_length=out_tokens,
+            )
+        fire(
+            request_type="E2E",
+            name=workload,
+            response_time=(end - t0) * 1000,
+            response_length=out_tokens,
+        )
+        rec.update(
+            ttft_s=ttft,
+            tpot_s=tpot,
+            prompt_tokens=prompt_tokens,
+            output_tokens=out_tokens,
+            itl_ms=[round(g * 1000, 3) for g in gaps],
+        )
 
 
 def _tokens_in(chunk: dict) -> int:

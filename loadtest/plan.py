@@ -55,28 +55,44 @@ class RunPlan:
         return d
 
 
-def saturation_stages(capacity_tokens: float, request_tokens: float, duration_s: float,
-                      oversubscribe: float = 1.5) -> tuple[tuple[Stage, ...], float]:
+def saturation_stages(
+    capacity_tokens: float, request_tokens: float, duration_s: float, oversubscribe: float = 1.5
+) -> tuple[tuple[Stage, ...], float]:
     """Half the pool's worth of users, then a full pool, then `oversubscribe` pools (the second
     half of the run). Returns (stages, requests that fit)."""
     if capacity_tokens <= 0 or request_tokens <= 0:
-        raise ValueError(f"capacity ({capacity_tokens}) and tokens per request "
-                         f"({request_tokens}) must be > 0")
+        raise ValueError(
+            f"capacity ({capacity_tokens}) and tokens per request ({request_tokens}) must be > 0"
+        )
     if oversubscribe <= 1:
         raise ValueError(f"oversubscribe must be > 1 to saturate, got {oversubscribe}")
     fit = capacity_tokens / request_tokens
-    steps = (max(1, math.ceil(fit / 2)), max(1, math.ceil(fit)),
-             max(2, math.ceil(fit * oversubscribe)))
+    steps = (
+        max(1, math.ceil(fit / 2)),
+        max(1, math.ceil(fit)),
+        max(2, math.ceil(fit * oversubscribe)),
+    )
     ends = (0.25 * duration_s, 0.5 * duration_s, duration_s)
     return tuple(Stage(e, u) for e, u in zip(ends, steps, strict=True)), fit
 
 
-def build_plan(scenario: str, *, duration_s: float, model: str, max_model_len: int,
-               capacity_tokens: float, capacity_per_replica: float, chars_per_token: float,
-               workload: str | None = None, users: int | None = None,
-               max_tokens: int | None = None, doc_tokens: int | None = None,
-               oversubscribe: float = 1.5, ignore_eos: bool = True,
-               logprobs: bool = True) -> RunPlan:
+def build_plan(
+    scenario: str,
+    *,
+    duration_s: float,
+    model: str,
+    max_model_len: int,
+    capacity_tokens: float,
+    capacity_per_replica: float,
+    chars_per_token: float,
+    workload: str | None = None,
+    users: int | None = None,
+    max_tokens: int | None = None,
+    doc_tokens: int | None = None,
+    oversubscribe: float = 1.5,
+    ignore_eos: bool = True,
+    logprobs: bool = True,
+) -> RunPlan:
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
     if duration_s <= 0:
@@ -92,15 +108,24 @@ def build_plan(scenario: str, *, duration_s: float, model: str, max_model_len: i
             per_req = capacity_per_replica / SATURATE_FIT - max_tokens
             doc_tokens = max(16, min(longest, int(per_req / 0.75)))  # mean is 3/4 of the top
     elif not 1 <= doc_tokens <= longest:
-        raise ValueError(f"doc_tokens must lie in [1, {longest}] (max_model_len "
-                         f"{max_model_len}, KV pool {capacity_per_replica:.0f} tokens, "
-                         f"max_tokens {max_tokens}), got {doc_tokens}")
-    spec = WorkloadSpec(workload or kind, model, max_tokens,
-                        (max(1, doc_tokens // 2), doc_tokens), chars_per_token,
-                        ignore_eos=ignore_eos, logprobs=logprobs)
+        raise ValueError(
+            f"doc_tokens must lie in [1, {longest}] (max_model_len "
+            f"{max_model_len}, KV pool {capacity_per_replica:.0f} tokens, "
+            f"max_tokens {max_tokens}), got {doc_tokens}"
+        )
+    spec = WorkloadSpec(
+        workload or kind,
+        model,
+        max_tokens,
+        (max(1, doc_tokens // 2), doc_tokens),
+        chars_per_token,
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
+    )
     if scenario == "saturate" and users is None:
-        stages, fit = saturation_stages(capacity_tokens, spec.mean_request_tokens(), duration_s,
-                                        oversubscribe)
+        stages, fit = saturation_stages(
+            capacity_tokens, spec.mean_request_tokens(), duration_s, oversubscribe
+        )
         return RunPlan(scenario, spec, stages, stages[1].until_s, fit)
     n = users or default_users or 1
     sat_from = duration_s / 2 if scenario == "saturate" else None

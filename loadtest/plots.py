@@ -33,17 +33,24 @@ def plot_latency(run, path: Path) -> None:
     ax.scatter(end, [r["e2e_s"] for r in ok], s=8, label="end-to-end", color="tab:blue")
     ax.scatter(end, [r["ttft_s"] for r in ok], s=8, label="TTFT", color="tab:orange")
     if bad:
-        ax.scatter([r["start"] + r["e2e_s"] - t0 for r in bad], [r["e2e_s"] for r in bad],
-                   marker="x", color="tab:red", label="failed")
+        ax.scatter(
+            [r["start"] + r["e2e_s"] - t0 for r in bad],
+            [r["e2e_s"] for r in bad],
+            marker="x",
+            color="tab:red",
+            label="failed",
+        )
     ax.set_ylabel("seconds")
     ax.set_title(f"{run.meta['plan']['scenario']} on {run.meta['model']}: latency per request")
     _shade_saturated(ax, run)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     # Per-request TPOT and the request's worst gap (a preemption shows as a tall spike).
-    tp = [(e, r["tpot_s"] * 1000, max(r["itl_ms"], default=0)) for e, r in zip(end, ok,
-                                                                             strict=True)
-          if r.get("tpot_s") is not None]
+    tp = [
+        (e, r["tpot_s"] * 1000, max(r["itl_ms"], default=0))
+        for e, r in zip(end, ok, strict=True)
+        if r.get("tpot_s") is not None
+    ]
     if tp:
         e, tpot, worst = map(list, zip(*tp, strict=True))
         ax_itl.scatter(e, worst, s=6, color="tab:gray", label="largest ITL of the request")
@@ -68,8 +75,9 @@ def plot_kv(run, path: Path) -> None:
     t0 = run.meta.get("load_started") or 0.0
     m = run.metrics
     t = np.array([x["t"] - t0 for x in m])
-    fig, (ax, ax_q) = plt.subplots(2, 1, figsize=(9, 6), sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax, ax_q) = plt.subplots(
+        2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
     stop = (run.meta.get("load_stopped") or t0) - t0
     for a in (ax, ax_q):
         a.axvline(stop, color="gray", ls="--", lw=1)
@@ -91,8 +99,10 @@ def plot_kv(run, path: Path) -> None:
     ax.text(stop, 0.03, " load stops", fontsize=8, color="gray")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("KV usage (share of pages)")
-    ax.set_title(f"KV pool ({run.meta['kv_capacity_tokens']:.0f} tokens) under "
-                 f"{run.meta['plan']['scenario']} load")
+    ax.set_title(
+        f"KV pool ({run.meta['kv_capacity_tokens']:.0f} tokens) under "
+        f"{run.meta['plan']['scenario']} load"
+    )
     ax.legend(loc="lower center", fontsize=8)
     ax_q.set_ylabel("requests / users")
     ax_q.set_xlabel("seconds since the load started")

@@ -49,11 +49,23 @@ class Run:
         d = Path(run_dir)
         if not (d / "run.json").is_file():
             raise FileNotFoundError(f"{d}/run.json not found: is {d} a load-test output dir?")
-        reqs = [json.loads(line) for line in (d / "requests.jsonl").read_text().splitlines()
-                if line.strip()] if (d / "requests.jsonl").is_file() else []
+        reqs = (
+            [
+                json.loads(line)
+                for line in (d / "requests.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
+            if (d / "requests.jsonl").is_file()
+            else []
+        )
         metrics = [{k: float(v) for k, v in row.items()} for row in _read_csv(d / "metrics.csv")]
-        return cls(json.loads((d / "run.json").read_text()), reqs, metrics,
-                   _read_csv(d / "locust_stats.csv"), _read_csv(d / "locust_stats_history.csv"))
+        return cls(
+            json.loads((d / "run.json").read_text()),
+            reqs,
+            metrics,
+            _read_csv(d / "locust_stats.csv"),
+            _read_csv(d / "locust_stats_history.csv"),
+        )
 
 
 def pcts(values, qs=(50, 90, 99)) -> dict[str, float | None]:
@@ -67,7 +79,9 @@ def _latencies(recs: list[dict], duration: float, slo: SLO) -> dict:
     out_tokens = sum(r.get("output_tokens", 0) for r in ok)
     good = sum(slo.met(r) for r in recs)
     return {
-        "requests": len(recs), "completed": len(ok), "failed": len(recs) - len(ok),
+        "requests": len(recs),
+        "completed": len(ok),
+        "failed": len(recs) - len(ok),
         "ttft_ms": pcts([r["ttft_s"] * 1000 for r in ok]),
         "tpot_ms": pcts([r["tpot_s"] * 1000 for r in ok if r.get("tpot_s") is not None]),
         "itl_ms": pcts(itl),
@@ -76,7 +90,8 @@ def _latencies(recs: list[dict], duration: float, slo: SLO) -> dict:
         "output_tokens": out_tokens,
         "output_tokens_per_s": out_tokens / duration if duration else None,
         "requests_per_s": len(ok) / duration if duration else None,
-        "good_requests": good, "goodput_rps": good / duration if duration else None,
+        "good_requests": good,
+        "goodput_rps": good / duration if duration else None,
         "good_fraction": good / len(recs) if recs else None,
     }
 
@@ -86,20 +101,28 @@ def _kv(metrics: list[dict], start: float, stop: float, sat_from: float | None) 
     if not during:
         return {"samples": 0}
     usage = [m["kv_usage"] for m in during]
-    out = {"samples": len(during), "max": max(usage), "mean": float(np.mean(usage)),
-           "running_max": max(m["running"] for m in during),
-           "waiting_max": max(m["waiting"] for m in during),
-           "preemptions": during[-1]["preemptions"] - metrics[0]["preemptions"],
-           "server_generation_tokens_per_s":
-               (during[-1]["generation_tokens"] - metrics[0]["generation_tokens"])
-               / max(during[-1]["t"] - metrics[0]["t"], 1e-9)}
+    out = {
+        "samples": len(during),
+        "max": max(usage),
+        "mean": float(np.mean(usage)),
+        "running_max": max(m["running"] for m in during),
+        "waiting_max": max(m["waiting"] for m in during),
+        "preemptions": during[-1]["preemptions"] - metrics[0]["preemptions"],
+        "server_generation_tokens_per_s": (
+            during[-1]["generation_tokens"] - metrics[0]["generation_tokens"]
+        )
+        / max(during[-1]["t"] - metrics[0]["t"], 1e-9),
+    }
     if sat_from is not None:
         sat = [m["kv_usage"] for m in during if m["t"] >= start + sat_from]
         if sat:
-            out["saturated"] = {"samples": len(sat), "p50": float(np.median(sat)),
-                                "mean": float(np.mean(sat)), "min": min(sat),
-                                f"share_ge_{KV_SATURATED}": sum(u >= KV_SATURATED for u in sat)
-                                / len(sat)}
+            out["saturated"] = {
+                "samples": len(sat),
+                "p50": float(np.median(sat)),
+                "mean": float(np.mean(sat)),
+                "min": min(sat),
+                f"share_ge_{KV_SATURATED}": sum(u >= KV_SATURATED for u in sat) / len(sat),
+            }
     return out
 
 
@@ -107,22 +130,32 @@ def summarize(run: Run, slo: SLO) -> dict:
     m = run.meta
     start, stop = m.get("load_started") or 0.0, m.get("load_stopped") or 0.0
     duration = max(stop - start, 0.0)
-    per = {w: _latencies([r for r in run.requests if r["workload"] == w], duration, slo)
-           for w in sorted({r["workload"] for r in run.requests})}
+    per = {
+        w: _latencies([r for r in run.requests if r["workload"] == w], duration, slo)
+        for w in sorted({r["workload"] for r in run.requests})
+    }
     locust_posts = sum(int(r["Request Count"]) for r in run.locust_stats if r["Type"] == "POST")
     locust_fails = sum(int(r["Failure Count"]) for r in run.locust_stats if r["Type"] == "POST")
     finished = None
     if len(run.metrics) >= 2:
         finished = run.metrics[-1]["requests_finished"] - run.metrics[0]["requests_finished"]
     return {
-        "scenario": m["plan"]["scenario"], "model": m["model"], "host": m["host"],
-        "max_model_len": m["max_model_len"], "kv_capacity_tokens": m["kv_capacity_tokens"],
-        "stages": m["plan"]["stages"], "requests_fit": m["plan"].get("requests_fit"),
-        "workload": m["plan"]["workload"], "duration_s": duration,
+        "scenario": m["plan"]["scenario"],
+        "model": m["model"],
+        "host": m["host"],
+        "max_model_len": m["max_model_len"],
+        "kv_capacity_tokens": m["kv_capacity_tokens"],
+        "stages": m["plan"]["stages"],
+        "requests_fit": m["plan"].get("requests_fit"),
+        "workload": m["plan"]["workload"],
+        "duration_s": duration,
         "slo": {"ttft_ms": slo.ttft_ms, "itl_ms": slo.itl_ms, "e2e_ms": slo.e2e_ms},
-        "requests": m["requests"], "server_requests_finished": finished,
-        "locust_posts": locust_posts, "locust_failures": locust_fails,
-        "overall": _latencies(run.requests, duration, slo), "by_workload": per,
+        "requests": m["requests"],
+        "server_requests_finished": finished,
+        "locust_posts": locust_posts,
+        "locust_failures": locust_fails,
+        "overall": _latencies(run.requests, duration, slo),
+        "by_workload": per,
         "errors": dict(Counter(r["error"][:160] for r in run.requests if "error" in r)),
         "kv": _kv(run.metrics, start, stop, m["plan"].get("saturated_from_s")),
         "drain": m.get("drain"),
@@ -136,47 +169,66 @@ def _f(v, digits=0) -> str:
 def markdown(s: dict) -> str:
     w, req, kv = s["workload"], s["requests"], s["kv"]
     stages = ", ".join(f"{st['users']} users to {st['until_s']:.0f} s" for st in s["stages"])
-    slo = ", ".join(f"{k.removesuffix('_ms').upper()} <= {v:g} ms" for k, v in s["slo"].items()
-                    if v) or "none"
+    slo = (
+        ", ".join(f"{k.removesuffix('_ms').upper()} <= {v:g} ms" for k, v in s["slo"].items() if v)
+        or "none"
+    )
     lines = [
-        f"# Load test: {s['scenario']} on `{s['model']}`", "",
+        f"# Load test: {s['scenario']} on `{s['model']}`",
+        "",
         f"- load: {stages} ({s['duration_s']:.0f} s); workload `{w['kind']}`, "
         f"{w['max_tokens']} output tokens per request"
-        + ("" if w["kind"] == "chat" else
-           f", documents of {w['doc_tokens'][0]}-{w['doc_tokens'][1]} prompt tokens"),
+        + (
+            ""
+            if w["kind"] == "chat"
+            else f", documents of {w['doc_tokens'][0]}-{w['doc_tokens'][1]} prompt tokens"
+        ),
         f"- server: max_model_len {s['max_model_len']}, KV capacity "
         f"{s['kv_capacity_tokens']:.0f} tokens"
         + (f" (~{s['requests_fit']:.1f} requests)" if s.get("requests_fit") else ""),
         f"- requests: {req['sent']} sent, {req['completed']} completed, {req['failed']} failed, "
         f"{req['lost']} lost; server finished {_f(s['server_requests_finished'])}; Locust POSTs "
         f"{s['locust_posts']} ({s['locust_failures']} failed)",
-        f"- SLOs for goodput: {slo}", "",
+        f"- SLOs for goodput: {slo}",
+        "",
         "| workload | requests | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms "
         "| E2E p50/p90/p99 ms | output tok/s | req/s | goodput req/s (share) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = [*s["by_workload"].items(), ("all", s["overall"])] if len(s["by_workload"]) > 1 \
+    rows = (
+        [*s["by_workload"].items(), ("all", s["overall"])]
+        if len(s["by_workload"]) > 1
         else [("all", s["overall"])]
+    )
     for name, r in rows:
         tri = lambda d: "/".join(_f(d[k], 1) for k in ("p50", "p90", "p99"))  # noqa: E731
         lines.append(
             f"| {name} | {r['completed']}/{r['requests']} | {tri(r['ttft_ms'])} | "
             f"{tri(r['tpot_ms'])} | {tri(r['itl_ms'])} | {tri(r['e2e_ms'])} | "
             f"{_f(r['output_tokens_per_s'], 1)} | {_f(r['requests_per_s'], 2)} | "
-            f"{_f(r['goodput_rps'], 2)} ({_f((r['good_fraction'] or 0) * 100, 0)}%) |")
-    lines += ["", "| KV usage max | KV usage mean | running max | waiting max | preemptions "
-              "| server gen tok/s | saturated KV p50 | saturated share >= 0.9 |",
-              "|---|---|---|---|---|---|---|---|"]
+            f"{_f(r['goodput_rps'], 2)} ({_f((r['good_fraction'] or 0) * 100, 0)}%) |"
+        )
+    lines += [
+        "",
+        "| KV usage max | KV usage mean | running max | waiting max | preemptions "
+        "| server gen tok/s | saturated KV p50 | saturated share >= 0.9 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     sat = kv.get("saturated", {})
-    lines.append(f"| {_f(kv.get('max'), 3)} | {_f(kv.get('mean'), 3)} | "
-                 f"{_f(kv.get('running_max'))} | {_f(kv.get('waiting_max'))} | "
-                 f"{_f(kv.get('preemptions'))} | {_f(kv.get('server_generation_tokens_per_s'), 1)}"
-                 f" | {_f(sat.get('p50'), 3)} | {_f(sat.get(f'share_ge_{KV_SATURATED}'), 2)} |")
+    lines.append(
+        f"| {_f(kv.get('max'), 3)} | {_f(kv.get('mean'), 3)} | "
+        f"{_f(kv.get('running_max'))} | {_f(kv.get('waiting_max'))} | "
+        f"{_f(kv.get('preemptions'))} | {_f(kv.get('server_generation_tokens_per_s'), 1)}"
+        f" | {_f(sat.get('p50'), 3)} | {_f(sat.get(f'share_ge_{KV_SATURATED}'), 2)} |"
+    )
     d = s.get("drain") or {}
     last = d.get("last_sample") or {}
-    lines += ["", f"After the load: server {'idle' if d.get('idle') else 'NOT idle'} after "
-              f"{_f(d.get('seconds'), 1)} s (KV usage {_f(last.get('kv_usage'), 3)}, running "
-              f"{_f(last.get('running'))}, waiting {_f(last.get('waiting'))})."]
+    lines += [
+        "",
+        f"After the load: server {'idle' if d.get('idle') else 'NOT idle'} after "
+        f"{_f(d.get('seconds'), 1)} s (KV usage {_f(last.get('kv_usage'), 3)}, running "
+        f"{_f(last.get('running'))}, waiting {_f(last.get('waiting'))}).",
+    ]
     if s["errors"]:
         lines += ["", "| error | count |", "|---|---|"]
         lines += [f"| {e} | {n} |" for e, n in sorted(s["errors"].items(), key=lambda x: -x[1])]
@@ -198,8 +250,9 @@ def write_report(run_dir: str | Path, slo: SLO | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.report",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.report", description=__doc__.split("\n")[0]
+    )
     p.add_argument("run_dir")
     add_slo_args(p)
     args = p.parse_args(argv)

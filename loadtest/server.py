@@ -57,8 +57,9 @@ def model_info(host: str, api_key: str | None = None) -> ModelInfo:
     return ModelInfo(card["id"], int(card["max_model_len"]))
 
 
-def chars_per_token(host: str, model: str, api_key: str | None = None,
-                    sample_chars: int = 2000) -> float:
+def chars_per_token(
+    host: str, model: str, api_key: str | None = None, sample_chars: int = 2000
+) -> float:
     """Characters of corpus text per prompt token, from the usage of one 1-token completion."""
     text = corpus.corpus_text()[:sample_chars]
     body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0}
@@ -86,13 +87,20 @@ def parse_metrics(text: str, t: float) -> MetricsSample:
     usage: dict[tuple, float] = {}
     cap: dict[tuple, float] = {}
     smallest = float("inf")  # a prompt must fit every pool it passes through
-    sums = {"running": 0.0, "waiting": 0.0, "preemptions": 0.0, "generation_tokens": 0.0,
-            "requests_finished": 0.0}
-    names = {"indexcache_num_requests_running": "running",
-             "indexcache_num_requests_waiting": "waiting",
-             "indexcache_num_preemptions_total": "preemptions",
-             "indexcache_generation_tokens_total": "generation_tokens",
-             "indexcache_e2e_request_latency_seconds_count": "requests_finished"}
+    sums = {
+        "running": 0.0,
+        "waiting": 0.0,
+        "preemptions": 0.0,
+        "generation_tokens": 0.0,
+        "requests_finished": 0.0,
+    }
+    names = {
+        "indexcache_num_requests_running": "running",
+        "indexcache_num_requests_waiting": "waiting",
+        "indexcache_num_preemptions_total": "preemptions",
+        "indexcache_generation_tokens_total": "generation_tokens",
+        "indexcache_e2e_request_latency_seconds_count": "requests_finished",
+    }
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             key = (s.labels.get("role"), s.labels.get("replica"))
@@ -117,8 +125,9 @@ def scrape(host: str, api_key: str | None = None, timeout: float = 10) -> Metric
     return parse_metrics(text, time.time())
 
 
-def wait_for_capacity(host: str, api_key: str | None = None,
-                      timeout_s: float = 60) -> MetricsSample:
+def wait_for_capacity(
+    host: str, api_key: str | None = None, timeout_s: float = 60
+) -> MetricsSample:
     """The first scrape that reports KV capacity (engine replicas publish metrics periodically,
     so a freshly started app may not have them yet)."""
     deadline = time.monotonic() + timeout_s
@@ -127,8 +136,10 @@ def wait_for_capacity(host: str, api_key: str | None = None,
         if sample.kv_capacity_tokens > 0:
             return sample
         if time.monotonic() > deadline:
-            raise ServerError(f"{host}/metrics reports no indexcache_kv_cache_capacity_tokens "
-                              f"after {timeout_s:.0f}s")
+            raise ServerError(
+                f"{host}/metrics reports no indexcache_kv_cache_capacity_tokens "
+                f"after {timeout_s:.0f}s"
+            )
         time.sleep(0.5)
 
 

@@ -23,15 +23,22 @@ class SLO:
         """Whether one request record (requests.jsonl) completed within every bound."""
         if "error" in rec:
             return False
-        checks = ((self.ttft_ms, rec.get("ttft_s")), (self.itl_ms, rec.get("tpot_s") or 0.0),
-                  (self.e2e_ms, rec.get("e2e_s")))
+        checks = (
+            (self.ttft_ms, rec.get("ttft_s")),
+            (self.itl_ms, rec.get("tpot_s") or 0.0),
+            (self.e2e_ms, rec.get("e2e_s")),
+        )
         return all(not slo or (v is not None and v * 1000 <= slo) for slo, v in checks)
 
 
 def add_slo_args(p) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=0.0, help="goodput: TTFT bound (0: none)")
-    p.add_argument("--slo-itl-ms", type=float, default=0.0,
-                   help="goodput: bound on each request's mean inter-token latency (TPOT)")
+    p.add_argument(
+        "--slo-itl-ms",
+        type=float,
+        default=0.0,
+        help="goodput: bound on each request's mean inter-token latency (TPOT)",
+    )
     p.add_argument("--slo-e2e-ms", type=float, default=0.0, help="goodput: end-to-end bound")
 
 

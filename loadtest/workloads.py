@@ -65,8 +65,13 @@ class RequestSpec:
 
 
 def _common(spec: WorkloadSpec) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": spec.model, "max_tokens": spec.max_tokens, "stream": True,
-                            "stream_options": {"include_usage": True}, "temperature": 0}
+    body: dict[str, Any] = {
+        "model": spec.model,
+        "max_tokens": spec.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+    }
     if spec.ignore_eos:
         body["ignore_eos"] = True
     return body
@@ -74,8 +79,15 @@ def _common(spec: WorkloadSpec) -> dict[str, Any]:
 
 def chat_request(spec: WorkloadSpec, rng: random.Random) -> RequestSpec:
     sentence = rng.choice(corpus.sentences())
-    ask = rng.choice(("Explain this in simple terms", "Give an example of", "What follows from",
-                      "Rephrase", "Is this correct"))
+    ask = rng.choice(
+        (
+            "Explain this in simple terms",
+            "Give an example of",
+            "What follows from",
+            "Rephrase",
+            "Is this correct",
+        )
+    )
     body = _common(spec)
     body["messages"] = [{"role": "user", "content": f"{ask}: {sentence}"[:CHAT_PROMPT_CHARS]}]
     if spec.logprobs:
@@ -105,6 +117,7 @@ def max_doc_tokens(max_model_len: int, capacity_tokens: int | None, max_tokens: 
     limit = max_model_len if not capacity_tokens else min(max_model_len, capacity_tokens)
     n = limit - max_tokens - 1
     if n < 1:
-        raise ValueError(f"max_tokens={max_tokens} leaves no room for a prompt within "
-                         f"{limit} tokens")
+        raise ValueError(
+            f"max_tokens={max_tokens} leaves no room for a prompt within {limit} tokens"
+        )
     return n

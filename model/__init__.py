@@ -8,5 +8,16 @@ from model.kv_cache import KVCache, KVLayout
 from model.loader import load_model
 from model.tiny import make_tiny, tiny_config
 
-__all__ = ["DSAForCausalLM", "ForwardContext", "IndexCacheConfig", "KVCache", "KVLayout",
-           "ModelConfig", "RopeConfig", "load_model", "make_tiny", "scratch_context", "tiny_config"]
+__all__ = [
+    "DSAForCausalLM",
+    "ForwardContext",
+    "IndexCacheConfig",
+    "KVCache",
+    "KVLayout",
+    "ModelConfig",
+    "RopeConfig",
+    "load_model",
+    "make_tiny",
+    "scratch_context",
+    "tiny_config",
+]

@@ -35,7 +35,8 @@ class RopeConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
-        # transformers 5 writes `rope_parameters`; released checkpoints carry rope_theta + rope_scaling.
+        # transformers 5 writes `rope_parameters`; released checkpoints carry rope_theta and
+        # rope_scaling.
         params = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or {}
         params = {**scaling, **params}
@@ -49,13 +50,18 @@ class RopeConfig:
         orig = params["original_max_position_embeddings"]
         if factor is None:
             factor = cfg["max_position_embeddings"] / orig
-        return cls(theta=float(theta), kind="yarn", factor=float(factor),
-                   original_max_position_embeddings=int(orig),
-                   beta_fast=float(params.get("beta_fast") or 32),
-                   beta_slow=float(params.get("beta_slow") or 1),
-                   mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
-                   attention_factor=params.get("attention_factor"),
-                   truncate=bool(params.get("truncate", True)))
+        return cls(
+            theta=float(theta),
+            kind="yarn",
+            factor=float(factor),
+            original_max_position_embeddings=int(orig),
+            beta_fast=float(params.get("beta_fast") or 32),
+            beta_slow=float(params.get("beta_slow") or 1),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+        )
 
     @staticmethod
     def _mscale(scale: float, m: float = 1.0) -> float:
@@ -69,13 +75,14 @@ class RopeConfig:
         if self.attention_factor is not None:
             return float(self.attention_factor)
         if self.mscale and self.mscale_all_dim:
-            return self._mscale(self.factor, self.mscale) / self._mscale(self.factor,
-                                                                         self.mscale_all_dim)
+            return self._mscale(self.factor, self.mscale) / self._mscale(
+                self.factor, self.mscale_all_dim
+            )
         return self._mscale(self.factor)
 
     @property
     def softmax_mscale(self) -> float:
-        """Extra factor on the attention softmax scale (DeepSeek YaRN: mscale(factor, all_dim)^2)."""
+        """Extra factor on the softmax scale (DeepSeek YaRN: mscale(factor, all_dim)^2)."""
         if self.kind != "yarn" or not self.mscale_all_dim:
             return 1.0
         return self._mscale(self.factor, self.mscale_all_dim) ** 2
@@ -142,7 +149,7 @@ class ModelConfig:
     @property
     def softmax_scale(self) -> float:
         """MLA: the original qk head dim (not 576), times YaRN's mscale^2 (dsa.md 2.2)."""
-        return self.qk_head_dim ** -0.5 * (self.rope.softmax_mscale if self.is_mla else 1.0)
+        return self.qk_head_dim**-0.5 * (self.rope.softmax_mscale if self.is_mla else 1.0)
 
     @property
     def attn_rope_dim(self) -> int:
@@ -159,29 +166,39 @@ class ModelConfig:
             raise ValueError(f"unknown model_type {mt!r}; supported: {', '.join(FAMILIES)}")
         n = int(cfg["num_hidden_layers"])
         common = dict(
-            model_type=mt, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            num_hidden_layers=n, num_attention_heads=cfg["num_attention_heads"],
+            model_type=mt,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            num_hidden_layers=n,
+            num_attention_heads=cfg["num_attention_heads"],
             num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            intermediate_size=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=cfg["max_position_embeddings"], rope=RopeConfig.from_hf(cfg),
+            intermediate_size=cfg["intermediate_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg["max_position_embeddings"],
+            rope=RopeConfig.from_hf(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
-            index_n_heads=cfg["index_n_heads"], index_head_dim=cfg["index_head_dim"],
-            index_topk=cfg["index_topk"], bos_token_id=cfg.get("bos_token_id"),
+            index_n_heads=cfg["index_n_heads"],
+            index_head_dim=cfg["index_head_dim"],
+            index_topk=cfg["index_topk"],
+            bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=_as_tuple(cfg.get("eos_token_id")),
             index_cache=IndexCacheConfig.from_hf(cfg, n),
             quantization=_parse_quant(cfg.get("quantization_config")),
         )
         if mt == "dsa_llama":
             head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-            return cls(**common, head_dim=head_dim,
-                       index_rope_head_dim=cfg.get("index_rope_head_dim",
-                                                   cfg["index_head_dim"] // 2),
-                       indexer_rope_interleave=bool(cfg.get("indexer_rope_interleave", False)),
-                       mlp_layer_types=("dense",) * n)
+            return cls(
+                **common,
+                head_dim=head_dim,
+                index_rope_head_dim=cfg.get("index_rope_head_dim", cfg["index_head_dim"] // 2),
+                indexer_rope_interleave=bool(cfg.get("indexer_rope_interleave", False)),
+                mlp_layer_types=("dense",) * n,
+            )
         first_dense = cfg.get("first_k_dense_replace", 0)
         mlp_types = cfg.get("mlp_layer_types") or (
-            ["dense"] * min(first_dense, n) + ["sparse"] * max(n - first_dense, 0))
+            ["dense"] * min(first_dense, n) + ["sparse"] * max(n - first_dense, 0)
+        )
         if cfg.get("n_routed_experts") in (None, 0):
             mlp_types = ["dense"] * n
         # transformers' GLM indexer always rotates interleaved pairs; DeepSeek-V3.2's uses NeoX
@@ -189,16 +206,20 @@ class ModelConfig:
         default_interleave = mt == "glm_moe_dsa"
         return cls(
             **common,
-            q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
-            qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
-            v_head_dim=cfg["v_head_dim"], rope_interleave=bool(cfg.get("rope_interleave", True)),
+            q_lora_rank=cfg.get("q_lora_rank"),
+            kv_lora_rank=cfg["kv_lora_rank"],
+            qk_nope_head_dim=cfg["qk_nope_head_dim"],
+            qk_rope_head_dim=cfg["qk_rope_head_dim"],
+            v_head_dim=cfg["v_head_dim"],
+            rope_interleave=bool(cfg.get("rope_interleave", True)),
             index_rope_head_dim=cfg["qk_rope_head_dim"],
             indexer_rope_interleave=bool(cfg.get("indexer_rope_interleave", default_interleave)),
             n_routed_experts=cfg.get("n_routed_experts") or 0,
             num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
             n_shared_experts=cfg.get("n_shared_experts") or 0,
             moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
-            n_group=cfg.get("n_group") or 1, topk_group=cfg.get("topk_group") or 1,
+            n_group=cfg.get("n_group") or 1,
+            topk_group=cfg.get("topk_group") or 1,
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
             mlp_layer_types=tuple(mlp_types),
@@ -222,7 +243,9 @@ def _parse_quant(q: dict | None) -> Fp8Quant | None:
     if not q:
         return None
     if q.get("quant_method") != "fp8":
-        raise ValueError(f"quantization_config.quant_method {q.get('quant_method')!r} is not "
-                         "supported (fp8 with block scales)")
+        raise ValueError(
+            f"quantization_config.quant_method {q.get('quant_method')!r} is not "
+            "supported (fp8 with block scales)"
+        )
     block = tuple(q.get("weight_block_size") or (128, 128))
     return Fp8Quant(block=(int(block[0]), int(block[1])))

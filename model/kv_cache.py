@@ -33,17 +33,32 @@ class KVLayout:
     page_size: int = PAGE_SIZE
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, plan: IndexCacheConfig, dtype: torch.dtype,
-                  index_fp8: bool = False, page_size: int = PAGE_SIZE) -> KVLayout:
+    def for_model(
+        cls,
+        cfg: ModelConfig,
+        plan: IndexCacheConfig,
+        dtype: torch.dtype,
+        index_fp8: bool = False,
+        page_size: int = PAGE_SIZE,
+    ) -> KVLayout:
         if cfg.is_mla:
             kind, heads = "mla", 1
             k_dim, v_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
         else:
             kind, heads, k_dim, v_dim = "gqa", cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim
-        return cls(num_layers=cfg.num_hidden_layers, attn_kind=kind, kv_heads=heads, k_dim=k_dim,
-                   v_dim=v_dim, index_layers=plan.full_layers, index_head_dim=cfg.index_head_dim,
-                   index_fp8=index_fp8, dtype=str(dtype).removeprefix("torch."),
-                   plan_id=plan.plan_id, page_size=page_size)
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            attn_kind=kind,
+            kv_heads=heads,
+            k_dim=k_dim,
+            v_dim=v_dim,
+            index_layers=plan.full_layers,
+            index_head_dim=cfg.index_head_dim,
+            index_fp8=index_fp8,
+            dtype=str(dtype).removeprefix("torch."),
+            plan_id=plan.plan_id,
+            page_size=page_size,
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -96,14 +111,20 @@ class KVCache:
         p, ps, h = num_blocks, layout.page_size, layout.kv_heads
         dt = layout.torch_dtype
         if layout.attn_kind == "mla":
-            self.k = [torch.zeros(p, ps, 1, layout.k_dim, dtype=dt, device=device)
-                      for _ in range(layout.num_layers)]
+            self.k = [
+                torch.zeros(p, ps, 1, layout.k_dim, dtype=dt, device=device)
+                for _ in range(layout.num_layers)
+            ]
             self.v = [k[..., : layout.v_dim] for k in self.k]  # the latent is the value
         else:
-            self.k = [torch.zeros(p, ps, h, layout.k_dim, dtype=dt, device=device)
-                      for _ in range(layout.num_layers)]
-            self.v = [torch.zeros(p, ps, h, layout.v_dim, dtype=dt, device=device)
-                      for _ in range(layout.num_layers)]
+            self.k = [
+                torch.zeros(p, ps, h, layout.k_dim, dtype=dt, device=device)
+                for _ in range(layout.num_layers)
+            ]
+            self.v = [
+                torch.zeros(p, ps, h, layout.v_dim, dtype=dt, device=device)
+                for _ in range(layout.num_layers)
+            ]
         idx_dt = torch.float8_e4m3fn if layout.index_fp8 else dt
         self.index_k: list[torch.Tensor | None] = [None] * layout.num_layers
         self.index_scale: list[torch.Tensor | None] = [None] * layout.num_layers

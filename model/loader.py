@@ -24,7 +24,9 @@ from model.dsa import DSAForCausalLM
 from model.index_cache import IndexCacheConfig
 
 # Kept in fp32 whatever the load dtype: routing and indexer head weights decide discrete choices.
-FP32_PARAMS = re.compile(r"(indexer\.weights_proj\.weight|mlp\.gate\.weight|e_score_correction_bias)$")
+FP32_PARAMS = re.compile(
+    r"(indexer\.weights_proj\.weight|mlp\.gate\.weight|e_score_correction_bias)$"
+)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -73,8 +75,9 @@ def _plan_sources(model: DSAForCausalLM, headers: dict) -> tuple[list[_Src], dic
             continue  # MTP / next-token-prediction layers
         if m and ".indexer." in key and not model.plan.is_full(int(m.group(1))):
             continue  # S layer under this plan: its indexer is neither built nor loaded
-        if key.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings
-                                                   and key == "lm_head.weight"):
+        if key.endswith("rotary_emb.inv_freq") or (
+            cfg.tie_word_embeddings and key == "lm_head.weight"
+        ):
             continue
         if key.endswith("_scale_inv"):
             scales[key] = key.removesuffix("_scale_inv")
@@ -117,14 +120,21 @@ def _check(model: DSAForCausalLM, sources: list[_Src], scales: dict[str, str]):
             missing.append(name)
     weights = {s.key for s in sources}
     orphan_scales = sorted(k for k, w in scales.items() if w not in weights and _kept(w, model))
-    fp8_unscaled = sorted(s.key for s in sources
-                          if s.dtype.startswith("F8") and s.key + "_scale_inv" not in scales)
+    fp8_unscaled = sorted(
+        s.key for s in sources if s.dtype.startswith("F8") and s.key + "_scale_inv" not in scales
+    )
     problems = []
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("wrong shape", bad_shape), ("scale without weight", orphan_scales),
-                         ("fp8 weight without weight_scale_inv", fp8_unscaled)):
+    for title, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", bad_shape),
+        ("scale without weight", orphan_scales),
+        ("fp8 weight without weight_scale_inv", fp8_unscaled),
+    ):
         if items:
-            shown = ", ".join(items[:20]) + (f" ... (+{len(items) - 20} more)" if len(items) > 20 else "")
+            shown = ", ".join(items[:20]) + (
+                f" ... (+{len(items) - 20} more)" if len(items) > 20 else ""
+            )
             problems.append(f"{title} ({len(items)}): {shown}")
     if problems:
         raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
@@ -145,9 +155,12 @@ def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
     return w.float() * s
 
 
-def load_model(path: str | Path, index_cache: IndexCacheConfig | str | None = None,
-               dtype: torch.dtype = torch.bfloat16,
-               device: torch.device | str = "cpu") -> DSAForCausalLM:
+def load_model(
+    path: str | Path,
+    index_cache: IndexCacheConfig | str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> DSAForCausalLM:
     """`index_cache`: an IndexCacheConfig, a pattern such as "FSSF...", or None for the
     checkpoint's own plan. Applying a plan to an all-F checkpoint is the training-free use."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):

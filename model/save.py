@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 _PACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-def hf_state_dict(model: torch.nn.Module, tie_word_embeddings: bool = False) -> dict[str, torch.Tensor]:
+def hf_state_dict(
+    model: torch.nn.Module, tie_word_embeddings: bool = False
+) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in model.state_dict().items():
         if tie_word_embeddings and name == "lm_head.weight":
@@ -33,13 +35,20 @@ def hf_state_dict(model: torch.nn.Module, tie_word_embeddings: bool = False) -> 
     return out
 
 
-def save_checkpoint(model: torch.nn.Module, hf_config: dict, out: str | Path,
-                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    model: torch.nn.Module,
+    hf_config: dict,
+    out: str | Path,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """`tensors` overrides the model's state dict (e.g. FP8 weights with their scales)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    sd = tensors if tensors is not None else hf_state_dict(
-        model, bool(hf_config.get("tie_word_embeddings")))
+    sd = (
+        tensors
+        if tensors is not None
+        else hf_state_dict(model, bool(hf_config.get("tie_word_embeddings")))
+    )
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -12,8 +12,14 @@ from tokenizers import Tokenizer as HFTokenizer
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, chat_template: str | None, eos_token_ids: tuple[int, ...],
-                 bos_token: str | None = None, eos_token: str | None = None):
+    def __init__(
+        self,
+        tok: HFTokenizer,
+        chat_template: str | None,
+        eos_token_ids: tuple[int, ...],
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ):
         self.tok = tok
         self.chat_template = chat_template
         self.eos_token_ids = eos_token_ids
@@ -40,9 +46,17 @@ class Tokenizer:
         eos = eos.get("content") if isinstance(eos, dict) else eos
         bos = cfg.get("bos_token")
         bos = bos.get("content") if isinstance(bos, dict) else bos
-        model_cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        model_cfg = (
+            json.loads((path / "config.json").read_text())
+            if (path / "config.json").is_file()
+            else {}
+        )
         eos_ids = model_cfg.get("eos_token_id")
-        eos_ids = tuple(eos_ids) if isinstance(eos_ids, list) else ((eos_ids,) if eos_ids is not None else ())
+        eos_ids = (
+            tuple(eos_ids)
+            if isinstance(eos_ids, list)
+            else ((eos_ids,) if eos_ids is not None else ())
+        )
         if not eos_ids and eos is not None and tok.token_to_id(eos) is not None:
             eos_ids = (tok.token_to_id(eos),)
         return cls(tok, template, eos_ids, bos, eos)
@@ -60,8 +74,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions with a prompt")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
 
 
 def _raise(msg: str):

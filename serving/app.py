@@ -34,10 +34,17 @@ _CLASSES = {"unified": UnifiedServer, "prefill": PrefillServer, "decode": Decode
 def engine_spec(config: ServingConfig, role: str) -> EngineSpec:
     g = config.group(role)
     return EngineSpec(
-        app_name=config.app_name, model_path=config.model, model_name=config.model_name,
-        role=role, engine_kwargs=g.engine.engine_kwargs(), index_cache=config.index_cache,
-        kv_backend=config.kv_transfer.backend, tensor_transport=config.kv_transfer.tensor_transport,
-        kv_timeout_s=config.kv_transfer.timeout_s, metrics_interval_s=config.metrics_interval_s)
+        app_name=config.app_name,
+        model_path=config.model,
+        model_name=config.model_name,
+        role=role,
+        engine_kwargs=g.engine.engine_kwargs(),
+        index_cache=config.index_cache,
+        kv_backend=config.kv_transfer.backend,
+        tensor_transport=config.kv_transfer.tensor_transport,
+        kv_timeout_s=config.kv_transfer.timeout_s,
+        metrics_interval_s=config.metrics_interval_s,
+    )
 
 
 @functools.cache
@@ -96,10 +103,12 @@ def build_app(config: ServingConfig) -> serve.Application:
     # update of the engine deployments (reconfigured in place), with no ingress redeploy.
     args = config.model_dump(mode="json", exclude={"plans"})
     ingress = OpenAIIngress.options(
-        name="OpenAIIngress", num_replicas=ic.num_replicas,
+        name="OpenAIIngress",
+        num_replicas=ic.num_replicas,
         ray_actor_options={"num_cpus": ic.num_cpus},
         # The ingress only waits on engines; its own limit answers 429 before Serve queues.
-        max_ongoing_requests=ic.max_concurrent_requests + 16)
+        max_ongoing_requests=ic.max_concurrent_requests + 16,
+    )
     return _pin(ingress, _version(args)).bind(args, **engines)
 
 
@@ -107,6 +116,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """`serve run serving.app:app_builder config=serving.yaml` or inline config fields."""
     args = dict(args)
     path = args.pop("config", None)
-    config = (ServingConfig.from_yaml(path, **args) if path is not None
-              else ServingConfig.model_validate(args))
+    config = (
+        ServingConfig.from_yaml(path, **args)
+        if path is not None
+        else ServingConfig.model_validate(args)
+    )
     return build_app(config)

@@ -33,18 +33,22 @@ class _Strict(BaseModel):
 
 class EngineArgs(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="weight and activation dtype")
+        "float32", description="weight and activation dtype"
+    )
     device: str = Field("cpu", description="torch device of the engine: cpu, cuda, cuda:N")
     max_num_seqs: int = Field(64, ge=1, description="sequences admitted to a batch at once")
-    max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step "
-                                        "(the chunked-prefill chunk size)")
-    max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens; "
-                                      "None = the model's max_position_embeddings")
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="token budget of one step (the chunked-prefill chunk size)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="prompt + output tokens; None = the model's max_position_embeddings"
+    )
     num_blocks: int | None = Field(None, ge=1, description="KV pages (overrides kv_memory_bytes)")
     kv_memory_bytes: int | None = Field(None, ge=1, description="KV pool byte budget")
     index_fp8: bool = Field(False, description="store indexer keys as FP8 e4m3 + scales")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of free GPU "
-                                          "memory the default KV budget may take")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of free GPU memory the default KV budget may take"
+    )
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for LLMEngine.from_pretrained (dtype stays a string here)."""
@@ -59,15 +63,22 @@ class AutoscalingArgs(_Strict):
     initial_replicas: int | None = Field(None, ge=0)
     # Prefill pool targets (per replica).
     target_queued_prompt_tokens: float = Field(
-        4096, gt=0, description="prefill: prompt tokens waiting per replica at which to scale up")
+        4096, gt=0, description="prefill: prompt tokens waiting per replica at which to scale up"
+    )
     target_prefill_latency_s: float = Field(
-        2.0, gt=0, description="prefill: p90 replica time to first token to hold")
+        2.0, gt=0, description="prefill: p90 replica time to first token to hold"
+    )
     # Decode pool targets (per replica).
     target_kv_usage: float = Field(0.8, gt=0, le=1, description="decode: KV-cache usage to hold")
-    target_running_seqs: float = Field(48, gt=0, description="decode: running sequences per "
-                                       "replica to hold")
-    downscale_ratio: float = Field(0.5, gt=0, lt=1, description="hysteresis: scale down only "
-                                   "when load falls below this share of the target")
+    target_running_seqs: float = Field(
+        48, gt=0, description="decode: running sequences per replica to hold"
+    )
+    downscale_ratio: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="hysteresis: scale down only when load falls below this share of the target",
+    )
     upscale_cooldown_s: float = Field(10.0, ge=0)
     downscale_cooldown_s: float = Field(120.0, ge=0)
     metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report signals")
@@ -76,22 +87,28 @@ class AutoscalingArgs(_Strict):
     @model_validator(mode="after")
     def _bounds(self):
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas "
-                             f"({self.max_replicas})")
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
+            )
         if self.initial_replicas is not None and not (
-                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
             raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
         return self
 
 
 class ReplicaGroupConfig(_Strict):
     num_replicas: int = Field(1, ge=1, description="fixed replica count (without autoscaling)")
-    autoscaling: AutoscalingArgs | None = Field(None, description="scale this pool with the "
-                                                "IndexCache policy instead of a fixed count")
+    autoscaling: AutoscalingArgs | None = Field(
+        None, description="scale this pool with the IndexCache policy instead of a fixed count"
+    )
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per replica (fractions allowed)")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per replica")
-    max_ongoing_requests: int = Field(256, ge=1, description="requests a replica accepts at "
-                                      "once; the engine's scheduler queues the rest")
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        description="requests a replica accepts at once; the engine's scheduler queues the rest",
+    )
     engine: EngineArgs = Field(default_factory=EngineArgs)
 
 
@@ -101,12 +118,14 @@ class IngressConfig(_Strict):
     route_prefix: str = Field("/", description="URL prefix of the application")
     api_keys: tuple[str, ...] = Field((), description="accepted Bearer keys; empty = no auth")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="request body limit (413 above)")
-    max_prompt_tokens: int | None = Field(None, ge=1, description="prompt token limit; None = "
-                                          "max_model_len - 1")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="prompt token limit; None = max_model_len - 1"
+    )
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it")
-    max_concurrent_requests: int = Field(512, ge=1, description="in-flight requests per ingress "
-                                         "replica; 429 above")
+    max_concurrent_requests: int = Field(
+        512, ge=1, description="in-flight requests per ingress replica; 429 above"
+    )
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
 
@@ -120,11 +139,17 @@ class IngressConfig(_Strict):
 
 class KVTransferConfig(_Strict):
     backend: Literal["object_store", "direct"] = Field(
-        "object_store", description="object_store: ray.put into the Ray object store; direct: "
-        "Ray Direct Transport, tensors stay on the prefill replica until decode pulls them")
+        "object_store",
+        description="object_store: ray.put into the Ray object store; direct: "
+        "Ray Direct Transport, tensors stay on the prefill replica until decode pulls them",
+    )
     tensor_transport: str = Field("nixl", description="direct only: the RDT transport")
-    timeout_s: float = Field(30.0, gt=0, description="a payload decode has not taken by then "
-                             "is released and the request fails with 503")
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a payload decode has not taken by then "
+        "is released and the request fails with 503",
+    )
 
     @field_validator("tensor_transport")
     @classmethod
@@ -133,8 +158,10 @@ class KVTransferConfig(_Strict):
         if v in ("gloo", "nccl"):
             # Ray 2.60 refuses ray.put(_tensor_transport=...) for two-sided (collective)
             # transports; they only work for actor-method returns inside a collective group.
-            raise ValueError(f"tensor_transport {v!r} is two-sided: Ray's ray.put() supports only "
-                             "one-sided transports; use 'nixl' (CPU or GPU) or 'cuda_ipc'")
+            raise ValueError(
+                f"tensor_transport {v!r} is two-sided: Ray's ray.put() supports only "
+                "one-sided transports; use 'nixl' (CPU or GPU) or 'cuda_ipc'"
+            )
         if v not in ("nixl", "cuda_ipc"):
             raise ValueError(f"tensor_transport must be 'nixl' or 'cuda_ipc', got {v!r}")
         return v
@@ -142,10 +169,16 @@ class KVTransferConfig(_Strict):
 
 class PlanConfig(_Strict):
     version: int | Literal["latest", "checkpoint"] = Field(
-        "latest", description="registry plan to run: 'latest' follows new publications, an "
-        "integer pins that version, 'checkpoint' ignores the registry")
-    poll_interval_s: float = Field(2.0, ge=0, description="how often replicas look for a newer "
-                                   "plan under 'latest' (0 = only on reconfigure)")
+        "latest",
+        description="registry plan to run: 'latest' follows new publications, an "
+        "integer pins that version, 'checkpoint' ignores the registry",
+    )
+    poll_interval_s: float = Field(
+        2.0,
+        ge=0,
+        description="how often replicas look for a newer "
+        "plan under 'latest' (0 = only on reconfigure)",
+    )
 
     def user_config(self) -> dict[str, Any]:
         """The Serve user_config of engine deployments: editing it re-plans without a restart."""
@@ -153,22 +186,28 @@ class PlanConfig(_Strict):
 
 
 class ServingConfig(_Strict):
-    model: str = Field(description="local checkpoint directory (config.json, safetensors, "
-                       "tokenizer.json)")
-    served_model_name: str | None = Field(None, description="the `model` clients send; "
-                                          "default: the directory name")
+    model: str = Field(
+        description="local checkpoint directory (config.json, safetensors, tokenizer.json)"
+    )
+    served_model_name: str | None = Field(
+        None, description="the `model` clients send; default: the directory name"
+    )
     mode: Literal["unified", "disaggregated"] = "unified"
     app_name: str = Field("indexcache", description="Ray Serve application name")
-    index_cache: str | None = Field(None, description="F/S pattern used until the registry "
-                                    "holds a plan for this model; None = the checkpoint's own")
+    index_cache: str | None = Field(
+        None,
+        description="F/S pattern used until the registry "
+        "holds a plan for this model; None = the checkpoint's own",
+    )
     unified: ReplicaGroupConfig = Field(default_factory=ReplicaGroupConfig)
     prefill: ReplicaGroupConfig = Field(default_factory=ReplicaGroupConfig)
     decode: ReplicaGroupConfig = Field(default_factory=ReplicaGroupConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     plans: PlanConfig = Field(default_factory=PlanConfig)
-    metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas publish metric "
-                                      "snapshots to the app's /metrics")
+    metrics_interval_s: float = Field(
+        1.0, gt=0, description="how often replicas publish metric snapshots to the app's /metrics"
+    )
 
     @model_validator(mode="after")
     def _pd_compatible(self):
@@ -176,9 +215,11 @@ class ServingConfig(_Strict):
             p, d = self.prefill.engine, self.decode.engine
             for f in ("dtype", "index_fp8"):
                 if getattr(p, f) != getattr(d, f):
-                    raise ValueError(f"prefill.engine.{f} ({getattr(p, f)!r}) must equal "
-                                     f"decode.engine.{f} ({getattr(d, f)!r}): the KV payload "
-                                     "layout depends on it")
+                    raise ValueError(
+                        f"prefill.engine.{f} ({getattr(p, f)!r}) must equal "
+                        f"decode.engine.{f} ({getattr(d, f)!r}): the KV payload "
+                        "layout depends on it"
+                    )
         return self
 
     # -- derived values (never written back) --------------------------------------------------
@@ -196,8 +237,9 @@ class ServingConfig(_Strict):
     def max_model_len(self) -> int:
         """Context length the ingress enforces: the smallest over the engine roles in use."""
         cfg = json.loads((Path(self.model) / "config.json").read_text())
-        limits = [self.group(r).engine.max_model_len or cfg["max_position_embeddings"]
-                  for r in self.roles]
+        limits = [
+            self.group(r).engine.max_model_len or cfg["max_position_embeddings"] for r in self.roles
+        ]
         return min(limits)
 
     def max_prompt_tokens(self) -> int:

@@ -52,8 +52,9 @@ class _EngineServer:
         replica = serve.get_replica_context().replica_id.unique_id
         self.recorder = metrics.Recorder(spec.model_name, spec.role, replica)
         self.host = EngineHost(self._build, grace_s=spec.kv_timeout_s)
-        self.publisher = MetricsPublisher(spec.app_name, f"{spec.role}:{replica}",
-                                          spec.metrics_interval_s, refresh=self._refresh)
+        self.publisher = MetricsPublisher(
+            spec.app_name, f"{spec.role}:{replica}", spec.metrics_interval_s, refresh=self._refresh
+        )
         self._plan_version: int | str = "latest"
         self._poll_s = 0.0
         self._plan_error: str | None = None
@@ -67,8 +68,9 @@ class _EngineServer:
 
         kw = dict(self.spec.engine_kwargs)
         kw["dtype"] = getattr(torch, kw.get("dtype", "float32"))
-        return AsyncLLMEngine.from_pretrained(self.spec.model_path, index_cache=pattern,
-                                              role=self.spec.role, **kw)
+        return AsyncLLMEngine.from_pretrained(
+            self.spec.model_path, index_cache=pattern, role=self.spec.role, **kw
+        )
 
     # -- plans ---------------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -83,16 +85,19 @@ class _EngineServer:
     def _resolve(self) -> PlanInfo:
         from serving.plan_registry import registry
 
-        default = PlanInfo(0, self.spec.index_cache,
-                           "config" if self.spec.index_cache else "checkpoint")
+        default = PlanInfo(
+            0, self.spec.index_cache, "config" if self.spec.index_cache else "checkpoint"
+        )
         if self._plan_version == "checkpoint":
             return default
         version = None if self._plan_version == "latest" else int(self._plan_version)
         rec = ray.get(registry().get.remote(self.spec.model_name, version))
         if rec is None:
             if version is not None:
-                raise ValueError(f"plan_version {version} of model {self.spec.model_name!r} is "
-                                 "not in the plan registry")
+                raise ValueError(
+                    f"plan_version {version} of model {self.spec.model_name!r} is "
+                    "not in the plan registry"
+                )
             return default
         return PlanInfo(rec.version, rec.pattern, rec.provenance.source)
 
@@ -126,9 +131,13 @@ class _EngineServer:
 
     async def check(self) -> dict[str, Any]:
         plan = self.host.plan
-        return {"role": self.spec.role, "plan_version": plan.version,
-                "plan_source": plan.source, "plan_ids": self.host.plan_ids,
-                "plan_error": self._plan_error}
+        return {
+            "role": self.spec.role,
+            "plan_version": plan.version,
+            "plan_source": plan.source,
+            "plan_ids": self.host.plan_ids,
+            "plan_error": self._plan_error,
+        }
 
     def check_health(self) -> None:
         if not self.host.healthy():
@@ -136,9 +145,11 @@ class _EngineServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         s = self.host.stats()
-        return {"num_running": float(s.get("num_running", 0)),
-                "num_waiting": float(s.get("num_waiting", 0)),
-                "kv_usage": float(s.get("kv_usage", 0.0))}
+        return {
+            "num_running": float(s.get("num_running", 0)),
+            "num_waiting": float(s.get("num_waiting", 0)),
+            "kv_usage": float(s.get("kv_usage", 0.0)),
+        }
 
     async def __del__(self):
         await self.publisher.stop()
@@ -149,8 +160,9 @@ class _EngineServer:
 class UnifiedServer(_EngineServer):
     async def generate(self, req: GenerateRequest):
         async with self.host.acquire() as engine:
-            async for delta in engine.generate(req.request_id, list(req.prompt_token_ids),
-                                               req.params):
+            async for delta in engine.generate(
+                req.request_id, list(req.prompt_token_ids), req.params
+            ):
                 yield delta
 
 
@@ -160,8 +172,11 @@ class PrefillServer(_EngineServer):
         super().__init__(spec)
         from serving.kv_transfer import DirectTransport, ObjectStoreTransport
 
-        self.transport = (ObjectStoreTransport() if spec.kv_backend == "object_store"
-                          else DirectTransport(spec.tensor_transport))
+        self.transport = (
+            ObjectStoreTransport()
+            if spec.kv_backend == "object_store"
+            else DirectTransport(spec.tensor_transport)
+        )
         self._queued_tokens = 0  # prompt tokens accepted and not yet prefilled
         self._latency = deque(maxlen=128)  # recent arrival -> first token seconds
 
@@ -170,8 +185,7 @@ class PrefillServer(_EngineServer):
         self._queued_tokens += n
         try:
             async with self.host.acquire() as engine:
-                res = await engine.prefill(req.request_id, list(req.prompt_token_ids),
-                                           req.params)
+                res = await engine.prefill(req.request_id, list(req.prompt_token_ids), req.params)
         finally:
             self._queued_tokens -= n
         elapsed = time.monotonic() - start
@@ -181,15 +195,26 @@ class PrefillServer(_EngineServer):
             t0 = time.monotonic()
             kv = self.transport.put(res.payload)
             self.recorder.observe_kv_transfer(time.monotonic() - t0, 0)  # put side: time only
-        return PrefillResponse(req.request_id, res.first_token, res.text, res.finish_reason,
-                               res.num_prompt_tokens, kv, res.payload.plan_id, res.logprobs,
-                               elapsed)
+        return PrefillResponse(
+            req.request_id,
+            res.first_token,
+            res.text,
+            res.finish_reason,
+            res.num_prompt_tokens,
+            kv,
+            res.payload.plan_id,
+            res.logprobs,
+            elapsed,
+        )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         lat = sorted(self._latency)
         p90 = lat[min(len(lat) - 1, int(0.9 * len(lat)))] if lat else 0.0
-        return {**super().record_autoscaling_stats(),
-                "queued_prompt_tokens": float(self._queued_tokens), "prefill_latency_p90_s": p90}
+        return {
+            **super().record_autoscaling_stats(),
+            "queued_prompt_tokens": float(self._queued_tokens),
+            "prefill_latency_p90_s": p90,
+        }
 
 
 @serve.deployment
@@ -198,8 +223,11 @@ class DecodeServer(_EngineServer):
         super().__init__(spec)
         from serving.kv_transfer import DirectTransport, ObjectStoreTransport
 
-        self.transport = (ObjectStoreTransport() if spec.kv_backend == "object_store"
-                          else DirectTransport(spec.tensor_transport))
+        self.transport = (
+            ObjectStoreTransport()
+            if spec.kv_backend == "object_store"
+            else DirectTransport(spec.tensor_transport)
+        )
 
     async def decode(self, req: DecodeRequest):
         start = time.monotonic()

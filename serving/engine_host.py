@@ -25,8 +25,13 @@ from serving.errors import Unavailable
 log = logging.getLogger(__name__)
 
 # EngineStats fields that are cumulative counters (summed over engines, kept after a swap).
-COUNTERS = ("prompt_tokens_total", "generation_tokens_total", "num_preemptions",
-            "indexer_layers_run_total", "indexer_layers_skipped_total")
+COUNTERS = (
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "num_preemptions",
+    "indexer_layers_run_total",
+    "indexer_layers_skipped_total",
+)
 
 
 @dataclass(frozen=True)
@@ -118,24 +123,29 @@ class EngineHost:
         for slot in reversed(self._slots):
             if slot.plan_id == plan_id:
                 return slot
-        raise Unavailable(f"KV payload was made under plan {plan_id}, this decode replica runs "
-                          f"{self.plan_ids}; a plan rollout is in progress, retry",
-                          code="plan_mismatch")
+        raise Unavailable(
+            f"KV payload was made under plan {plan_id}, this decode replica runs "
+            f"{self.plan_ids}; a plan rollout is in progress, retry",
+            code="plan_mismatch",
+        )
 
     def has_plan(self, plan_id: str) -> bool:
         return any(s.plan_id == plan_id for s in self._slots)
 
     # -- health and statistics ------------------------------------------------------------------
     def healthy(self) -> bool:
-        return all(getattr(getattr(s.engine, "_thread", None), "is_alive", lambda: True)()
-                   for s in self._slots)
+        return all(
+            getattr(getattr(s.engine, "_thread", None), "is_alive", lambda: True)()
+            for s in self._slots
+        )
 
     def stats(self) -> dict[str, float]:
         """Replica-wide values for metrics and autoscaling: counters summed over live and retired
         engines, request and KV gauges over live engines, the plan of the current engine."""
         live = [s.engine.stats() for s in self._slots]
-        out: dict[str, float] = {k: self._retired_totals[k] + sum(getattr(s, k) for s in live)
-                                 for k in COUNTERS}
+        out: dict[str, float] = {
+            k: self._retired_totals[k] + sum(getattr(s, k) for s in live) for k in COUNTERS
+        }
         out["num_running"] = sum(s.num_running for s in live)
         out["num_waiting"] = sum(s.num_waiting for s in live)
         total = sum(s.kv_blocks_total for s in live)

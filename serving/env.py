@@ -25,8 +25,9 @@ class Env:
         kernels = os.environ.get(PREFIX + "KERNELS", "auto")
         if kernels not in ("auto", "ref", "triton"):
             raise ValueError(f"{PREFIX}KERNELS must be auto, ref or triton, got {kernels!r}")
-        return cls(home=Path(home), kernels=kernels,
-                   log_level=os.environ.get(PREFIX + "LOG_LEVEL", "INFO"))
+        return cls(
+            home=Path(home), kernels=kernels, log_level=os.environ.get(PREFIX + "LOG_LEVEL", "INFO")
+        )
 
 
 def env() -> Env:

@@ -17,8 +17,14 @@ class OpenAIError(Exception):
         self.message, self.param, self.code = message, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def __reduce__(self):  # keep param/code when the error crosses a Ray handle
         return _rebuild, (type(self), self.message, self.param, self.code)
@@ -77,7 +83,11 @@ def from_exception(e: BaseException) -> OpenAIError:
     name = type(e).__name__
     if name in ("BackPressureError",):
         return RateLimited("the server is at capacity; retry later", code="rate_limit_exceeded")
-    if name in ("DeploymentUnavailableError", "ActorDiedError", "ActorUnavailableError",
-                "RayActorError"):
+    if name in (
+        "DeploymentUnavailableError",
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "RayActorError",
+    ):
         return Unavailable(f"an engine replica is unavailable ({name}); retry later")
     return InternalError(f"{name}: {e}")

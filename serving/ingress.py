@@ -104,9 +104,13 @@ class OpenAIIngress:
         self.model_name = self.config.model_name
         self.tokenizer = Tokenizer.from_pretrained(self.config.model)
         ic = self.config.ingress
-        self.limits = Limits(ic.max_body_bytes, self.config.max_prompt_tokens(),
-                             self.config.max_model_len(), ic.max_tokens_limit,
-                             ic.default_max_tokens)
+        self.limits = Limits(
+            ic.max_body_bytes,
+            self.config.max_prompt_tokens(),
+            self.config.max_model_len(),
+            ic.max_tokens_limit,
+            ic.default_max_tokens,
+        )
         self._keys = tuple(k.encode() for k in ic.api_keys)
         self._unified, self._prefill, self._decode = unified, prefill, decode
         # Requests in flight = live orchestrator streams. A weak set, not a counter: a stream
@@ -115,8 +119,9 @@ class OpenAIIngress:
         self._live: weakref.WeakSet = weakref.WeakSet()
         replica = serve.get_replica_context().replica_id.unique_id
         self.recorder = metrics.Recorder(self.model_name, "ingress", replica)
-        self.publisher = MetricsPublisher(self.config.app_name, f"ingress:{replica}",
-                                          self.config.metrics_interval_s)
+        self.publisher = MetricsPublisher(
+            self.config.app_name, f"ingress:{replica}", self.config.metrics_interval_s
+        )
 
     # -- clients of the engine deployments (orchestrator protocols) ------------------------------
     def generate(self, req: GenerateRequest):
@@ -139,23 +144,28 @@ class OpenAIIngress:
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k)
-                                                 for k in self._keys):
-            raise Unauthorized("invalid or missing API key (send 'Authorization: Bearer KEY')",
-                               code="invalid_api_key")
+        if scheme.lower() != "bearer" or not any(
+            hmac.compare_digest(key.strip().encode(), k) for k in self._keys
+        ):
+            raise Unauthorized(
+                "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                code="invalid_api_key",
+            )
 
     async def _body(self, request: Request) -> bytes:
         limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}",
-                                  code="request_too_large")
+            raise PayloadTooLarge(
+                f"request body is {declared} bytes; the limit is {limit}", code="request_too_large"
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes",
-                                      code="request_too_large")
+                raise PayloadTooLarge(
+                    f"request body exceeds the limit of {limit} bytes", code="request_too_large"
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -168,8 +178,9 @@ class OpenAIIngress:
             return TokenDelta([resp.first_token], resp.text, resp.finish_reason, resp.logprobs)
 
         # KV transfer time and bytes are recorded where they happen, on the decode replica.
-        return run_disaggregated(req, self, self, kv_timeout_s=self.config.kv_transfer.timeout_s,
-                                 make_delta=first)
+        return run_disaggregated(
+            req, self, self, kv_timeout_s=self.config.kv_transfer.timeout_s, make_delta=first
+        )
 
     async def _handle(self, request: Request, cls: type) -> Response:
         start = time.monotonic()
@@ -188,15 +199,18 @@ class OpenAIIngress:
         except ValueError as e:
             raise from_exception(e) from e
         if len(self._live) >= self.config.ingress.max_concurrent_requests:
-            raise RateLimited(f"more than {self.config.ingress.max_concurrent_requests} requests "
-                              "in flight on this ingress replica; retry later",
-                              code="rate_limit_exceeded")
+            raise RateLimited(
+                f"more than {self.config.ingress.max_concurrent_requests} requests "
+                "in flight on this ingress replica; retry later",
+                code="rate_limit_exceeded",
+            )
         echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             p = req.single_prompt()
             echo = p if isinstance(p, str) else self.tokenizer.decode(p)
-        builder = ResponseBuilder(isinstance(req, ChatCompletionRequest), self.model_name,
-                                  self.tokenizer, echo)
+        builder = ResponseBuilder(
+            isinstance(req, ChatCompletionRequest), self.model_name, self.tokenizer, echo
+        )
         greq = GenerateRequest(builder.id, tuple(ids), params)
         timer = RequestTimer(self.recorder, start)
         deltas = self._deltas(greq)
@@ -213,7 +227,8 @@ class OpenAIIngress:
         if req.stream:
             return StreamingResponse(
                 sse_events(first, deltas, builder, len(ids), req.include_usage, timer),
-                media_type="text/event-stream")
+                media_type="text/event-stream",
+            )
         try:
             return JSONResponse(await collect(first, deltas, builder, len(ids), timer))
         finally:
@@ -231,30 +246,39 @@ class OpenAIIngress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        card = ModelCard(id=self.model_name, root=self.config.model,
-                         max_model_len=self.limits.max_model_len)
+        card = ModelCard(
+            id=self.model_name, root=self.config.model, max_model_len=self.limits.max_model_len
+        )
         return ModelList(data=[card]).model_dump()
 
     @app.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> dict[str, Any]:
         self._auth(request)
         if model != self.model_name:
-            raise NotFound(f"The model `{model}` does not exist", param="model",
-                           code="model_not_found")
-        return ModelCard(id=self.model_name, root=self.config.model,
-                         max_model_len=self.limits.max_model_len).model_dump()
+            raise NotFound(
+                f"The model `{model}` does not exist", param="model", code="model_not_found"
+            )
+        return ModelCard(
+            id=self.model_name, root=self.config.model, max_model_len=self.limits.max_model_len
+        ).model_dump()
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
         handles = [h for h in (self._unified, self._prefill, self._decode) if h is not None]
         try:
             checks = await asyncio.wait_for(
-                asyncio.gather(*(h.check.remote() for h in handles)), timeout=10)
+                asyncio.gather(*(h.check.remote() for h in handles)), timeout=10
+            )
         except Exception as e:
-            raise Unavailable(f"engine deployments are not healthy: {type(e).__name__}: {e}",
-                              code="unhealthy") from e
-        return {"status": "ok", "model": self.model_name, "mode": self.config.mode,
-                "engines": checks}
+            raise Unavailable(
+                f"engine deployments are not healthy: {type(e).__name__}: {e}", code="unhealthy"
+            ) from e
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "mode": self.config.mode,
+            "engines": checks,
+        }
 
     @app.get("/metrics")
     async def metrics_text(self) -> Response:
@@ -264,5 +288,6 @@ class OpenAIIngress:
         except Exception:  # engine metrics missing beats no metrics at all
             log.exception("metrics hub unavailable")
             others = []
-        return Response(metrics.render([*others, metrics.snapshot()]),
-                        media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            metrics.render([*others, metrics.snapshot()]), media_type=CONTENT_TYPE_LATEST
+        )

@@ -57,8 +57,7 @@ class ObjectStoreTransport:
     name = "object_store"
 
     def put(self, payload: Any) -> KVHandle:
-        return KVHandle(self.name, payload.nbytes, payload.plan_id, time.time(),
-                        [ray.put(payload)])
+        return KVHandle(self.name, payload.nbytes, payload.plan_id, time.time(), [ray.put(payload)])
 
     async def get(self, handle: KVHandle, timeout_s: float) -> Any:
         if handle.released:
@@ -66,11 +65,13 @@ class ObjectStoreTransport:
         try:
             return await asyncio.wait_for(handle.box[0], timeout_s)
         except TimeoutError as e:
-            raise KVTransferError(f"KV payload not received within {timeout_s:.1f}s",
-                                  code="kv_transfer_timeout") from e
+            raise KVTransferError(
+                f"KV payload not received within {timeout_s:.1f}s", code="kv_transfer_timeout"
+            ) from e
         except ray.exceptions.RayError as e:
-            raise KVTransferError(f"KV transfer failed: {type(e).__name__}: {e}",
-                                  code="kv_transfer_failed") from e
+            raise KVTransferError(
+                f"KV transfer failed: {type(e).__name__}: {e}", code="kv_transfer_failed"
+            ) from e
 
 
 class DirectTransport:
@@ -90,11 +91,14 @@ class DirectTransport:
             # resolve the out-of-band tensors in Ray 2.60), so off the event loop.
             return await asyncio.to_thread(ray.get, ref, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as e:
-            raise KVTransferError(f"KV payload not received within {timeout_s:.1f}s",
-                                  code="kv_transfer_timeout") from e
+            raise KVTransferError(
+                f"KV payload not received within {timeout_s:.1f}s", code="kv_transfer_timeout"
+            ) from e
         except ray.exceptions.RayError as e:
-            raise KVTransferError(f"KV transfer ({self.name}) failed: {type(e).__name__}: {e}",
-                                  code="kv_transfer_failed") from e
+            raise KVTransferError(
+                f"KV transfer ({self.name}) failed: {type(e).__name__}: {e}",
+                code="kv_transfer_failed",
+            ) from e
 
 
 def make_transport(cfg: KVTransferConfig) -> KVTransport:

@@ -40,15 +40,17 @@ class MetricsHubActor:
 
 
 def hub(app_name: str):
-    return MetricsHubActor.options(name=f"metrics_hub:{app_name}", namespace=NAMESPACE,
-                                   lifetime="detached", get_if_exists=True).remote()
+    return MetricsHubActor.options(
+        name=f"metrics_hub:{app_name}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
 
 
 class MetricsPublisher:
     """Runs in a replica: refresh (e.g. read engine stats), snapshot, push; forever."""
 
-    def __init__(self, app_name: str, key: str, interval_s: float,
-                 refresh: Callable[[], None] | None = None):
+    def __init__(
+        self, app_name: str, key: str, interval_s: float, refresh: Callable[[], None] | None = None
+    ):
         self.key, self.interval_s, self.refresh = key, interval_s, refresh
         self.ttl_s = max(15.0, 10 * interval_s)
         self._hub = hub(app_name)

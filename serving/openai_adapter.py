@@ -30,8 +30,10 @@ class Limits:
 
 def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | CompletionRequest:
     if len(body) > limits.max_body_bytes:
-        raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is "
-                              f"{limits.max_body_bytes}", code="request_too_large")
+        raise PayloadTooLarge(
+            f"request body is {len(body)} bytes; the limit is {limits.max_body_bytes}",
+            code="request_too_large",
+        )
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -43,8 +45,9 @@ def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | Com
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        raise BadRequest(f"{param}: {err['msg']}" if param else err["msg"], param=param,
-                         code="invalid_value") from e
+        raise BadRequest(
+            f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value"
+        ) from e
     unsupported = req.unsupported()
     if unsupported is not None:
         raise BadRequest(unsupported[1], param=unsupported[0], code="unsupported_parameter")
@@ -53,21 +56,28 @@ def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | Com
 
 def check_model(req: ChatCompletionRequest | CompletionRequest, served: str) -> None:
     if req.model is not None and req.model != served:
-        raise NotFound(f"The model `{req.model}` does not exist; this server serves "
-                       f"`{served}`", param="model", code="model_not_found")
+        raise NotFound(
+            f"The model `{req.model}` does not exist; this server serves `{served}`",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def tokenize(req: ChatCompletionRequest | CompletionRequest, tokenizer) -> list[int]:
     if isinstance(req, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         if tokenizer.chat_template is None:
-            raise Unprocessable("this model has no chat template; use /v1/completions",
-                                param="messages", code="no_chat_template")
+            raise Unprocessable(
+                "this model has no chat template; use /v1/completions",
+                param="messages",
+                code="no_chat_template",
+            )
         try:
             text = tokenizer.apply_chat_template(messages)
         except jinja2.TemplateError as e:
-            raise BadRequest(f"messages rejected by the chat template: {e}",
-                             param="messages") from e
+            raise BadRequest(
+                f"messages rejected by the chat template: {e}", param="messages"
+            ) from e
         return tokenizer.encode(text)
     prompt = req.single_prompt()
     if isinstance(prompt, str):
@@ -75,38 +85,60 @@ def tokenize(req: ChatCompletionRequest | CompletionRequest, tokenizer) -> list[
     vocab = tokenizer.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-        raise BadRequest(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}",
-                         param="prompt", code="invalid_value")
+        raise BadRequest(
+            f"prompt token ids must be in [0, {vocab}), got {bad[:5]}",
+            param="prompt",
+            code="invalid_value",
+        )
     return list(prompt)
 
 
-def sampling_kwargs(req: ChatCompletionRequest | CompletionRequest, num_prompt: int,
-                    limits: Limits) -> dict[str, Any]:
+def sampling_kwargs(
+    req: ChatCompletionRequest | CompletionRequest, num_prompt: int, limits: Limits
+) -> dict[str, Any]:
     """Keyword arguments for the engine's SamplingParams, after every length limit."""
     param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
     if num_prompt == 0:
         raise BadRequest("the prompt is empty", param=param, code="invalid_value")
     if num_prompt > limits.max_prompt_tokens:
-        raise BadRequest(f"the prompt has {num_prompt} tokens; the limit is "
-                         f"{limits.max_prompt_tokens}", param=param,
-                         code="context_length_exceeded")
+        raise BadRequest(
+            f"the prompt has {num_prompt} tokens; the limit is {limits.max_prompt_tokens}",
+            param=param,
+            code="context_length_exceeded",
+        )
     room = limits.max_model_len - num_prompt
     max_tokens = req.requested_max_tokens
-    mt_param = ("max_completion_tokens" if isinstance(req, ChatCompletionRequest)
-                and req.max_completion_tokens else "max_tokens")
+    mt_param = (
+        "max_completion_tokens"
+        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
+        else "max_tokens"
+    )
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, room)
     elif max_tokens > limits.max_tokens_limit:
-        raise BadRequest(f"{mt_param} is {max_tokens}; the limit is {limits.max_tokens_limit}",
-                         param=mt_param, code="invalid_value")
+        raise BadRequest(
+            f"{mt_param} is {max_tokens}; the limit is {limits.max_tokens_limit}",
+            param=mt_param,
+            code="invalid_value",
+        )
     if max_tokens > room:
-        raise BadRequest(f"the prompt ({num_prompt} tokens) plus {mt_param} ({max_tokens}) "
-                         f"exceeds the context length {limits.max_model_len}",
-                         param=mt_param, code="context_length_exceeded")
-    return {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                "top_k": req.top_k, "seed": req.seed, "stop": req.stop_list,
-                "stop_token_ids": tuple(req.stop_token_ids or ()), "ignore_eos": req.ignore_eos,
-                "logprobs": req.logprobs_k}
+        raise BadRequest(
+            f"the prompt ({num_prompt} tokens) plus {mt_param} ({max_tokens}) "
+            f"exceeds the context length {limits.max_model_len}",
+            param=mt_param,
+            code="context_length_exceeded",
+        )
+    return {
+        "max_tokens": max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "seed": req.seed,
+        "stop": req.stop_list,
+        "stop_token_ids": tuple(req.stop_token_ids or ()),
+        "ignore_eos": req.ignore_eos,
+        "logprobs": req.logprobs_k,
+    }
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -124,23 +156,40 @@ class ResponseBuilder:
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str | None, usage: Usage,
-             logprobs: list | None) -> dict[str, Any]:
+    def full(
+        self, text: str, finish_reason: str | None, usage: Usage, logprobs: list | None
+    ) -> dict[str, Any]:
         lp = self.logprobs(logprobs) if logprobs is not None else None
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": lp, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": lp,
+                "finish_reason": finish_reason,
+            }
         else:
-            choice = {"index": 0, "text": self.echo + text, "logprobs": lp,
-                      "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "text": self.echo + text,
+                "logprobs": lp,
+                "finish_reason": finish_reason,
+            }
         return {**self._base(self.object), "choices": [choice], "usage": usage.model_dump()}
 
-    def chunk(self, text: str, finish_reason: str | None = None, logprobs: list | None = None,
-              first: bool = False) -> dict[str, Any]:
+    def chunk(
+        self,
+        text: str,
+        finish_reason: str | None = None,
+        logprobs: list | None = None,
+        first: bool = False,
+    ) -> dict[str, Any]:
         lp = self.logprobs(logprobs) if logprobs else None
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else (
-                {"content": text} if text or finish_reason is None else {})
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": text}
+                if first
+                else ({"content": text} if text or finish_reason is None else {})
+            )
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             return {**self._base("chat.completion.chunk"), "choices": [choice]}
         text = (self.echo + text) if first else text
@@ -155,20 +204,33 @@ class ResponseBuilder:
         """Engine `Logprob`s -> OpenAI's chat or completions logprobs object."""
         tok = self.tokenizer
         if self.chat:
+
             def entry(tid: int, lp: float) -> dict[str, Any]:
                 s = tok.decode([tid], skip_special_tokens=False)
                 return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-            return {"content": [{**entry(x.token_id, x.logprob),
-                                 "top_logprobs": [entry(t, lp) for t, lp in x.top]}
-                                for x in items]}
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                                "text_offset": []}
+
+            return {
+                "content": [
+                    {
+                        **entry(x.token_id, x.logprob),
+                        "top_logprobs": [entry(t, lp) for t, lp in x.top],
+                    }
+                    for x in items
+                ]
+            }
+        out: dict[str, list] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
         for x in items:
             s = tok.decode([x.token_id], skip_special_tokens=False)
             out["tokens"].append(s)
             out["token_logprobs"].append(x.logprob)
-            out["top_logprobs"].append({tok.decode([t], skip_special_tokens=False): lp
-                                        for t, lp in x.top})
+            out["top_logprobs"].append(
+                {tok.decode([t], skip_special_tokens=False): lp for t, lp in x.top}
+            )
             out["text_offset"].append(self._offset)
             self._offset += len(s)
         return out

@@ -62,8 +62,10 @@ class _Request(BaseModel):
         if self.n != 1:
             return "n", "only n=1 is supported"
         if self.presence_penalty or self.frequency_penalty:
-            return ("presence_penalty" if self.presence_penalty else "frequency_penalty",
-                    "presence and frequency penalties are not supported")
+            return (
+                "presence_penalty" if self.presence_penalty else "frequency_penalty",
+                "presence and frequency penalties are not supported",
+            )
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
@@ -174,8 +176,9 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt: int, completion: int) -> Usage:
-        return cls(prompt_tokens=prompt, completion_tokens=completion,
-                   total_tokens=prompt + completion)
+        return cls(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
 
 class ModelCard(BaseModel):

@@ -47,10 +47,15 @@ async def run_unified(req: GenerateRequest, engine: EngineClient) -> AsyncIterat
         await _aclose(stream)
 
 
-async def run_disaggregated(req: GenerateRequest, prefill: PrefillClient, decode: DecodeClient,
-                            *, kv_timeout_s: float,
-                            on_kv_received: Callable[[KVReceived], None] | None = None,
-                            make_delta: Callable[[PrefillResponse], Any]) -> AsyncIterator[Any]:
+async def run_disaggregated(
+    req: GenerateRequest,
+    prefill: PrefillClient,
+    decode: DecodeClient,
+    *,
+    kv_timeout_s: float,
+    on_kv_received: Callable[[KVReceived], None] | None = None,
+    make_delta: Callable[[PrefillResponse], Any],
+) -> AsyncIterator[Any]:
     """Yields the first token's delta (from `make_delta(prefill_response)`), then decode's."""
     resp = await prefill.prefill(req)
     kv, stream = resp.kv, None
@@ -64,14 +69,19 @@ async def run_disaggregated(req: GenerateRequest, prefill: PrefillClient, decode
         try:
             ack = await asyncio.wait_for(anext(stream), kv_timeout_s)
         except TimeoutError as e:
-            raise KVTransferError(f"no decode replica took the KV payload within "
-                                  f"{kv_timeout_s:.1f}s", code="kv_transfer_timeout") from e
+            raise KVTransferError(
+                f"no decode replica took the KV payload within {kv_timeout_s:.1f}s",
+                code="kv_transfer_timeout",
+            ) from e
         except StopAsyncIteration as e:
-            raise KVTransferError("the decode replica ended the stream before taking the KV "
-                                  "payload", code="kv_transfer_failed") from e
+            raise KVTransferError(
+                "the decode replica ended the stream before taking the KV payload",
+                code="kv_transfer_failed",
+            ) from e
         if not isinstance(ack, KVReceived):
-            raise InternalError(f"decode stream must start with KVReceived, got "
-                                f"{type(ack).__name__}")
+            raise InternalError(
+                f"decode stream must start with KVReceived, got {type(ack).__name__}"
+            )
         kv.release()  # decode holds the payload now
         if on_kv_received is not None:
             on_kv_received(ack)

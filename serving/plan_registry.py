@@ -43,8 +43,9 @@ class Provenance:
         if isinstance(value, Provenance):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"provenance must be a Provenance or a dict, got "
-                             f"{type(value).__name__}")
+            raise ValueError(
+                f"provenance must be a Provenance or a dict, got {type(value).__name__}"
+            )
         known = {"source", "calibration_data_hash", "created_at", "details"}
         extra = {k: v for k, v in value.items() if k not in known}
         base = {k: v for k, v in value.items() if k in known}
@@ -67,9 +68,15 @@ class PlanRecord:
 
     def summary(self) -> dict[str, Any]:
         p = self.pattern
-        return {"model": self.model, "version": self.version, "plan_id": self.plan_id,
-                "pattern": p, "full_layers": p.count("F"), "num_layers": len(p),
-                "provenance": asdict(self.provenance)}
+        return {
+            "model": self.model,
+            "version": self.version,
+            "plan_id": self.plan_id,
+            "pattern": p,
+            "full_layers": p.count("F"),
+            "num_layers": len(p),
+            "provenance": asdict(self.provenance),
+        }
 
 
 @ray.remote(num_cpus=0)
@@ -81,8 +88,9 @@ class PlanRegistryActor:
     def publish(self, model: str, pattern: str, provenance: Provenance) -> int:
         validate_pattern(pattern)
         versions = self._plans.setdefault(model, [])
-        rec = PlanRecord(model, len(versions) + 1, pattern,
-                         IndexCacheConfig(pattern).plan_id, provenance)
+        rec = PlanRecord(
+            model, len(versions) + 1, pattern, IndexCacheConfig(pattern).plan_id, provenance
+        )
         self._refs[(model, rec.version)] = ray.put(rec)  # owned by this detached actor
         versions.append(rec)
         return rec.version
@@ -113,8 +121,9 @@ def registry(*, address: str | None = None, create: bool = True):
     _connect(address)
     if not create:
         return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
-    return PlanRegistryActor.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
-                                     get_if_exists=True).remote()
+    return PlanRegistryActor.options(
+        name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
 
 
 def _pattern(plan: IndexCacheConfig | str) -> str:
@@ -123,12 +132,18 @@ def _pattern(plan: IndexCacheConfig | str) -> str:
     if isinstance(plan, str):
         validate_pattern(plan)
         return plan
-    raise ValueError(f"plan must be an IndexCacheConfig or an F/S pattern string, got "
-                     f"{type(plan).__name__}")
+    raise ValueError(
+        f"plan must be an IndexCacheConfig or an F/S pattern string, got {type(plan).__name__}"
+    )
 
 
-def publish(model: str, plan: IndexCacheConfig | str, provenance: Provenance | dict, *,
-            address: str | None = None) -> int:
+def publish(
+    model: str,
+    plan: IndexCacheConfig | str,
+    provenance: Provenance | dict,
+    *,
+    address: str | None = None,
+) -> int:
     """Store a new plan version for `model` (the served model name); returns the version."""
     if not model:
         raise ValueError("model must be a non-empty served model name")

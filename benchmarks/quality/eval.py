@@ -53,12 +53,14 @@ class Heldout:
         d = Path(data_dir)
         for name in (f"{split}.npy", f"{split}_offsets.npy"):
             if not (d / name).is_file():
-                raise FileNotFoundError(f"{d / name} not found: build it with "
-                                        "python -m benchmarks.quality.data --out DIR")
+                raise FileNotFoundError(
+                    f"{d / name} not found: build it with "
+                    "python -m benchmarks.quality.data --out DIR"
+                )
         return cls(np.load(d / f"{split}.npy", mmap_mode="r"), np.load(d / f"{split}_offsets.npy"))
 
     def doc(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -159,28 +161,41 @@ def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor | None = None
     nll = torch.empty(flat_t.shape, dtype=torch.float32, device=model.device)
     top = torch.empty(flat_t.shape, dtype=torch.long, device=model.device)
     for r in range(0, flat_t.shape[0], LOSS_ROWS):
-        logits = model.lm_head(flat_h[r:r + LOSS_ROWS]).float()
-        nll[r:r + LOSS_ROWS] = F.cross_entropy(logits, flat_t[r:r + LOSS_ROWS], reduction="none")
-        top[r:r + LOSS_ROWS] = logits.argmax(-1)
+        logits = model.lm_head(flat_h[r : r + LOSS_ROWS]).float()
+        nll[r : r + LOSS_ROWS] = F.cross_entropy(
+            logits, flat_t[r : r + LOSS_ROWS], reduction="none"
+        )
+        top[r : r + LOSS_ROWS] = logits.argmax(-1)
     return nll.view(b, s - 1).cpu(), top.view(b, s - 1).cpu()
 
 
-def perplexity(model, data: Heldout, length: int, windows: list[tuple[int, int]],
-               batch: int = 1, progress: bool = True) -> dict:
+def perplexity(
+    model,
+    data: Heldout,
+    length: int,
+    windows: list[tuple[int, int]],
+    batch: int = 1,
+    progress: bool = True,
+) -> dict:
     from tqdm import tqdm
 
     nlls = []
-    for i in tqdm(range(0, len(windows), batch), desc=f"ppl@{length}", disable=not progress,
-                  file=sys.stderr):
-        chunk = windows[i:i + batch]
-        ids = torch.tensor(np.stack([data.doc(d)[s:s + length].astype(np.int64)
-                                     for d, s in chunk]))
+    for i in tqdm(
+        range(0, len(windows), batch), desc=f"ppl@{length}", disable=not progress, file=sys.stderr
+    ):
+        chunk = windows[i : i + batch]
+        ids = torch.tensor(
+            np.stack([data.doc(d)[s : s + length].astype(np.int64) for d, s in chunk])
+        )
         nlls.append(token_logprobs(model, ids)[0])
     nll = torch.cat(nlls)  # [W, L-1]
-    late = nll[:, length // 2:]
-    return {"ppl": math.exp(nll.mean().item()), "ppl_late_half": math.exp(late.mean().item()),
-            "window_ppl": [round(math.exp(x), 4) for x in nll.mean(1).tolist()],
-            "tokens": int(nll.numel())}
+    late = nll[:, length // 2 :]
+    return {
+        "ppl": math.exp(nll.mean().item()),
+        "ppl_late_half": math.exp(late.mean().item()),
+        "window_ppl": [round(math.exp(x), 4) for x in nll.mean(1).tolist()],
+        "tokens": int(nll.numel()),
+    }
 
 
 @dataclass(frozen=True)
@@ -193,8 +208,9 @@ class NeedleCase:
     doc: int
 
 
-def make_needles(tok, data: Heldout, length: int, count: int, seed: int,
-                 digits: int = 4) -> list[NeedleCase]:
+def make_needles(
+    tok, data: Heldout, length: int, count: int, seed: int, digits: int = 4
+) -> list[NeedleCase]:
     """`count` cases of exactly `length` tokens, depths (i + 0.5) / count, seeded haystacks."""
     rng = np.random.default_rng([seed, length])
     long_docs = [i for i, n in enumerate(data.lengths) if n >= length]
@@ -202,7 +218,7 @@ def make_needles(tok, data: Heldout, length: int, count: int, seed: int,
         raise ValueError(f"no held-out document has {length} tokens for a needle haystack")
     cases = []
     for i in range(count):
-        code = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+        code = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
         needle = tok.encode(NEEDLE.format(code=code))
         question, answer = tok.encode(QUESTION), tok.encode(ANSWER.format(code=code))
         n_hay = length - len(needle) - len(question) - len(answer)
@@ -211,7 +227,7 @@ def make_needles(tok, data: Heldout, length: int, count: int, seed: int,
         d = long_docs[int(rng.integers(len(long_docs)))]
         doc = data.doc(d)
         start = int(rng.integers(0, len(doc) - n_hay + 1))
-        hay = doc[start:start + n_hay].astype(np.int64).tolist()
+        hay = doc[start : start + n_hay].astype(np.int64).tolist()
         depth = (i + 0.5) / count
         at = _sentence_end(tok, hay, round(depth * n_hay))
         ids = hay[:at] + needle + hay[at:] + question + answer
@@ -224,7 +240,11 @@ def _sentence_end(tok, hay: list[int], target: int) -> int:
     for delta in range(BOUNDARY_SEARCH + 1):
         for pos in (target - delta, target + delta):
             if 0 < pos <= len(hay) and tok.decode([hay[pos - 1]]).rstrip(" ")[-1:] in (
-                    ".", "!", "?", "\n"):
+                ".",
+                "!",
+                "?",
+                "\n",
+            ):
                 return pos
     return min(max(target, 0), len(hay))
 
@@ -233,18 +253,28 @@ def needle_accuracy(model, tok, cases: list[NeedleCase], progress: bool = True) 
     from tqdm import tqdm
 
     hits, preds = [], []
-    for c in tqdm(cases, desc=f"needle@{len(cases[0].ids)}", disable=not progress,
-                  file=sys.stderr):
+    for c in tqdm(cases, desc=f"needle@{len(cases[0].ids)}", disable=not progress, file=sys.stderr):
         _, top = token_logprobs(model, torch.tensor([c.ids]))
         # argmax at position p predicts token p + 1: answer tokens are ids[answer_start:].
-        pred = top[0, c.answer_start - 1:].tolist()
-        want = c.ids[c.answer_start:]
+        pred = top[0, c.answer_start - 1 :].tolist()
+        want = c.ids[c.answer_start :]
         hits.append(pred == want)
         preds.append(tok.decode(pred))
-    return {"accuracy": sum(hits) / len(hits), "n": len(hits),
-            "cases": [{"depth": round(c.depth, 4), "doc": c.doc, "needle_at": c.needle_at,
-                       "code": c.code, "pred": p, "hit": h}
-                      for c, p, h in zip(cases, preds, hits, strict=True)]}
+    return {
+        "accuracy": sum(hits) / len(hits),
+        "n": len(hits),
+        "cases": [
+            {
+                "depth": round(c.depth, 4),
+                "doc": c.doc,
+                "needle_at": c.needle_at,
+                "code": c.code,
+                "pred": p,
+                "hit": h,
+            }
+            for c, p, h in zip(cases, preds, hits, strict=True)
+        ],
+    }
 
 
 # -- driver -------------------------------------------------------------------------------------
@@ -262,10 +292,20 @@ class Row:
     result: dict
 
 
-def evaluate(model_dir: str, data_dir: str, plans: list[str], lengths: list[int],
-             windows: int, needles: int, seed: int = 0, device: str | None = None,
-             dtype: str | None = None, batch: int = 1, digits: int = 4,
-             progress: bool = True) -> list[Row]:
+def evaluate(
+    model_dir: str,
+    data_dir: str,
+    plans: list[str],
+    lengths: list[int],
+    windows: int,
+    needles: int,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch: int = 1,
+    digits: int = 4,
+    progress: bool = True,
+) -> list[Row]:
     from model.config import ModelConfig
     from model.tokenizer import Tokenizer
 
@@ -277,8 +317,10 @@ def evaluate(model_dir: str, data_dir: str, plans: list[str], lengths: list[int]
     dt = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     cfg = ModelConfig.from_pretrained(model_dir)
     if max(lengths) > cfg.max_position_embeddings:
-        raise ValueError(f"--lengths up to {max(lengths)} exceed the model's "
-                         f"max_position_embeddings {cfg.max_position_embeddings}")
+        raise ValueError(
+            f"--lengths up to {max(lengths)} exceed the model's "
+            f"max_position_embeddings {cfg.max_position_embeddings}"
+        )
     specs = [parse_plan(p, cfg.num_hidden_layers) for p in plans]
     tok = Tokenizer.from_pretrained(model_dir)
     data = Heldout.load(data_dir)
@@ -286,21 +328,30 @@ def evaluate(model_dir: str, data_dir: str, plans: list[str], lengths: list[int]
     for spec in specs:
         model = load_for_plan(model_dir, spec, dt, device, max(lengths))
         for length in lengths:
-            base = {"model": Path(model_dir).name, "plan": spec.name, "pattern": spec.pattern,
-                    "retention": round(spec.retention, 4), "length": length, "seed": seed,
-                    "index_topk": cfg.index_topk}
+            base = {
+                "model": Path(model_dir).name,
+                "plan": spec.name,
+                "pattern": spec.pattern,
+                "retention": round(spec.retention, 4),
+                "length": length,
+                "seed": seed,
+                "index_topk": cfg.index_topk,
+            }
             if windows:
                 t = time.time()
-                res = perplexity(model, data, length, pick_windows(data, length, windows, seed),
-                                 batch, progress)
-                rows.append(Row(metric="ppl", seconds=round(time.time() - t, 2), result=res,
-                                **base))
+                res = perplexity(
+                    model, data, length, pick_windows(data, length, windows, seed), batch, progress
+                )
+                rows.append(
+                    Row(metric="ppl", seconds=round(time.time() - t, 2), result=res, **base)
+                )
             if needles:
                 t = time.time()
                 cases = make_needles(tok, data, length, needles, seed, digits)
                 res = needle_accuracy(model, tok, cases, progress)
-                rows.append(Row(metric="needle", seconds=round(time.time() - t, 2), result=res,
-                                **base))
+                rows.append(
+                    Row(metric="needle", seconds=round(time.time() - t, 2), result=res, **base)
+                )
         del model
     return rows
 
@@ -312,14 +363,16 @@ def summary(rows: list[Row]) -> str:
             v, late = f"{r.result['ppl']:.3f}", f"{r.result['ppl_late_half']:.3f}"
         else:
             v, late = f"{100 * r.result['accuracy']:.1f}%", ""
-        lines.append(f"{r.plan[:27]:<28}{r.retention:>6.3f}{r.length:>7}  {r.metric:<8}"
-                     f"{v:>10}{late:>11}")
+        lines.append(
+            f"{r.plan[:27]:<28}{r.retention:>6.3f}{r.length:>7}  {r.metric:<8}{v:>10}{late:>11}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.eval",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality.eval", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", required=True, help="dsa_llama checkpoint directory")
     p.add_argument("--data", required=True, help="directory from benchmarks.quality.data")
     p.add_argument("--plans", nargs="+", default=["dense", "all-F"])
@@ -330,15 +383,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1, help="perplexity windows per forward")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the rows as a JSON list")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        rows = evaluate(args.model, args.data, args.plans, args.lengths, args.windows,
-                        args.needles, args.seed, args.device, args.dtype, args.batch,
-                        args.digits, not args.quiet)
+        rows = evaluate(
+            args.model,
+            args.data,
+            args.plans,
+            args.lengths,
+            args.windows,
+            args.needles,
+            args.seed,
+            args.device,
+            args.dtype,
+            args.batch,
+            args.digits,
+            not args.quiet,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2

@@ -58,7 +58,7 @@ def windows(tokens: np.ndarray, offsets: np.ndarray, length: int, count: int, se
     for _ in range(count):
         a, b = long_docs[int(rng.integers(len(long_docs)))]
         s = int(rng.integers(a, b - length + 1))
-        starts.append(tokens[s:s + length].astype(np.int64))
+        starts.append(tokens[s : s + length].astype(np.int64))
     return torch.from_numpy(np.stack(starts))
 
 
@@ -73,14 +73,23 @@ def load(path: Path, plan=None, dtype=torch.float32):
     return load_model(path, plan, dtype=dtype, device=device)
 
 
-def train_indexers(model, batches: torch.Tensor, steps: int, loss: str, lr: float,
-                   budget_s: float, out: Path, batch_size: int) -> dict:
+def train_indexers(
+    model,
+    batches: torch.Tensor,
+    steps: int,
+    loss: str,
+    lr: float,
+    budget_s: float,
+    out: Path,
+    batch_size: int,
+) -> dict:
     """Distil until `steps` or the time budget; returns the stage record."""
     from model.calibration.distill import DistillConfig, IndexerDistiller
 
-    groups = [batches[i:i + batch_size] for i in range(0, len(batches), batch_size)]
-    d = IndexerDistiller(model, DistillConfig(steps=1, lr=lr, loss=loss, chunk=512,
-                                              checkpoint_every=10 ** 9))
+    groups = [batches[i : i + batch_size] for i in range(0, len(batches), batch_size)]
+    d = IndexerDistiller(
+        model, DistillConfig(steps=1, lr=lr, loss=loss, chunk=512, checkpoint_every=10**9)
+    )
     t0, done = time.time(), 0
     while d.step < steps:
         # Grow the target in slices so the budget check runs between slices.
@@ -95,10 +104,18 @@ def train_indexers(model, batches: torch.Tensor, steps: int, loss: str, lr: floa
     d.save(out)
     first = sum(h["loss"] for h in d.history[:5]) / min(5, len(d.history))
     last = sum(h["loss"] for h in d.history[-5:]) / min(5, len(d.history))
-    return {"steps": done, "steps_requested": steps, "lr": lr, "loss": loss,
-            "batch_size": batch_size, "seq_len": int(batches.shape[1]),
-            "loss_first5": first, "loss_last5": last, "seconds": round(time.time() - t0, 1),
-            "history": [{"step": h["step"], "loss": h["loss"]} for h in d.history]}
+    return {
+        "steps": done,
+        "steps_requested": steps,
+        "lr": lr,
+        "loss": loss,
+        "batch_size": batch_size,
+        "seq_len": int(batches.shape[1]),
+        "loss_first5": first,
+        "loss_last5": last,
+        "seconds": round(time.time() - t0, 1),
+        "history": [{"step": h["step"], "loss": h["loss"]} for h in d.history],
+    }
 
 
 def check_kernels(path: Path, data: Path) -> str:
@@ -138,14 +155,20 @@ def export_indexers(src: Path, dst: Path, meta: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.pipeline",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality.pipeline", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--gguf", default=None)
-    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES,
-                   help="none: only bundle what exists into --out")
+    p.add_argument(
+        "--stages",
+        nargs="*",
+        default=list(STAGES),
+        choices=STAGES,
+        help="none: only bundle what exists into --out",
+    )
     p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock for this invocation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index-n-heads", type=int, default=4)
@@ -184,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     if "convert" in args.stages and not (base / "config.json").is_file():
         from model.gguf import convert_gguf
 
-        convert_gguf(base, args.gguf, index_n_heads=args.index_n_heads,
-                     index_head_dim=args.index_head_dim, index_topk=args.index_topk,
-                     seed=args.seed)
+        convert_gguf(
+            base,
+            args.gguf,
+            index_n_heads=args.index_n_heads,
+            index_head_dim=args.index_head_dim,
+            index_topk=args.index_topk,
+            seed=args.seed,
+        )
         log("converted")
     meta = {"index_topk": args.index_topk, "index_rope_head_dim": args.index_head_dim // 2}
     if args.stages:
@@ -199,8 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         n = args.warmup_steps * args.warmup_batch
         batches = windows(tokens, offsets, args.warmup_seq, n, args.seed)
         share = 0.5 * remaining() if "search" in args.stages else 0.9 * remaining()
-        record["warmup"] = train_indexers(model, batches, args.warmup_steps, "single", args.lr,
-                                          share, work / "warmup", args.warmup_batch)
+        record["warmup"] = train_indexers(
+            model,
+            batches,
+            args.warmup_steps,
+            "single",
+            args.lr,
+            share,
+            work / "warmup",
+            args.warmup_batch,
+        )
         export_indexers(work / "warmup", out / "indexers-all-F.safetensors", meta)
         from model.gguf import convert_gguf
 
@@ -225,13 +261,25 @@ def main(argv: list[str] | None = None) -> int:
         calib_hash = hashlib.sha256(torch.stack(batches).numpy().tobytes()).hexdigest()
         for f in FRACTIONS:
             plan = result.plan_at(target_full_layers(n_layers, f))
-            write_plan(plans_dir / f"searched-1of{round(1 / f)}.json", plan, {
-                "source": "calibration", "calibration_data_hash": calib_hash,
-                "calib_seqs": args.calib_seqs, "calib_seq": args.calib_seq, "seed": args.seed,
-                "created_at": time.time()})
-        record["search"] = {"seconds": round(result.seconds, 1), "evals": result.candidate_evals,
-                            "evals_per_s": result.candidate_evals / max(result.seconds, 1e-9),
-                            "base_loss": result.base_loss, "final_loss": result.final_loss}
+            write_plan(
+                plans_dir / f"searched-1of{round(1 / f)}.json",
+                plan,
+                {
+                    "source": "calibration",
+                    "calibration_data_hash": calib_hash,
+                    "calib_seqs": args.calib_seqs,
+                    "calib_seq": args.calib_seq,
+                    "seed": args.seed,
+                    "created_at": time.time(),
+                },
+            )
+        record["search"] = {
+            "seconds": round(result.seconds, 1),
+            "evals": result.candidate_evals,
+            "evals_per_s": result.candidate_evals / max(result.seconds, 1e-9),
+            "base_loss": result.base_loss,
+            "final_loss": result.final_loss,
+        }
         save_record()
         del model
 
@@ -247,11 +295,22 @@ def main(argv: list[str] | None = None) -> int:
         n = args.distill_steps * args.warmup_batch
         batches = windows(tokens, offsets, args.warmup_seq, n, args.seed + 2)
         share = 0.6 * remaining() if "eval" in args.stages else 0.9 * remaining()
-        record["distill"] = train_indexers(model, batches, args.distill_steps, "multi",
-                                           args.lr / 3, share, work / "distill", args.warmup_batch)
+        record["distill"] = train_indexers(
+            model,
+            batches,
+            args.distill_steps,
+            "multi",
+            args.lr / 3,
+            share,
+            work / "distill",
+            args.warmup_batch,
+        )
         record["distill"]["pattern"] = uniform.pattern
-        export_indexers(work / "distill", out / "indexers-ta-1of4.safetensors",
-                        {**meta, "index_topk_pattern": uniform.pattern})
+        export_indexers(
+            work / "distill",
+            out / "indexers-ta-1of4.safetensors",
+            {**meta, "index_topk_pattern": uniform.pattern},
+        )
         from model.gguf import convert_gguf
 
         convert_gguf(ta, args.gguf, indexers=out / "indexers-ta-1of4.safetensors")
@@ -280,13 +339,16 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.windows) != len(args.lengths) or len(args.needles) != len(args.lengths):
             raise ValueError("--windows and --needles need one count per --lengths entry")
         plans = ["dense", "all-F", "uniform:2", "uniform:4", "uniform:8"] + [
-            str(plans_dir / f"searched-1of{round(1 / f)}.json") for f in FRACTIONS]
+            str(plans_dir / f"searched-1of{round(1 / f)}.json") for f in FRACTIONS
+        ]
         rows = []
         for length, w, k in zip(args.lengths, args.windows, args.needles, strict=True):
-            rows += evaluate(str(all_f), str(args.data), plans, [length], w, k, args.seed,
-                             progress=False)
-            ta_rows = evaluate(str(ta), str(args.data), ["uniform:4"], [length], w, k, args.seed,
-                               progress=False)
+            rows += evaluate(
+                str(all_f), str(args.data), plans, [length], w, k, args.seed, progress=False
+            )
+            ta_rows = evaluate(
+                str(ta), str(args.data), ["uniform:4"], [length], w, k, args.seed, progress=False
+            )
             for r in ta_rows:
                 r.plan = "ta-uniform-1/4"
             rows += ta_rows
@@ -299,8 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     # Everything small travels back in one archive (the device returns at most 8 files).
     bundle = work / "bundle"
     bundle.mkdir(exist_ok=True)
-    for f in [record_path, work / "overlap.json", work / "overlap-heatmap.png",
-              work / "eval.json", work / "eval-partial.json", *sorted(plans_dir.glob("*"))]:
+    for f in [
+        record_path,
+        work / "overlap.json",
+        work / "overlap-heatmap.png",
+        work / "eval.json",
+        work / "eval-partial.json",
+        *sorted(plans_dir.glob("*")),
+    ]:
         if f.is_file():
             shutil.copy(f, bundle / f.name)
     for d in ("warmup", "distill"):

@@ -69,7 +69,7 @@ class _Reader:
             if n == -1:
                 return None  # NA_character_
             enc = "latin-1" if (flags >> 12) & _LATIN1 else "utf-8"
-            s = self.b[self.i:self.i + n].decode(enc, errors="replace")
+            s = self.b[self.i : self.i + n].decode(enc, errors="replace")
             self.i += n
             return s
         if kind in (_STRSXP, _VECSXP):
@@ -107,6 +107,6 @@ def read_lazyload(base: str | Path) -> dict[str, object]:
     rdb = base.with_suffix(".rdb").read_bytes()
     out = {}
     for name, (offset, length) in index["variables"].items():
-        blob = rdb[offset:offset + length]
+        blob = rdb[offset : offset + length]
         out[name] = unserialize(zlib.decompress(blob[4:]))
     return out

@@ -12,8 +12,17 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ORDER = ["dense", "all-F", "uniform-1/2", "searched-1of2", "uniform-1/4", "searched-1of4",
-         "ta-uniform-1/4", "uniform-1/8", "searched-1of8"]
+ORDER = [
+    "dense",
+    "all-F",
+    "uniform-1/2",
+    "searched-1of2",
+    "uniform-1/4",
+    "searched-1of4",
+    "ta-uniform-1/4",
+    "uniform-1/8",
+    "searched-1of8",
+]
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -36,12 +45,18 @@ def targets(t: dict) -> dict:
     out = {}
     for n in lengths:
         out[f"all-F / dense @{n}"] = {"value": ratio("all-F", "dense", n), "target": "<= 1.03"}
-        out[f"searched 1/4 / all-F @{n}"] = {"value": ratio("searched-1of4", "all-F", n),
-                                             "target": "<= 1.01"}
+        out[f"searched 1/4 / all-F @{n}"] = {
+            "value": ratio("searched-1of4", "all-F", n),
+            "target": "<= 1.01",
+        }
         out[f"searched 1/4 / uniform 1/4 @{n}"] = {
-            "value": ratio("searched-1of4", "uniform-1/4", n), "target": "< 1"}
+            "value": ratio("searched-1of4", "uniform-1/4", n),
+            "target": "< 1",
+        }
     out["needle: searched 1/4 minus all-F (points, mean over lengths)"] = {
-        "value": needle("searched-1of4") - needle("all-F"), "target": ">= -2"}
+        "value": needle("searched-1of4") - needle("all-F"),
+        "target": ">= -2",
+    }
     checks = {"<=": lambda x, y: x <= y, "<": lambda x, y: x < y, ">=": lambda x, y: x >= y}
     for v in out.values():
         op, bound = v["target"].split()
@@ -51,15 +66,24 @@ def targets(t: dict) -> dict:
 
 def markdown(t: dict, tg: dict) -> str:
     lengths = sorted(t["dense"]["ppl"])
-    head = ("| plan | F layers | " + " | ".join(f"ppl @{n // 1024}K" for n in lengths) + " | "
-            + " | ".join(f"needle @{n // 1024}K" for n in lengths) + " |")
+    head = (
+        "| plan | F layers | "
+        + " | ".join(f"ppl @{n // 1024}K" for n in lengths)
+        + " | "
+        + " | ".join(f"needle @{n // 1024}K" for n in lengths)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (2 + 2 * len(lengths))]
     for p in [p for p in ORDER if p in t]:
         row = t[p]
         f = "dense" if p == "dense" else f"{row['pattern'].count('F')}/{len(row['pattern'])}"
-        lines.append(f"| {p} | {f} | " + " | ".join(f"{row['ppl'][n]:.3f}" for n in lengths)
-                     + " | " + " | ".join(f"{100 * row['needle'][n]:.0f}% ({row['needle_n'][n]})"
-                                          for n in lengths) + " |")
+        lines.append(
+            f"| {p} | {f} | "
+            + " | ".join(f"{row['ppl'][n]:.3f}" for n in lengths)
+            + " | "
+            + " | ".join(f"{100 * row['needle'][n]:.0f}% ({row['needle_n'][n]})" for n in lengths)
+            + " |"
+        )
     lines += ["", "| target | measured | target | met |", "|---|---|---|---|"]
     for k, v in tg.items():
         lines.append(f"| {k} | {v['value']:.4f} | {v['target']} | {'yes' if v['met'] else 'no'} |")
@@ -81,8 +105,13 @@ def plot(t: dict, path: Path) -> None:
             ax.plot(*zip(*sorted(pts), strict=True), style, label=family)
         ax.axhline(t["dense"]["ppl"][n], color="gray", lw=1, label="dense")
         if "ta-uniform-1/4" in t:
-            ax.plot([t["ta-uniform-1/4"]["retention"]], [t["ta-uniform-1/4"]["ppl"][n]], "r*",
-                    ms=11, label="training-aware 1/4")
+            ax.plot(
+                [t["ta-uniform-1/4"]["retention"]],
+                [t["ta-uniform-1/4"]["ppl"][n]],
+                "r*",
+                ms=11,
+                label="training-aware 1/4",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("fraction of layers F")
         ax.set_title(f"held-out perplexity @{n // 1024}K")
@@ -102,12 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     record = json.loads((args.run / "record.json").read_text())
     t = summarise(rows)
     tg = targets(t)
-    doc = {"model": "SmolLM2-135M-Instruct + lightning indexers (dsa_llama)",
-           "device": record.get("device"), "kernels": record.get("kernels"),
-           "training": {k: {kk: vv for kk, vv in record[k].items() if kk != "history"}
-                        for k in ("warmup", "distill") if k in record},
-           "search": record.get("search"), "overlap": record.get("overlap"),
-           "args": record.get("args"), "table": t, "targets": tg, "rows": rows}
+    doc = {
+        "model": "SmolLM2-135M-Instruct + lightning indexers (dsa_llama)",
+        "device": record.get("device"),
+        "kernels": record.get("kernels"),
+        "training": {
+            k: {kk: vv for kk, vv in record[k].items() if kk != "history"}
+            for k in ("warmup", "distill")
+            if k in record
+        },
+        "search": record.get("search"),
+        "overlap": record.get("overlap"),
+        "args": record.get("args"),
+        "table": t,
+        "targets": tg,
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality-smollm2.json").write_text(json.dumps(doc, indent=1) + "\n")
     plot(t, args.out / "quality-smollm2.png")

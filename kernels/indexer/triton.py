@@ -48,11 +48,31 @@ INTERPRET_DECODE = {"BN": 32, "num_warps": 4, "num_stages": 1}
 
 # grid: (cdiv(width, BN), query tiles of this group); each program: BM rows x BN keys, all heads.
 @triton.jit(do_not_specialize=["row0"])
-def _prefill_logits_kernel(q_ptr, wt_ptr, k_ptr, ks_ptr, bt_ptr, tile_ptr, s_ptr, mx_ptr, row0,
-                           stride_qt, stride_qh, stride_wh, stride_kp, stride_ks, stride_sp,
-                           stride_bt, stride_s,
-                           H: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _prefill_logits_kernel(
+    q_ptr,
+    wt_ptr,
+    k_ptr,
+    ks_ptr,
+    bt_ptr,
+    tile_ptr,
+    s_ptr,
+    mx_ptr,
+    row0,
+    stride_qt,
+    stride_qh,
+    stride_wh,
+    stride_kp,
+    stride_ks,
+    stride_sp,
+    stride_bt,
+    stride_s,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    PS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     seq = tl.load(tile_ptr + pid_m * 4).to(tl.int64)
@@ -93,11 +113,30 @@ def _prefill_logits_kernel(q_ptr, wt_ptr, k_ptr, ks_ptr, bt_ptr, tile_ptr, s_ptr
 
 # grid: (cdiv(width, BN), B); each program: BN keys of one sequence against its query's heads.
 @triton.jit
-def _decode_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, len_ptr, s_ptr, mx_ptr,
-                          stride_qt, stride_qh, stride_wt, stride_kp, stride_ks, stride_sp,
-                          stride_bt, stride_s,
-                          H: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, PS: tl.constexpr,
-                          BN: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _decode_logits_kernel(
+    q_ptr,
+    w_ptr,
+    k_ptr,
+    ks_ptr,
+    bt_ptr,
+    len_ptr,
+    s_ptr,
+    mx_ptr,
+    stride_qt,
+    stride_qh,
+    stride_wt,
+    stride_kp,
+    stride_ks,
+    stride_sp,
+    stride_bt,
+    stride_s,
+    H: tl.constexpr,
+    BH: tl.constexpr,
+    D: tl.constexpr,
+    PS: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n = tl.load(len_ptr + b)
@@ -111,8 +150,11 @@ def _decode_logits_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, bt_ptr, len_ptr, s_ptr, m
         page = tl.load(bt_ptr + b * stride_bt + offs_n // PS, mask=kmask, other=0).to(tl.int64)
         k_off = page * stride_kp + (offs_n % PS) * stride_ks
         k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        q = tl.load(q_ptr + b * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
-                    mask=hmask[:, None], other=0.0)
+        q = tl.load(
+            q_ptr + b * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
+            mask=hmask[:, None],
+            other=0.0,
+        )
         w = tl.load(w_ptr + b * stride_wt + offs_h, mask=hmask, other=0.0)
         s = tl.dot(q, tl.trans(k))  # [BH, BN]
         sc = tl.sum(tl.maximum(s, 0.0) * w[:, None], 0)
@@ -163,18 +205,29 @@ def _groups(tiles, bn: int, budget: int, max_rows: int):
     return groups
 
 
-def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens,
-                         topk: int, config: dict | None = None,
-                         score_budget: int = SCORE_BUDGET, select: str = "radix",
-                         misses: torch.Tensor | None = None,
-                         topk_config: dict | None = None,
-                         topk_cap: int | None = None) -> torch.Tensor:
+def indexer_topk_prefill(
+    q,
+    weights,
+    k_cache,
+    k_scale,
+    block_tables,
+    cu_seqlens_q,
+    seq_lens,
+    topk: int,
+    config: dict | None = None,
+    score_budget: int = SCORE_BUDGET,
+    select: str = "radix",
+    misses: torch.Tensor | None = None,
+    topk_config: dict | None = None,
+    topk_cap: int | None = None,
+) -> torch.Tensor:
     """`select` (for kernels.bench): "radix" (the Triton top-k), "torch" (torch.topk on the same
     score tiles) or "none" (scores only; the output is left unwritten)."""
     _check(q, k_cache, k_scale)
     interp = _interpreting(q)
-    cfg = config or (INTERPRET_PREFILL if interp else
-                     DEFAULT_PREFILL.get(q.dtype, DEFAULT_PREFILL_16))
+    cfg = config or (
+        INTERPRET_PREFILL if interp else DEFAULT_PREFILL.get(q.dtype, DEFAULT_PREFILL_16)
+    )
     bm, bn = cfg["BM"], cfg["BN"]
     t, hi, di = q.shape
     out = torch.empty((t, topk), dtype=torch.int32, device=q.device)
@@ -188,8 +241,13 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
     dev = q.device
     nq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     seq_of = torch.repeat_interleave(torch.arange(len(lens), device=dev), nq, output_size=t)
-    lengths = (torch.arange(t, device=dev) - cu_seqlens_q.long()[seq_of]
-               + seq_lens.long()[seq_of] - nq[seq_of] + 1).to(torch.int32)
+    lengths = (
+        torch.arange(t, device=dev)
+        - cu_seqlens_q.long()[seq_of]
+        + seq_lens.long()[seq_of]
+        - nq[seq_of]
+        + 1
+    ).to(torch.int32)
     # Scratch sized for the largest group, reused by all.
     max_rows = max(g[2] for g in groups)
     scores_flat = torch.empty(max(g[2] * g[3] for g in groups), dtype=torch.float32, device=dev)
@@ -204,24 +262,64 @@ def indexer_topk_prefill(q, weights, k_cache, k_scale, block_tables, cu_seqlens_
         mx = row_max[:rows].fill_(float("-inf"))
         grid = (width // bn, g1 - g0)
         _prefill_logits_kernel[grid](
-            q, wt, k_cache, ks, block_tables, tile_t[g0:g1], scores, mx, row0,
-            q.stride(0), q.stride(1), wt.stride(0), k_cache.stride(0), k_cache.stride(1),
-            stride_sp, block_tables.stride(0), scores.stride(0),
-            H=hi, D=di, PS=k_cache.shape[1], BM=bm, BN=bn, HAS_SCALE=k_scale is not None,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        lens = lengths[row0: row0 + rows]
+            q,
+            wt,
+            k_cache,
+            ks,
+            block_tables,
+            tile_t[g0:g1],
+            scores,
+            mx,
+            row0,
+            q.stride(0),
+            q.stride(1),
+            wt.stride(0),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            stride_sp,
+            block_tables.stride(0),
+            scores.stride(0),
+            H=hi,
+            D=di,
+            PS=k_cache.shape[1],
+            BM=bm,
+            BN=bn,
+            HAS_SCALE=k_scale is not None,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+        lens = lengths[row0 : row0 + rows]
         if select == "radix":
-            topk_tri.launch(scores, lens, mx, out[row0: row0 + rows], topk, cand=cand,
-                            misses=misses, config=topk_config)
+            topk_tri.launch(
+                scores,
+                lens,
+                mx,
+                out[row0 : row0 + rows],
+                topk,
+                cand=cand,
+                misses=misses,
+                config=topk_config,
+            )
         elif select == "torch":
             from kernels.topk import ref as topk_ref
-            out[row0: row0 + rows] = topk_ref.topk_rows(scores, lens, topk)
+
+            out[row0 : row0 + rows] = topk_ref.topk_rows(scores, lens, topk)
     return out
 
 
-def indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, topk: int,
-                        config: dict | None = None, misses: torch.Tensor | None = None,
-                        topk_config: dict | None = None, select: str = "radix") -> torch.Tensor:
+def indexer_topk_decode(
+    q,
+    weights,
+    k_cache,
+    k_scale,
+    block_tables,
+    seq_lens,
+    topk: int,
+    config: dict | None = None,
+    misses: torch.Tensor | None = None,
+    topk_config: dict | None = None,
+    select: str = "radix",
+) -> torch.Tensor:
     """No host synchronisation: sizes come from tensor shapes (CUDA-graph friendly).
     `select` as in indexer_topk_prefill."""
     _check(q, k_cache, k_scale)
@@ -238,11 +336,31 @@ def indexer_topk_decode(q, weights, k_cache, k_scale, block_tables, seq_lens, to
     ks = k_scale if k_scale is not None else k_cache
     weights = weights.contiguous()
     _decode_logits_kernel[(width // bn, b)](
-        q, weights, k_cache, ks, block_tables, lengths, scores, mx,
-        q.stride(0), q.stride(1), weights.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_scale.stride(0) if k_scale is not None else 0, block_tables.stride(0), scores.stride(0),
-        H=hi, BH=max(16, next_pow2(hi)), D=di, PS=k_cache.shape[1], BN=bn,
-        HAS_SCALE=k_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        q,
+        weights,
+        k_cache,
+        ks,
+        block_tables,
+        lengths,
+        scores,
+        mx,
+        q.stride(0),
+        q.stride(1),
+        weights.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_scale.stride(0) if k_scale is not None else 0,
+        block_tables.stride(0),
+        scores.stride(0),
+        H=hi,
+        BH=max(16, next_pow2(hi)),
+        D=di,
+        PS=k_cache.shape[1],
+        BN=bn,
+        HAS_SCALE=k_scale is not None,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     if select == "none":
         return out
     return topk_tri.launch(scores, lengths, mx, out, topk, misses=misses, config=topk_config)

@@ -62,8 +62,9 @@ def sparse_attn_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_len
         chunk = max(1, BUDGET // (topk * (dk + dv) * hkv))
         for s in range(cu[b], cu[b + 1], chunk):
             e = min(s + chunk, cu[b + 1])
-            out[s:e] = attend_rows(q[s:e], k_cache, v_cache, block_tables[b], indices[s:e],
-                                   scale).to(q.dtype)
+            out[s:e] = attend_rows(
+                q[s:e], k_cache, v_cache, block_tables[b], indices[s:e], scale
+            ).to(q.dtype)
     return out
 
 

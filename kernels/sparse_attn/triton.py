@@ -45,16 +45,47 @@ MAX_BH = 64  # query heads per program (MMA M side); more heads -> more programs
 
 # grid: (T, Hkv * head groups, splits); each program: one token x BH heads x one slice of topk.
 @triton.jit(do_not_specialize=["topk", "per_split"])
-def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml_ptr,
-                        stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
-                        stride_vp, stride_vs, stride_vh, stride_bt, stride_it,
-                        stride_ot, stride_oh, stride_os, stride_mt, stride_mh,
-                        topk, per_split, scale_log2,
-                        G: tl.constexpr, BH: tl.constexpr, PS: tl.constexpr,
-                        DM: tl.constexpr, DT: tl.constexpr, DT_REAL: tl.constexpr,
-                        DV: tl.constexpr, DV_REAL: tl.constexpr, V_IS_K: tl.constexpr,
-                        BN: tl.constexpr, HAS_SEQ: tl.constexpr, SPLIT: tl.constexpr,
-                        WS: tl.constexpr):
+def _sparse_attn_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    seq_ptr,
+    idx_ptr,
+    o_ptr,
+    ml_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_it,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    stride_mt,
+    stride_mh,
+    topk,
+    per_split,
+    scale_log2,
+    G: tl.constexpr,
+    BH: tl.constexpr,
+    PS: tl.constexpr,
+    DM: tl.constexpr,
+    DT: tl.constexpr,
+    DT_REAL: tl.constexpr,
+    DV: tl.constexpr,
+    DV_REAL: tl.constexpr,
+    V_IS_K: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    SPLIT: tl.constexpr,
+    WS: tl.constexpr,
+):
     n_hg: tl.constexpr = (G + BH - 1) // BH
     pid_t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
@@ -73,8 +104,11 @@ def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml
     q_m = tl.load(q_row + offs_dm[None, :], mask=hmask[:, None], other=0.0)
     if DT > 0:
         offs_dt = tl.arange(0, DT)
-        q_t = tl.load(q_row + DM + offs_dt[None, :],
-                      mask=hmask[:, None] & (offs_dt[None, :] < DT_REAL), other=0.0)
+        q_t = tl.load(
+            q_row + DM + offs_dt[None, :],
+            mask=hmask[:, None] & (offs_dt[None, :] < DT_REAL),
+            other=0.0,
+        )
     offs_dv = tl.arange(0, DV)
     m_i = tl.full((BH,), float("-inf"), tl.float32)
     l_i = tl.zeros((BH,), tl.float32)
@@ -92,8 +126,11 @@ def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml
         k_m = tl.load(k_row[:, None] + offs_dm[None, :], mask=valid[:, None], other=0.0)
         s = tl.dot(q_m, tl.trans(k_m))
         if DT > 0:
-            k_t = tl.load(k_row[:, None] + DM + offs_dt[None, :],
-                          mask=valid[:, None] & (offs_dt[None, :] < DT_REAL), other=0.0)
+            k_t = tl.load(
+                k_row[:, None] + DM + offs_dt[None, :],
+                mask=valid[:, None] & (offs_dt[None, :] < DT_REAL),
+                other=0.0,
+            )
             s += tl.dot(q_t, tl.trans(k_t))
         # -- online softmax in the log2 domain; -1 slots never contribute --
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
@@ -107,8 +144,11 @@ def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml
             v = k_m
         else:
             v_row = v_ptr + page * stride_vp + (ind % PS) * stride_vs + kvh * stride_vh
-            v = tl.load(v_row[:, None] + offs_dv[None, :],
-                        mask=valid[:, None] & (offs_dv[None, :] < DV_REAL), other=0.0)
+            v = tl.load(
+                v_row[:, None] + offs_dv[None, :],
+                mask=valid[:, None] & (offs_dv[None, :] < DV_REAL),
+                other=0.0,
+            )
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     out_mask = hmask[:, None] & (offs_dv[None, :] < DV_REAL)
@@ -127,9 +167,22 @@ def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, idx_ptr, o_ptr, ml
 
 # grid: (T, H); each program merges the S partial softmaxes of one (token, head).
 @triton.jit(do_not_specialize=["n_split"])
-def _combine_kernel(part_ptr, ml_ptr, o_ptr, n_split,
-                    stride_pt, stride_ph, stride_ps, stride_mt, stride_mh, stride_ot, stride_oh,
-                    SP: tl.constexpr, DV: tl.constexpr, DV_REAL: tl.constexpr):
+def _combine_kernel(
+    part_ptr,
+    ml_ptr,
+    o_ptr,
+    n_split,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_mt,
+    stride_mh,
+    stride_ot,
+    stride_oh,
+    SP: tl.constexpr,
+    DV: tl.constexpr,
+    DV_REAL: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SP)
@@ -141,12 +194,17 @@ def _combine_kernel(part_ptr, ml_ptr, o_ptr, n_split,
     m_all = tl.max(m, 0)
     w = tl.math.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))
     denom = tl.sum(w * lse, 0)
-    part = tl.load(part_ptr + t * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps
-                   + offs_dv[None, :], mask=smask[:, None] & (offs_dv[None, :] < DV_REAL),
-                   other=0.0)
+    part = tl.load(
+        part_ptr + t * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps + offs_dv[None, :],
+        mask=smask[:, None] & (offs_dv[None, :] < DV_REAL),
+        other=0.0,
+    )
     out = tl.sum(part * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_dv, out.to(o_ptr.dtype.element_ty),
-             mask=offs_dv < DV_REAL)
+    tl.store(
+        o_ptr + t * stride_ot + h * stride_oh + offs_dv,
+        out.to(o_ptr.dtype.element_ty),
+        mask=offs_dv < DV_REAL,
+    )
 
 
 def _dims(dk: int, dv: int):
@@ -158,8 +216,11 @@ def _dims(dk: int, dv: int):
 
 
 def _v_is_k(k_cache, v_cache, dm: int) -> bool:
-    return (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
-            and v_cache.shape[3] == dm)
+    return (
+        v_cache.data_ptr() == k_cache.data_ptr()
+        and v_cache.stride() == k_cache.stride()
+        and v_cache.shape[3] == dm
+    )
 
 
 def pick_config(dk: int, device: torch.device, decode: bool = False) -> dict:
@@ -170,8 +231,9 @@ def pick_config(dk: int, device: torch.device, decode: bool = False) -> dict:
     return DEFAULT_NARROW
 
 
-def decode_splits(tokens: int, programs_per_token: int, topk: int, bn: int,
-                  device: torch.device) -> int:
+def decode_splits(
+    tokens: int, programs_per_token: int, topk: int, bn: int, device: torch.device
+) -> int:
     """Slices of the index list per token: as many as fit in one wave of one program per SM
     (at batch 64 on an H200, 2 slices beat 3, whose second partial wave costs more than the
     slices gain, and 4; benchmarks/README.md)."""
@@ -209,40 +271,101 @@ def _run(q, k_cache, v_cache, block_tables, seq_of, indices, scale, splits, conf
         o_arg, o_strides, ml_strides = out, (out.stride(0), out.stride(1), 0), (0, 0)
     v_is_k = _v_is_k(k_cache, v_cache, dm)
     _sparse_attn_kernel[(t, hkv * n_hg, splits)](
-        q, k_cache, v_cache, block_tables, seq_of if seq_of is not None else block_tables,
-        indices, o_arg, ml,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        indices.stride(0), *o_strides, *ml_strides,
-        topk, per_split, scale * LOG2E,
-        G=g, BH=bh, PS=k_cache.shape[1], DM=dm, DT=dt_pad, DT_REAL=dt, DV=dv_pad,
-        DV_REAL=dv, V_IS_K=v_is_k, BN=bn, HAS_SEQ=seq_of is not None, SPLIT=splits > 1,
-        WS=cfg.get("WS", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_of if seq_of is not None else block_tables,
+        indices,
+        o_arg,
+        ml,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        indices.stride(0),
+        *o_strides,
+        *ml_strides,
+        topk,
+        per_split,
+        scale * LOG2E,
+        G=g,
+        BH=bh,
+        PS=k_cache.shape[1],
+        DM=dm,
+        DT=dt_pad,
+        DT_REAL=dt,
+        DV=dv_pad,
+        DV_REAL=dv,
+        V_IS_K=v_is_k,
+        BN=bn,
+        HAS_SEQ=seq_of is not None,
+        SPLIT=splits > 1,
+        WS=cfg.get("WS", False),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
     if splits > 1:
         _combine_kernel[(t, h)](
-            part, ml, out, splits, part.stride(0), part.stride(1), part.stride(2),
-            ml.stride(0), ml.stride(1), out.stride(0), out.stride(1),
-            SP=max(2, next_pow2(splits)), DV=dv_pad, DV_REAL=dv, num_warps=4)
+            part,
+            ml,
+            out,
+            splits,
+            part.stride(0),
+            part.stride(1),
+            part.stride(2),
+            ml.stride(0),
+            ml.stride(1),
+            out.stride(0),
+            out.stride(1),
+            SP=max(2, next_pow2(splits)),
+            DV=dv_pad,
+            DV_REAL=dv,
+            num_warps=4,
+        )
     return out
 
 
-def sparse_attn_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, indices,
-                        scale: float, config: dict | None = None,
-                        splits: int | None = None) -> torch.Tensor:
+def sparse_attn_prefill(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_seqlens_q,
+    seq_lens,
+    indices,
+    scale: float,
+    config: dict | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
     t, b = q.shape[0], seq_lens.shape[0]
     nq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     # Sequence of each token, computed on the device (no host sync).
-    seq_of = torch.repeat_interleave(torch.arange(b, device=q.device, dtype=torch.int32), nq,
-                                     output_size=t)
+    seq_of = torch.repeat_interleave(
+        torch.arange(b, device=q.device, dtype=torch.int32), nq, output_size=t
+    )
     return _run(q, k_cache, v_cache, block_tables, seq_of, indices, scale, splits, config)
 
 
-def sparse_attn_decode(q, k_cache, v_cache, block_tables, seq_lens, indices, scale: float,
-                       config: dict | None = None, splits: int | None = None) -> torch.Tensor:
+def sparse_attn_decode(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    indices,
+    scale: float,
+    config: dict | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
     cfg = config or pick_config(q.shape[2], q.device, decode=True)
     if splits is None:
         g = q.shape[1] // k_cache.shape[2]
         per_token = k_cache.shape[2] * cdiv(g, min(MAX_BH, max(16, next_pow2(g))))
         splits = decode_splits(q.shape[0], per_token, indices.shape[1], cfg["BN"], q.device)
     return _run(q, k_cache, v_cache, block_tables, None, indices, scale, splits, cfg)
-

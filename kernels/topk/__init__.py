@@ -16,17 +16,22 @@ from kernels.topk import ref
 __all__ = ["topk_rows"]
 
 
-def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, topk: int, *,
-              impl: str | None = None) -> torch.Tensor:
+def topk_rows(
+    scores: torch.Tensor, lengths: torch.Tensor, topk: int, *, impl: str | None = None
+) -> torch.Tensor:
     if scores.dim() != 2 or scores.dtype != torch.float32:
-        raise ValueError(f"topk_rows: scores must be fp32 [R, N], got {tuple(scores.shape)} "
-                         f"{scores.dtype}")
+        raise ValueError(
+            f"topk_rows: scores must be fp32 [R, N], got {tuple(scores.shape)} {scores.dtype}"
+        )
     if lengths.shape != (scores.shape[0],) or lengths.dtype != torch.int32:
-        raise ValueError(f"topk_rows: lengths must be int32 [R={scores.shape[0]}], got "
-                         f"{tuple(lengths.shape)} {lengths.dtype}")
+        raise ValueError(
+            f"topk_rows: lengths must be int32 [R={scores.shape[0]}], got "
+            f"{tuple(lengths.shape)} {lengths.dtype}"
+        )
     if topk < 1:
         raise ValueError(f"topk_rows: topk must be >= 1, got {topk}")
     if resolve_impl(impl, scores.device) == "triton":
         from kernels.topk import triton as tri
+
         return tri.topk_rows(scores, lengths, topk)
     return ref.topk_rows(scores, lengths, topk)

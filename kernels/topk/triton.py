@@ -59,9 +59,19 @@ def _load(row_ptr, ck_ptr, ci_ptr, offs, n, mx, FROM_ROW: tl.constexpr):
 
 
 @triton.jit
-def _level(row_ptr, ck_ptr, ci_ptr, n, mx, prefix, k,
-           SHIFT: tl.constexpr, WIDTH: tl.constexpr, FROM_ROW: tl.constexpr,
-           BLOCK: tl.constexpr):
+def _level(
+    row_ptr,
+    ck_ptr,
+    ci_ptr,
+    n,
+    mx,
+    prefix,
+    k,
+    SHIFT: tl.constexpr,
+    WIDTH: tl.constexpr,
+    FROM_ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One radix digit (key bits SHIFT .. SHIFT+WIDTH-1) among keys whose higher bits equal
     `prefix`: the digit holding the k-th smallest, and how many are still needed from it."""
     ar = tl.arange(0, BLOCK)
@@ -77,8 +87,9 @@ def _level(row_ptr, ck_ptr, ci_ptr, n, mx, prefix, k,
 
 
 @triton.jit
-def _select(row_ptr, ck_ptr, ci_ptr, out_ptr, n, mx, k, n_out,
-            FROM_ROW: tl.constexpr, BLOCK: tl.constexpr):
+def _select(
+    row_ptr, ck_ptr, ci_ptr, out_ptr, n, mx, k, n_out, FROM_ROW: tl.constexpr, BLOCK: tl.constexpr
+):
     """Write the columns of the k smallest keys of the source to out[n_out : n_out + k]."""
     # -- key bits 30..23, 22..15, 14..7, 6..0 (bit 31 is 0) --
     p, k1 = _level(row_ptr, ck_ptr, ci_ptr, n, mx, 0, k, 23, 8, FROM_ROW, BLOCK)
@@ -100,9 +111,23 @@ def _select(row_ptr, ck_ptr, ci_ptr, out_ptr, n, mx, k, n_out,
 
 # grid: (R,); each program: one row, streamed in BLOCK-wide slices.
 @triton.jit(do_not_specialize=["topk", "cap"])
-def _topk_rows_kernel(s_ptr, len_ptr, mx_ptr, out_ptr, ck_ptr, ci_ptr, miss_ptr,
-                      stride_s, stride_o, stride_c, topk, cap, z,
-                      SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+def _topk_rows_kernel(
+    s_ptr,
+    len_ptr,
+    mx_ptr,
+    out_ptr,
+    ck_ptr,
+    ci_ptr,
+    miss_ptr,
+    stride_s,
+    stride_o,
+    stride_c,
+    topk,
+    cap,
+    z,
+    SAMPLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     n = tl.load(len_ptr + row)
     row_ptr = s_ptr + row * stride_s
@@ -153,8 +178,9 @@ def _topk_rows_kernel(s_ptr, len_ptr, mx_ptr, out_ptr, ck_ptr, ci_ptr, miss_ptr,
                 n_c += tl.sum(win, 0)
             ok = (n_out < topk) & (n_out + n_c >= topk) & (n_c <= cap)
             if ok:
-                _select(row_ptr, ck_ptr, ci_ptr, out_ptr, n_c, mx, topk - n_out, n_out, False,
-                        BLOCK)
+                _select(
+                    row_ptr, ck_ptr, ci_ptr, out_ptr, n_c, mx, topk - n_out, n_out, False, BLOCK
+                )
             done = ok.to(tl.int32)
         if done == 0:
             # -- short row, or the sample missed: exact select over the whole row --
@@ -166,12 +192,24 @@ def _topk_rows_kernel(s_ptr, len_ptr, mx_ptr, out_ptr, ck_ptr, ci_ptr, miss_ptr,
 def scratch(rows: int, device: torch.device, cap: int | None = None):
     """Candidate buffers (keys, columns) for `rows` rows; callers may reuse them across launches."""
     cap = cap or CAP
-    return (torch.empty((rows, cap), dtype=torch.int32, device=device),
-            torch.empty((rows, cap), dtype=torch.int32, device=device))
+    return (
+        torch.empty((rows, cap), dtype=torch.int32, device=device),
+        torch.empty((rows, cap), dtype=torch.int32, device=device),
+    )
 
 
-def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int | None = None,
-           config: dict | None = None, z: float = Z, misses: torch.Tensor | None = None):
+def launch(
+    scores,
+    lengths,
+    row_max,
+    out,
+    topk: int,
+    cand=None,
+    cap: int | None = None,
+    config: dict | None = None,
+    z: float = Z,
+    misses: torch.Tensor | None = None,
+):
     """Top-k of rows of `scores` into `out` [R, topk] int32, given each row's visible maximum
     (`row_max` [R] fp32, only read for rows longer than topk). `cand` buffers fix the
     capacity; `misses` (int32 [1]), if given, counts rows whose sampled bracket missed (the
@@ -187,21 +225,43 @@ def launch(scores, lengths, row_max, out, topk: int, cand=None, cap: int | None 
     assert ck.shape[0] >= r and ck.shape[1] == cap >= 1
     if misses is None:
         misses = torch.zeros(1, dtype=torch.int32, device=scores.device)
-    _topk_rows_kernel[(r,)](scores, lengths, row_max, out, ck, ci, misses, scores.stride(0),
-                            out.stride(0), ck.stride(0), topk, cap, z,
-                            SAMPLE=SAMPLE if cuda else INTERPRET_SAMPLE,
-                            BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+    _topk_rows_kernel[(r,)](
+        scores,
+        lengths,
+        row_max,
+        out,
+        ck,
+        ci,
+        misses,
+        scores.stride(0),
+        out.stride(0),
+        ck.stride(0),
+        topk,
+        cap,
+        z,
+        SAMPLE=SAMPLE if cuda else INTERPRET_SAMPLE,
+        BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
+    )
     return out
 
 
-def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, topk: int, cap: int | None = None,
-              config: dict | None = None, z: float = Z,
-              misses: torch.Tensor | None = None) -> torch.Tensor:
+def topk_rows(
+    scores: torch.Tensor,
+    lengths: torch.Tensor,
+    topk: int,
+    cap: int | None = None,
+    config: dict | None = None,
+    z: float = Z,
+    misses: torch.Tensor | None = None,
+) -> torch.Tensor:
     scores = scores.contiguous()
     cols = torch.arange(scores.shape[1], device=scores.device)
     visible = cols[None, :] < lengths[:, None]
-    row_max = scores.masked_fill(~visible, float("-inf")).amax(1) if scores.shape[1] else \
-        torch.zeros(scores.shape[0], device=scores.device)
+    row_max = (
+        scores.masked_fill(~visible, float("-inf")).amax(1)
+        if scores.shape[1]
+        else torch.zeros(scores.shape[0], device=scores.device)
+    )
     out = torch.empty((scores.shape[0], topk), dtype=torch.int32, device=scores.device)
-    return launch(scores, lengths, row_max, out, topk, cap=cap, config=config, z=z,
-                  misses=misses)
+    return launch(scores, lengths, row_max, out, topk, cap=cap, config=config, z=z, misses=misses)

@@ -8,6 +8,16 @@ from model.calibration.overlap import topk_overlap
 from model.calibration.plan_file import read_plan, write_plan
 from model.calibration.search import SearchResult, greedy_search
 
-__all__ = ["CalibrationData", "DistillConfig", "IndexerDistiller", "PlanEvaluator", "SearchResult",
-           "export_checkpoint", "greedy_search", "load_calibration", "read_plan", "topk_overlap",
-           "write_plan"]
+__all__ = [
+    "CalibrationData",
+    "DistillConfig",
+    "IndexerDistiller",
+    "PlanEvaluator",
+    "SearchResult",
+    "export_checkpoint",
+    "greedy_search",
+    "load_calibration",
+    "read_plan",
+    "topk_overlap",
+    "write_plan",
+]

@@ -40,8 +40,13 @@ class CalibrationData:
         return list(self.ids.split(batch_size))
 
     def provenance(self) -> dict:
-        return {"calibration_data_hash": self.sha256, "data_files": self.files,
-                "documents": self.documents, "seq_len": self.seq_len, "num_seqs": self.num_seqs}
+        return {
+            "calibration_data_hash": self.sha256,
+            "data_files": self.files,
+            "documents": self.documents,
+            "seq_len": self.seq_len,
+            "num_seqs": self.num_seqs,
+        }
 
 
 def read_documents(path: str | Path, tokenizer: Tokenizer | None = None) -> list[str]:
@@ -81,20 +86,36 @@ def _record_text(rec, where: str, tokenizer: Tokenizer | None) -> str:
         return rec["text"]
     if "messages" in rec:
         msgs = rec["messages"]
-        if not isinstance(msgs, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in msgs) or not msgs:
-            raise ValueError(f"data: {where} field 'messages' must be a non-empty list of "
-                             "{'role': str, 'content': str}")
+        if (
+            not isinstance(msgs, list)
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+            or not msgs
+        ):
+            raise ValueError(
+                f"data: {where} field 'messages' must be a non-empty list of "
+                "{'role': str, 'content': str}"
+            )
         if tokenizer is None or tokenizer.chat_template is None:
-            raise ValueError(f"data: {where} has chat 'messages' but the model's tokenizer has no "
-                             "chat template; use {'text': ...} records")
+            raise ValueError(
+                f"data: {where} has chat 'messages' but the model's tokenizer has no "
+                "chat template; use {'text': ...} records"
+            )
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=False)
     raise ValueError(f"data: {where} has neither 'text' nor 'messages' (keys: {sorted(rec)[:5]})")
 
 
-def load_calibration(paths: list[str | Path] | str | Path, tokenizer: Tokenizer, seq_len: int,
-                     num_seqs: int, min_seq_len: int = 2) -> CalibrationData:
+def load_calibration(
+    paths: list[str | Path] | str | Path,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    num_seqs: int,
+    min_seq_len: int = 2,
+) -> CalibrationData:
     """Tokenise `paths` and pack the first num_seqs * seq_len tokens into rows.
 
     `min_seq_len`: the caller's floor (calibration needs more than `index_topk` tokens per row,
@@ -113,17 +134,24 @@ def load_calibration(paths: list[str | Path] | str | Path, tokenizer: Tokenizer,
     files, n_docs = [], 0
     for p in paths:
         docs = read_documents(p, tokenizer)
-        files.append({"name": Path(p).name, "documents": len(docs),
-                      "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()})
+        files.append(
+            {
+                "name": Path(p).name,
+                "documents": len(docs),
+                "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest(),
+            }
+        )
         for d in docs:
             if len(stream) >= need:
                 break
             stream += tokenizer.encode(d) + sep
             n_docs += 1
     if len(stream) < need:
-        raise ValueError(f"data: {len(stream)} tokens in {', '.join(str(p) for p in paths)}, "
-                         f"need num_seqs * seq_len = {num_seqs} * {seq_len} = {need}; lower "
-                         "num_seqs or seq_len, or add data")
+        raise ValueError(
+            f"data: {len(stream)} tokens in {', '.join(str(p) for p in paths)}, "
+            f"need num_seqs * seq_len = {num_seqs} * {seq_len} = {need}; lower "
+            "num_seqs or seq_len, or add data"
+        )
     ids = torch.tensor(stream[:need], dtype=torch.int64).view(num_seqs, seq_len)
     h = hashlib.sha256(f"{num_seqs}x{seq_len}:".encode())
     h.update(ids.to(torch.int32).numpy().tobytes())

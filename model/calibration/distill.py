@@ -37,8 +37,13 @@ from model.index_cache import IndexCacheConfig
 from model.save import save_checkpoint
 
 LOSSES = ("multi", "single")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "generation_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
 
 
 @dataclass(frozen=True)
@@ -90,13 +95,15 @@ class IndexerDistiller:
         self.params = indexer_parameters(model)
         for p in self.params.values():
             p.requires_grad_(True)
-        self.opt = torch.optim.AdamW(self.params.values(), lr=self.cfg.lr,
-                                     weight_decay=self.cfg.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.params.values(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
         self.step, self.history = 0, []
 
     # -- loss ------------------------------------------------------------------------------
-    def batch_loss(self, ids: torch.Tensor,
-                   backward: bool = True) -> tuple[float, dict[int, float]]:
+    def batch_loss(
+        self, ids: torch.Tensor, backward: bool = True
+    ) -> tuple[float, dict[int, float]]:
         """Mean per-token loss over F layers for ids [B, S]; accumulates indexer gradients when
         `backward`. Returns (mean over F layers, {F layer: loss})."""
         model = self.model
@@ -133,9 +140,14 @@ class IndexerDistiller:
                 e = min(c + self.cfg.chunk, hi)
                 pos = ctx.positions[c:e]
                 with torch.no_grad():
-                    ps = [head_summed(attention_probs(qk[j][1][c:e], qk[j][2][lo:hi],
-                                                      layers[j].self_attn.scale, pos))
-                          for j in self.groups[l]]
+                    ps = [
+                        head_summed(
+                            attention_probs(
+                                qk[j][1][c:e], qk[j][2][lo:hi], layers[j].self_attn.scale, pos
+                            )
+                        )
+                        for j in self.groups[l]
+                    ]
                 with torch.set_grad_enabled(backward):
                     loss = multi_layer_kl(ps, indexer_logits(iq[c:e], iw[c:e], ik[lo:hi], pos))
                     loss = loss / t_total
@@ -147,14 +159,24 @@ class IndexerDistiller:
         return total
 
     # -- training --------------------------------------------------------------------------
-    def train(self, batches: list[torch.Tensor], out: str | Path | None = None,
-              progress: bool = True, meta: dict | None = None) -> list[dict]:
+    def train(
+        self,
+        batches: list[torch.Tensor],
+        out: str | Path | None = None,
+        progress: bool = True,
+        meta: dict | None = None,
+    ) -> list[dict]:
         """Steps self.step..cfg.steps-1; step s uses batches[s % len(batches)]."""
         if not batches:
             raise ValueError("distill needs at least one batch")
         params = list(self.params.values())
-        with tqdm(total=self.cfg.steps, initial=self.step, desc="distill indexers", unit="step",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            desc="distill indexers",
+            unit="step",
+            disable=not progress,
+        ) as bar:
             while self.step < self.cfg.steps:
                 t0 = time.perf_counter()
                 self.opt.zero_grad(set_to_none=True)
@@ -163,13 +185,20 @@ class IndexerDistiller:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 self.opt.step()
                 self.step += 1
-                self.history.append({"step": self.step, "loss": loss, "grad_norm": gnorm,
-                                     "layers": {str(k): v for k, v in per.items()},
-                                     "seconds": time.perf_counter() - t0})
+                self.history.append(
+                    {
+                        "step": self.step,
+                        "loss": loss,
+                        "grad_norm": gnorm,
+                        "layers": {str(k): v for k, v in per.items()},
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if out is not None and (self.step % self.cfg.checkpoint_every == 0
-                                        or self.step == self.cfg.steps):
+                if out is not None and (
+                    self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps
+                ):
                     self.save(out, meta)
         return self.history
 
@@ -180,39 +209,55 @@ class IndexerDistiller:
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.params.items()}
         _atomic(out / "indexer.safetensors", lambda f: save_file(tensors, f))
         _atomic(out / "optimizer.pt", lambda f: torch.save(self.opt.state_dict(), f))
-        state = {"step": self.step, "pattern": self.plan.pattern, "config": asdict(self.cfg),
-                 "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "history": self.history, **(meta or {})}
+        state = {
+            "step": self.step,
+            "pattern": self.plan.pattern,
+            "config": asdict(self.cfg),
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "history": self.history,
+            **(meta or {}),
+        }
         _atomic(out / "state.json", lambda f: Path(f).write_text(json.dumps(state, indent=1)))
 
     def load(self, out: str | Path) -> None:
         """Resume from a checkpoint directory written by `save` for the same plan."""
         out = Path(out)
-        missing = [f for f in ("indexer.safetensors", "optimizer.pt", "state.json")
-                   if not (out / f).is_file()]
+        missing = [
+            f
+            for f in ("indexer.safetensors", "optimizer.pt", "state.json")
+            if not (out / f).is_file()
+        ]
         if missing:
             raise ValueError(f"resume: {out} has no {', '.join(missing)}")
         state = json.loads((out / "state.json").read_text())
         if state.get("pattern") != self.plan.pattern:
-            raise ValueError(f"resume: checkpoint plan {state.get('pattern')} differs from this "
-                             f"run's plan {self.plan.pattern}")
+            raise ValueError(
+                f"resume: checkpoint plan {state.get('pattern')} differs from this "
+                f"run's plan {self.plan.pattern}"
+            )
         if state["config"]["loss"] != self.cfg.loss:
-            raise ValueError(f"resume: checkpoint loss {state['config']['loss']!r} differs from "
-                             f"{self.cfg.loss!r}")
+            raise ValueError(
+                f"resume: checkpoint loss {state['config']['loss']!r} differs from "
+                f"{self.cfg.loss!r}"
+            )
         with safe_open(out / "indexer.safetensors", "pt", device="cpu") as f:
             names = set(f.keys())
             if names != set(self.params):
-                raise ValueError(f"resume: indexer tensors differ from the model's: "
-                                 f"{sorted(names ^ set(self.params))[:5]}")
+                raise ValueError(
+                    f"resume: indexer tensors differ from the model's: "
+                    f"{sorted(names ^ set(self.params))[:5]}"
+                )
             with torch.no_grad():
                 for n, p in self.params.items():
                     t = f.get_tensor(n)
                     if t.shape != p.shape:
-                        raise ValueError(f"resume: {n} has shape {list(t.shape)}, the model "
-                                         f"{list(p.shape)}")
+                        raise ValueError(
+                            f"resume: {n} has shape {list(t.shape)}, the model {list(p.shape)}"
+                        )
                     p.copy_(t)
-        self.opt.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True,
-                                            map_location=self.model.device))
+        self.opt.load_state_dict(
+            torch.load(out / "optimizer.pt", weights_only=True, map_location=self.model.device)
+        )
         self.step, self.history = int(state["step"]), list(state["history"])
 
 

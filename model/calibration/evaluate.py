@@ -41,8 +41,10 @@ class Boundaries:
 def require_all_full(model: DSAForCausalLM) -> None:
     missing = [i for i, layer in enumerate(model.model.layers) if layer.self_attn.indexer is None]
     if missing:
-        raise ValueError(f"calibration needs every layer's indexer: layers {missing} have none. "
-                         "Load an all-F checkpoint with index_cache='F' * num_layers")
+        raise ValueError(
+            f"calibration needs every layer's indexer: layers {missing} have none. "
+            "Load an all-F checkpoint with index_cache='F' * num_layers"
+        )
 
 
 def shared_layers(plan: IndexCacheConfig | str) -> frozenset[int]:
@@ -66,8 +68,12 @@ def predicted_tokens(ids: torch.Tensor) -> int:
 class PlanEvaluator:
     """Scores plans on `batches` (each [b, seq_len] int64 ids). The model must hold all indexers."""
 
-    def __init__(self, model: DSAForCausalLM, batches: list[torch.Tensor],
-                 boundary_device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model: DSAForCausalLM,
+        batches: list[torch.Tensor],
+        boundary_device: torch.device | str | None = None,
+    ):
         require_all_full(model)
         if not batches:
             raise ValueError("calibration needs at least one batch")
@@ -87,9 +93,15 @@ class PlanEvaluator:
             self._contexts[key] = ctx
         return self._contexts[key]
 
-    def run_layers(self, h: torch.Tensor, ctx: ForwardContext, start: int,
-                   topk: torch.Tensor | None, skip: frozenset[int],
-                   record: Boundaries | None = None) -> torch.Tensor:
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        ctx: ForwardContext,
+        start: int,
+        topk: torch.Tensor | None,
+        skip: frozenset[int],
+        record: Boundaries | None = None,
+    ) -> torch.Tensor:
         """Layers start..N-1 from hidden `h` and indices `topk` entering `start`."""
         ctx.topk, ctx.skip_indexer = topk, skip
         # S layers share their F layer's tensor: store it once (the original is kept alive in
@@ -111,8 +123,9 @@ class PlanEvaluator:
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         for s in range(0, h.shape[0], LOSS_ROWS):
             logits = self.model.lm_head(h[s : s + LOSS_ROWS]).float()
-            total += F.cross_entropy(logits, tgt[s : s + LOSS_ROWS], ignore_index=-100,
-                                     reduction="sum").double()
+            total += F.cross_entropy(
+                logits, tgt[s : s + LOSS_ROWS], ignore_index=-100, reduction="sum"
+            ).double()
         return float(total)
 
     @torch.no_grad()
@@ -129,20 +142,27 @@ class PlanEvaluator:
         ids = self.batches[b]
         ctx = self.context(ids)
         rec = Boundaries(hidden=[], topk=[], loss_sum=0.0)
-        h = self.run_layers(self.model.model.embed_tokens(ids.reshape(-1)), ctx, 0, None, skip,
-                            record=rec)
+        h = self.run_layers(
+            self.model.model.embed_tokens(ids.reshape(-1)), ctx, 0, None, skip, record=rec
+        )
         rec.loss_sum = self.loss_sum(h, self.targets[b])
         return rec
 
     @torch.no_grad()
-    def suffix_loss_sum(self, b: int, bounds: Boundaries, start: int,
-                        skip: frozenset[int]) -> float:
+    def suffix_loss_sum(
+        self, b: int, bounds: Boundaries, start: int, skip: frozenset[int]
+    ) -> float:
         """Score a plan that agrees with the recorded one on layers < start."""
         ctx = self.context(self.batches[b])
         dev = self.model.device
         topk = bounds.topk[start]
-        h = self.run_layers(bounds.hidden[start].to(dev), ctx, start,
-                            topk.to(dev) if topk is not None else None, skip)
+        h = self.run_layers(
+            bounds.hidden[start].to(dev),
+            ctx,
+            start,
+            topk.to(dev) if topk is not None else None,
+            skip,
+        )
         return self.loss_sum(h, self.targets[b])
 
     def loss(self, plan: IndexCacheConfig | str) -> float:
@@ -155,6 +175,7 @@ class PlanEvaluator:
         """Logits [B, S, V] of `ids` under `plan` (for checking against a model built with it)."""
         ctx = scratch_context(self.model, *ids.shape)
         self.model.prepare(ctx)
-        h = self.run_layers(self.model.model.embed_tokens(ids.reshape(-1)), ctx, 0, None,
-                            shared_layers(plan))
+        h = self.run_layers(
+            self.model.model.embed_tokens(ids.reshape(-1)), ctx, 0, None, shared_layers(plan)
+        )
         return self.model.lm_head(self.model.model.norm(h)).view(*ids.shape, -1)

@@ -25,8 +25,9 @@ def causal_mask(pos: torch.Tensor, n_keys: int) -> torch.Tensor:
     return torch.arange(n_keys, device=pos.device)[None, :] <= pos[:, None]
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
-                    pos: torch.Tensor) -> torch.Tensor:
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float, pos: torch.Tensor
+) -> torch.Tensor:
     """Dense causal softmax per head: q [C, H, D], keys of the sequence k [S, Hkv, D] (head h reads
     KV head h // (H / Hkv), so MLA's absorbed form is Hkv = 1) -> [C, H, S] fp32."""
     c, h, d = q.shape
@@ -42,8 +43,9 @@ def head_summed(probs: torch.Tensor) -> torch.Tensor:
     return probs.mean(dim=1)
 
 
-def indexer_logits(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor,
-                   pos: torch.Tensor) -> torch.Tensor:
+def indexer_logits(
+    q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
     """Indexer scores I [C, S] fp32 (the kernels' reference formula), -inf past each query:
     q [C, HI, DI], w [C, HI] (scales folded), keys of the sequence k [S, DI]."""
     ones = torch.ones(k.shape[0], device=k.device)

@@ -21,8 +21,7 @@ def pair_overlap(a_sorted: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def topk_overlap(model: DSAForCausalLM, batches: list[torch.Tensor],
-                 progress: bool = True) -> dict:
+def topk_overlap(model: DSAForCausalLM, batches: list[torch.Tensor], progress: bool = True) -> dict:
     """-> {"overlap": N x N mean overlap, "adjacent_mean", "rows", ...} on all-F `model`."""
     ev = PlanEvaluator(model, batches)
     n, k = ev.num_layers, model.config.index_topk
@@ -49,6 +48,11 @@ def topk_overlap(model: DSAForCausalLM, batches: list[torch.Tensor],
         raise ValueError(f"overlap: no query has more than index_topk={k} keys; use seq_len > {k}")
     mean = (sums / (rows * k)).tolist()
     adjacent = [mean[i][i + 1] for i in range(n - 1)]
-    return {"num_layers": n, "index_topk": k, "rows": rows, "overlap": mean,
-            "adjacent": adjacent,
-            "adjacent_mean": sum(adjacent) / len(adjacent) if adjacent else None}
+    return {
+        "num_layers": n,
+        "index_topk": k,
+        "rows": rows,
+        "overlap": mean,
+        "adjacent": adjacent,
+        "adjacent_mean": sum(adjacent) / len(adjacent) if adjacent else None,
+    }

@@ -14,9 +14,15 @@ from model.index_cache import IndexCacheConfig
 
 
 def plan_document(plan: IndexCacheConfig, provenance: dict) -> dict:
-    return {"index_topk_pattern": plan.pattern, "indexer_types": plan.indexer_types,
-            "num_layers": plan.num_layers, "full_layers": list(plan.full_layers),
-            "retention": plan.retention, "plan_id": plan.plan_id, "provenance": provenance}
+    return {
+        "index_topk_pattern": plan.pattern,
+        "indexer_types": plan.indexer_types,
+        "num_layers": plan.num_layers,
+        "full_layers": list(plan.full_layers),
+        "retention": plan.retention,
+        "plan_id": plan.plan_id,
+        "provenance": provenance,
+    }
 
 
 def write_plan(path: str | Path, plan: IndexCacheConfig, provenance: dict) -> Path:

@@ -31,8 +31,13 @@ def search_curve(trajectory: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(xs, ys, marker="o", ms=3)
     for x, y, s in zip(xs[1:], ys[1:], steps, strict=True):
-        ax.annotate(",".join(map(str, s["flipped"])), (x, y), fontsize=7, xytext=(2, 4),
-                    textcoords="offset points")
+        ax.annotate(
+            ",".join(map(str, s["flipped"])),
+            (x, y),
+            fontsize=7,
+            xytext=(2, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel(f"shared (S) layers of {n}")
     _integer_ticks(ax.xaxis)
     ax.set_ylabel("calibration LM loss (nats/token)")
@@ -53,8 +58,11 @@ def overlap_heatmap(overlap: dict, path: str | Path) -> Path:
     ax.set_ylabel("layer i")
     _integer_ticks(ax.xaxis, ax.yaxis)
     adj = overlap.get("adjacent_mean")
-    ax.set_title(f"top-k overlap ({overlap['rows']} queries"
-                 + (f", adjacent mean {adj:.2f})" if adj is not None else ")"), fontsize=9)
+    ax.set_title(
+        f"top-k overlap ({overlap['rows']} queries"
+        + (f", adjacent mean {adj:.2f})" if adj is not None else ")"),
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -80,19 +80,31 @@ class SearchResult:
         evals = self.candidate_evals
         search_s = sum(s.seconds for s in self.steps)
         return {
-            "pattern": self.plan.pattern, "num_layers": self.plan.num_layers,
-            "retain": self.retain, "target_full_layers": self.target_full,
-            "retention": self.plan.retention, "pipeline_blocks": [list(b) for b in self.blocks],
-            "base_loss": self.base_loss, "final_loss": self.final_loss,
-            "tokens_per_eval": self.tokens, "reuse_prefix": self.reuse_prefix,
-            "seconds": self.seconds, "candidate_evals": evals,
+            "pattern": self.plan.pattern,
+            "num_layers": self.plan.num_layers,
+            "retain": self.retain,
+            "target_full_layers": self.target_full,
+            "retention": self.plan.retention,
+            "pipeline_blocks": [list(b) for b in self.blocks],
+            "base_loss": self.base_loss,
+            "final_loss": self.final_loss,
+            "tokens_per_eval": self.tokens,
+            "reuse_prefix": self.reuse_prefix,
+            "seconds": self.seconds,
+            "candidate_evals": evals,
             "candidate_evals_per_s": evals / search_s if search_s > 0 else None,
             "layer_forwards": self.layer_forwards,
             "naive_layer_forwards": self.naive_layer_forwards,
             "layer_work_vs_naive": self.layer_forwards / max(self.naive_layer_forwards, 1),
-            "steps": [{**asdict(s), "delta": s.delta, "evals_per_s": s.evals_per_s,
-                       "candidates": {str(k): v for k, v in s.candidates.items()}}
-                      for s in self.steps],
+            "steps": [
+                {
+                    **asdict(s),
+                    "delta": s.delta,
+                    "evals_per_s": s.evals_per_s,
+                    "candidates": {str(k): v for k, v in s.candidates.items()},
+                }
+                for s in self.steps
+            ],
             **self.extra,
         }
 
@@ -117,9 +129,11 @@ def target_full_layers(num_layers: int, retain: float, fixed: int = 1) -> int:
         raise ValueError(f"retain must be in (0, 1], got {retain!r}")
     n = max(1, math.ceil(retain * num_layers - 1e-9))
     if n < fixed:
-        raise ValueError(f"retain={retain} keeps {n} of {num_layers} layers F, but {fixed} "
-                         "pipeline blocks each fix their first layer as F; raise retain or use "
-                         "fewer blocks")
+        raise ValueError(
+            f"retain={retain} keeps {n} of {num_layers} layers F, but {fixed} "
+            "pipeline blocks each fix their first layer as F; raise retain or use "
+            "fewer blocks"
+        )
     return n
 
 
@@ -129,14 +143,17 @@ def block_quotas(blocks: list[tuple[int, int]], target: int) -> list[int]:
     sizes = [b - a for a, b in blocks]
     quota = [1] * len(blocks)
     for _ in range(target - len(blocks)):
-        i = max((i for i in range(len(blocks)) if quota[i] < sizes[i]),
-                key=lambda i: target * sizes[i] / n - quota[i])
+        i = max(
+            (i for i in range(len(blocks)) if quota[i] < sizes[i]),
+            key=lambda i: target * sizes[i] / n - quota[i],
+        )
         quota[i] += 1
     return quota
 
 
-def _score(ev: PlanEvaluator, pattern: list[str], cands: list[int], reuse_prefix: bool,
-           bar) -> tuple[float, dict[int, float], int]:
+def _score(
+    ev: PlanEvaluator, pattern: list[str], cands: list[int], reuse_prefix: bool, bar
+) -> tuple[float, dict[int, float], int]:
     """-> (loss of `pattern`, loss with each candidate flipped alone, layer forwards run)."""
     skip = shared_layers("".join(pattern))
     n = ev.num_layers
@@ -159,17 +176,24 @@ def _score(ev: PlanEvaluator, pattern: list[str], cands: list[int], reuse_prefix
         work += n
     cur /= ev.tokens
     if not math.isfinite(cur):
-        raise ValueError(f"calibration loss of plan {''.join(pattern)} is {cur}: the model "
-                         "produces non-finite logits (try --dtype float32)")
+        raise ValueError(
+            f"calibration loss of plan {''.join(pattern)} is {cur}: the model "
+            "produces non-finite logits (try --dtype float32)"
+        )
     # A flip that breaks the model numerically is never the cheapest one.
-    return cur, {l: s / ev.tokens if math.isfinite(s) else math.inf
-                 for l, s in sums.items()}, work
+    return cur, {l: s / ev.tokens if math.isfinite(s) else math.inf for l, s in sums.items()}, work
 
 
-def greedy_search(model: DSAForCausalLM, batches: list[torch.Tensor], retain: float, *,
-                  pipeline_blocks: int = 1, reuse_prefix: bool = True,
-                  boundary_device: torch.device | str | None = None,
-                  progress: bool = True) -> SearchResult:
+def greedy_search(
+    model: DSAForCausalLM,
+    batches: list[torch.Tensor],
+    retain: float,
+    *,
+    pipeline_blocks: int = 1,
+    reuse_prefix: bool = True,
+    boundary_device: torch.device | str | None = None,
+    progress: bool = True,
+) -> SearchResult:
     """Greedy search down to `retain` (fraction of F layers) on fixed `batches` [b, seq_len].
 
     `model` must be built all-F. Ties go to the lowest layer index, so results are deterministic."""
@@ -186,15 +210,24 @@ def greedy_search(model: DSAForCausalLM, batches: list[torch.Tensor], retain: fl
     total_steps = max(b - a - q for (a, b), q in zip(blocks, quotas, strict=True))
     with tqdm(total=total_steps, desc="greedy search", unit="step", disable=not progress) as bar:
         while True:
-            active = [(a, b) for (a, b), q in zip(blocks, quotas, strict=True)
-                      if pattern[a:b].count("F") > q]
+            active = [
+                (a, b)
+                for (a, b), q in zip(blocks, quotas, strict=True)
+                if pattern[a:b].count("F") > q
+            ]
             if not active:
                 break
-            cands = [l for a, b in active for l in range(a, b)
-                     if pattern[l] == "F" and l not in fixed]
+            cands = [
+                l for a, b in active for l in range(a, b) if pattern[l] == "F" and l not in fixed
+            ]
             t0 = time.perf_counter()
-            with tqdm(total=len(cands) * len(ev.batches), desc=f"step {len(steps) + 1}",
-                      unit="eval", leave=False, disable=not progress) as inner:
+            with tqdm(
+                total=len(cands) * len(ev.batches),
+                desc=f"step {len(steps) + 1}",
+                unit="eval",
+                leave=False,
+                disable=not progress,
+            ) as inner:
                 cur, losses, w = _score(ev, pattern, cands, reuse_prefix, inner)
             work += w
             naive_work += (len(cands) + 1) * n * len(ev.batches)
@@ -202,24 +235,42 @@ def greedy_search(model: DSAForCausalLM, batches: list[torch.Tensor], retain: fl
                 base_loss = cur
             if steps and math.isnan(steps[-1].loss):  # multi-flip step: measured only now
                 steps[-1].loss = cur
-            flips = [min((l for l in cands if a <= l < b), key=lambda l: (losses[l], l))
-                     for a, b in active]
+            flips = [
+                min((l for l in cands if a <= l < b), key=lambda l: (losses[l], l))
+                for a, b in active
+            ]
             for l in flips:
                 pattern[l] = "S"
             # One flip: its candidate score is the new plan's loss (the same computation).
             loss = losses[flips[0]] if len(flips) == 1 else float("nan")
-            steps.append(SearchStep(step=len(steps) + 1, flipped=flips, loss_before=cur,
-                                    loss=loss, pattern="".join(pattern),
-                                    candidates=losses, seconds=time.perf_counter() - t0,
-                                    candidate_evals=len(cands)))
+            steps.append(
+                SearchStep(
+                    step=len(steps) + 1,
+                    flipped=flips,
+                    loss_before=cur,
+                    loss=loss,
+                    pattern="".join(pattern),
+                    candidates=losses,
+                    seconds=time.perf_counter() - t0,
+                    candidate_evals=len(cands),
+                )
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{cur if math.isnan(loss) else loss:.4f}", F=pattern.count("F"))
     if base_loss is None:  # retain == 1: nothing to flip
         base_loss = ev.loss("F" * n)
     if steps and math.isnan(steps[-1].loss):
         steps[-1].loss = ev.loss("".join(pattern))
-    return SearchResult(plan=IndexCacheConfig("".join(pattern), "calibration"),
-                        base_loss=base_loss, steps=steps, retain=retain, target_full=target,
-                        blocks=blocks, reuse_prefix=reuse_prefix,
-                        seconds=time.perf_counter() - t_start, layer_forwards=work,
-                        naive_layer_forwards=naive_work, tokens=ev.tokens)
+    return SearchResult(
+        plan=IndexCacheConfig("".join(pattern), "calibration"),
+        base_loss=base_loss,
+        steps=steps,
+        retain=retain,
+        target_full=target,
+        blocks=blocks,
+        reuse_prefix=reuse_prefix,
+        seconds=time.perf_counter() - t_start,
+        layer_forwards=work,
+        naive_layer_forwards=naive_work,
+        tokens=ev.tokens,
+    )

@@ -14,7 +14,6 @@ from model.layers.indexer import LightningIndexer
 from model.layers.norm import RMSNorm
 from model.layers.rotary import apply_rotary
 
-
 # The latent norms use a fixed 1e-6, not rms_norm_eps: DeepSeek's reference and transformers do so
 # (vLLM passes rms_norm_eps, which differs only for GLM's 1e-5 and can flip near-tied top-k picks).
 LATENT_NORM_EPS = 1e-6
@@ -22,10 +21,12 @@ LATENT_NORM_EPS = 1e-6
 
 def _attend(q, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Tensor:
     if ctx.is_decode:
-        return sparse_attn_decode(q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.topk,
-                                  scale)
-    return sparse_attn_prefill(q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q,
-                               ctx.seq_lens, ctx.topk, scale)
+        return sparse_attn_decode(
+            q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, ctx.topk, scale
+        )
+    return sparse_attn_prefill(
+        q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, ctx.topk, scale
+    )
 
 
 class MLAttention(nn.Module):
@@ -38,7 +39,11 @@ class MLAttention(nn.Module):
         self.layer_id = layer_id
         self.n_heads = cfg.num_attention_heads
         self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.rank, self.interleave, self.scale = cfg.kv_lora_rank, cfg.rope_interleave, cfg.softmax_scale
+        self.rank, self.interleave, self.scale = (
+            cfg.kv_lora_rank,
+            cfg.rope_interleave,
+            cfg.softmax_scale,
+        )
         h, d, bias = self.n_heads, cfg.hidden_size, cfg.attention_bias
         if cfg.q_lora_rank:
             self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
@@ -95,7 +100,11 @@ class GQAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool):
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.hd = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.scale = cfg.softmax_scale
         d, bias = cfg.hidden_size, cfg.attention_bias
         self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=bias)

@@ -36,14 +36,19 @@ class LightningIndexer(nn.Module):
         t = x.shape[0]
         cos, sin = ctx.rope[self.rope_dim]
         q = self.wq_b(q_in).view(t, self.n_heads, self.head_dim)
-        k = F.layer_norm(self.wk(x).float(), (self.head_dim,), self.k_norm.weight.float(),
-                         self.k_norm.bias.float(), self.k_norm.eps).to(x.dtype)
+        k = F.layer_norm(
+            self.wk(x).float(),
+            (self.head_dim,),
+            self.k_norm.weight.float(),
+            self.k_norm.bias.float(),
+            self.k_norm.eps,
+        ).to(x.dtype)
         # The rotated dims come first in the indexer head (MLA puts them last).
         r = self.rope_dim
         q = torch.cat([apply_rotary(q[..., :r], cos, sin, self.interleave), q[..., r:]], -1)
         k = torch.cat([apply_rotary(k[:, :r], cos, sin, self.interleave), k[:, r:]], -1)
         w = F.linear(x.float(), self.weights_proj.weight.float())
-        w = w * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        w = w * (self.n_heads**-0.5 * self.head_dim**-0.5)
         return q, k, w
 
     def forward(self, x: torch.Tensor, q_in: torch.Tensor, ctx: ForwardContext) -> None:
@@ -60,8 +65,10 @@ class LightningIndexer(nn.Module):
             store_rows(k_scale, k_s[:, 0], ctx.slot_mapping)
         store_rows(k_cache, k, ctx.slot_mapping)
         if ctx.is_decode:
-            ctx.topk = indexer_topk_decode(q, w, k_cache, k_scale, ctx.block_tables, ctx.seq_lens,
-                                           self.topk)
+            ctx.topk = indexer_topk_decode(
+                q, w, k_cache, k_scale, ctx.block_tables, ctx.seq_lens, self.topk
+            )
         else:
-            ctx.topk = indexer_topk_prefill(q, w, k_cache, k_scale, ctx.block_tables,
-                                            ctx.cu_seqlens_q, ctx.seq_lens, self.topk)
+            ctx.topk = indexer_topk_prefill(
+                q, w, k_cache, k_scale, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, self.topk
+            )

@@ -31,9 +31,14 @@ class Router(nn.Module):
         if e % cfg.n_group:
             raise ValueError(f"n_routed_experts={e} is not divisible by n_group={cfg.n_group}")
         self.weight = nn.Parameter(torch.zeros(e, cfg.hidden_size, dtype=torch.float32))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(e, dtype=torch.float32),
-                                                    requires_grad=False)
-        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(e, dtype=torch.float32), requires_grad=False
+        )
+        self.top_k, self.n_group, self.topk_group = (
+            cfg.num_experts_per_tok,
+            cfg.n_group,
+            cfg.topk_group,
+        )
         self.norm, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +50,9 @@ class Router(nn.Module):
         group_scores = groups.topk(min(2, e // self.n_group), dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-        biased = biased.masked_fill(~keep.repeat_interleave(e // self.n_group, dim=1), float("-inf"))
+        biased = biased.masked_fill(
+            ~keep.repeat_interleave(e // self.n_group, dim=1), float("-inf")
+        )
         ids = biased.topk(self.top_k, dim=-1).indices
         w = scores.gather(1, ids)
         if self.norm:
@@ -86,8 +93,11 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
-                               if cfg.n_shared_experts else None)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, ids = self.gate(x)

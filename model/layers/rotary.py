@@ -32,7 +32,9 @@ def inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float, device="cpu") - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float, device="cpu") - low) / (high - low)).clamp(
+        0, 1
+    )
     keep = 1 - ramp  # 1: keep the original frequency (high-frequency dims), 0: interpolate
     return interpolation * (1 - keep) + extrapolation * keep
 

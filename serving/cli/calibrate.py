@@ -14,10 +14,18 @@ from pathlib import Path
 
 def add_data_args(p) -> None:
     p.add_argument("--model", required=True, help="local checkpoint directory")
-    p.add_argument("--data", required=True, nargs="+",
-                   help='calibration files: JSONL ({"text"} or {"messages"} lines) or plain text')
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per calibration sequence (default 4 x index_topk; must exceed it)")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help='calibration files: JSONL ({"text"} or {"messages"} lines) or plain text',
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per calibration sequence (default 4 x index_topk; must exceed it)",
+    )
     p.add_argument("--num-seqs", type=int, default=8, help="calibration sequences")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -26,21 +34,42 @@ def add_data_args(p) -> None:
 
 def register(p) -> None:
     add_data_args(p)
-    p.add_argument("--retain", type=float, required=True,
-                   help="fraction of layers that keep their indexer, in (0, 1], e.g. 0.25")
-    p.add_argument("--pipeline-blocks", type=int, default=1,
-                   help="P contiguous blocks whose first layers stay F; search within blocks")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument(
+        "--retain",
+        type=float,
+        required=True,
+        help="fraction of layers that keep their indexer, in (0, 1], e.g. 0.25",
+    )
+    p.add_argument(
+        "--pipeline-blocks",
+        type=int,
+        default=1,
+        help="P contiguous blocks whose first layers stay F; search within blocks",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on cuda, float32 on cpu",
+    )
     p.add_argument("--out", default=None, help="output directory (default calibration-<model>)")
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="score every candidate with a full forward (slower; for checking)")
-    p.add_argument("--offload-boundaries", action="store_true",
-                   help="keep the per-layer prefix states in host memory (long contexts)")
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="score every candidate with a full forward (slower; for checking)",
+    )
+    p.add_argument(
+        "--offload-boundaries",
+        action="store_true",
+        help="keep the per-layer prefix states in host memory (long contexts)",
+    )
     p.add_argument("--no-overlap", action="store_true", help="skip the top-k overlap analysis")
     p.add_argument("--publish", action="store_true", help="store the plan in the plan registry")
-    p.add_argument("--registry-model", default=None,
-                   help="model name in the registry (default: the checkpoint directory's name)")
+    p.add_argument(
+        "--registry-model",
+        default=None,
+        help="model name in the registry (default: the checkpoint directory's name)",
+    )
     p.add_argument("--ray-address", default=None, help="Ray cluster of the registry")
     p.set_defaults(run=run)
 
@@ -65,20 +94,23 @@ def load_data(args, cfg, model_dir: Path):
     k = cfg.index_topk
     seq_len = args.seq_len if args.seq_len is not None else 4 * k
     if seq_len <= k:
-        raise ValueError(f"--seq-len {seq_len} must be greater than the model's index_topk ({k}): "
-                         "with fewer tokens every key is selected and all plans score the same")
+        raise ValueError(
+            f"--seq-len {seq_len} must be greater than the model's index_topk ({k}): "
+            "with fewer tokens every key is selected and all plans score the same"
+        )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return load_calibration(args.data, Tokenizer.from_pretrained(model_dir), seq_len,
-                            args.num_seqs)
+    return load_calibration(args.data, Tokenizer.from_pretrained(model_dir), seq_len, args.num_seqs)
 
 
 def _publisher():
     try:
         from serving.plan_registry import publish
     except ImportError as e:
-        raise ValueError(f"--publish needs the plan registry (serving.plan_registry), which this "
-                         f"installation lacks ({e})") from None
+        raise ValueError(
+            f"--publish needs the plan registry (serving.plan_registry), which this "
+            f"installation lacks ({e})"
+        ) from None
     return publish
 
 
@@ -101,17 +133,28 @@ def run(args) -> int:
     try:
         model = load_model(model_dir, IndexCacheConfig.all_full(n), dtype=dtype, device=device)
     except ValueError as e:
-        raise ValueError(f"calibration needs indexer weights on every layer (an all-F "
-                         f"checkpoint): {e}") from None
-    result = greedy_search(model, data.batches(args.batch_size), args.retain,
-                           pipeline_blocks=args.pipeline_blocks,
-                           reuse_prefix=not args.no_prefix_cache, progress=not args.quiet,
-                           boundary_device="cpu" if args.offload_boundaries else None)
+        raise ValueError(
+            f"calibration needs indexer weights on every layer (an all-F checkpoint): {e}"
+        ) from None
+    result = greedy_search(
+        model,
+        data.batches(args.batch_size),
+        args.retain,
+        pipeline_blocks=args.pipeline_blocks,
+        reuse_prefix=not args.no_prefix_cache,
+        progress=not args.quiet,
+        boundary_device="cpu" if args.offload_boundaries else None,
+    )
 
     out = Path(args.out or f"calibration-{model_dir.resolve().name}")
     out.mkdir(parents=True, exist_ok=True)
-    traj = {"model": model_dir.resolve().name, "dtype": str(dtype).removeprefix("torch."),
-            "device": device.type, **result.to_dict(), **data.provenance()}
+    traj = {
+        "model": model_dir.resolve().name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device.type,
+        **result.to_dict(),
+        **data.provenance(),
+    }
     (out / "trajectory.json").write_text(json.dumps(traj, indent=1) + "\n")
     search_curve(traj, out / "search_curve.png")
     if not args.no_overlap:
@@ -120,17 +163,25 @@ def run(args) -> int:
         overlap_heatmap(ov, out / "overlap.png")
     now = datetime.now(UTC)
     provenance = {  # registry keys: source, calibration_data_hash, created_at (epoch s)
-        "source": "calibration", "tool": "indexcache calibrate", "model": traj["model"],
-        "created_at": now.timestamp(), "created_at_utc": now.isoformat(timespec="seconds"),
+        "source": "calibration",
+        "tool": "indexcache calibrate",
+        "model": traj["model"],
+        "created_at": now.timestamp(),
+        "created_at_utc": now.isoformat(timespec="seconds"),
         **data.provenance(),
-        "retain": args.retain, "pipeline_blocks": args.pipeline_blocks, "dtype": traj["dtype"],
-        "base_loss": result.base_loss, "final_loss": result.final_loss,
+        "retain": args.retain,
+        "pipeline_blocks": args.pipeline_blocks,
+        "dtype": traj["dtype"],
+        "base_loss": result.base_loss,
+        "final_loss": result.final_loss,
         "loss_trajectory": [{"flipped": s.flipped, "loss": s.loss} for s in result.steps],
     }
     write_plan(out / "plan.json", result.plan, provenance)
-    print(f"plan {result.plan}: loss {result.base_loss:.4f} (all F) -> {result.final_loss:.4f}; "
-          f"{result.candidate_evals} candidate evaluations in {result.seconds:.1f}s "
-          f"({traj['candidate_evals_per_s'] or 0:.2f}/s); wrote {out}")
+    print(
+        f"plan {result.plan}: loss {result.base_loss:.4f} (all F) -> {result.final_loss:.4f}; "
+        f"{result.candidate_evals} candidate evaluations in {result.seconds:.1f}s "
+        f"({traj['candidate_evals_per_s'] or 0:.2f}/s); wrote {out}"
+    )
     if publish is not None:
         name = args.registry_model or traj["model"]
         version = publish(name, result.plan, provenance, address=args.ray_address)

@@ -23,21 +23,42 @@ def register(p) -> None:
     p.add_argument("--scenario", choices=SCENARIOS, default="smoke")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     p.add_argument("--out", default=None, help="run directory (default: loadtest-<scenario>)")
-    p.add_argument("--users", type=int, default=None,
-                   help="constant users instead of the scenario's (saturate: its steps)")
-    p.add_argument("--workload", choices=WORKLOADS, default=None,
-                   help="override the scenario's workload")
+    p.add_argument(
+        "--users",
+        type=int,
+        default=None,
+        help="constant users instead of the scenario's (saturate: its steps)",
+    )
+    p.add_argument(
+        "--workload", choices=WORKLOADS, default=None, help="override the scenario's workload"
+    )
     p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request")
-    p.add_argument("--doc-tokens", type=int, default=None,
-                   help="largest document prompt in tokens (documents draw from [N/2, N])")
-    p.add_argument("--oversubscribe", type=float, default=1.5,
-                   help="saturate: top-step users as a multiple of what the KV pool holds")
+    p.add_argument(
+        "--doc-tokens",
+        type=int,
+        default=None,
+        help="largest document prompt in tokens (documents draw from [N/2, N])",
+    )
+    p.add_argument(
+        "--oversubscribe",
+        type=float,
+        default=1.5,
+        help="saturate: top-step users as a multiple of what the KV pool holds",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None, help="Bearer key of the server")
-    p.add_argument("--stop-timeout", type=float, default=600.0,
-                   help="seconds users may take to finish their last request at the end")
-    p.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="seconds to wait after the load for the server to go idle")
+    p.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=600.0,
+        help="seconds users may take to finish their last request at the end",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait after the load for the server to go idle",
+    )
     p.add_argument("--quiet", action="store_true", help="no periodic Locust stats table")
     add_slo_args(p)
     p.set_defaults(run=run)
@@ -49,16 +70,39 @@ def locust_command(args, out) -> list[str]:
 
     import loadtest
 
-    cmd = [sys.executable, "-m", "locust", "-f",
-           str(Path(loadtest.__file__).parent / "locustfile.py"), "--headless",
-           "--host", args.host.rstrip("/"), "--csv", str(out / "locust"),
-           "--stop-timeout", f"{args.stop_timeout:g}", "--scenario", args.scenario,
-           "--duration", f"{args.duration:g}", "--out-dir", str(out), "--seed", str(args.seed),
-           "--oversubscribe", f"{args.oversubscribe:g}",
-           "--drain-timeout", f"{args.drain_timeout:g}"]
-    for flag, value in (("-u", args.users), ("--workload", args.workload),
-                        ("--max-tokens", args.max_tokens), ("--doc-tokens", args.doc_tokens),
-                        ("--api-key", args.api_key)):
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(Path(loadtest.__file__).parent / "locustfile.py"),
+        "--headless",
+        "--host",
+        args.host.rstrip("/"),
+        "--csv",
+        str(out / "locust"),
+        "--stop-timeout",
+        f"{args.stop_timeout:g}",
+        "--scenario",
+        args.scenario,
+        "--duration",
+        f"{args.duration:g}",
+        "--out-dir",
+        str(out),
+        "--seed",
+        str(args.seed),
+        "--oversubscribe",
+        f"{args.oversubscribe:g}",
+        "--drain-timeout",
+        f"{args.drain_timeout:g}",
+    ]
+    for flag, value in (
+        ("-u", args.users),
+        ("--workload", args.workload),
+        ("--max-tokens", args.max_tokens),
+        ("--doc-tokens", args.doc_tokens),
+        ("--api-key", args.api_key),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     if args.quiet:
@@ -76,15 +120,19 @@ def verdict(summary: dict) -> list[str]:
         problems.append(f"{req['lost']} requests were in flight when Locust stopped (lost)")
     drain = summary.get("drain") or {}
     if not drain.get("idle"):
-        problems.append("the server did not return to zero KV usage / no running or waiting "
-                        f"requests within the drain timeout (last: {drain.get('last_sample')})")
+        problems.append(
+            "the server did not return to zero KV usage / no running or waiting "
+            f"requests within the drain timeout (last: {drain.get('last_sample')})"
+        )
     sat = summary["kv"].get("saturated")
     if summary["scenario"] == "saturate" and summary.get("requests_fit") is not None:
         if not sat or sat["p50"] < SATURATED_KV:
-            problems.append(f"KV usage in the oversubscribed stage: median "
-                            f"{sat['p50'] if sat else 'n/a'} < {SATURATED_KV}: the pool never "
-                            "filled (max_num_seqs below the requests it holds, or prefill too "
-                            "slow to keep up: see waiting in kv.png)")
+            problems.append(
+                f"KV usage in the oversubscribed stage: median "
+                f"{sat['p50'] if sat else 'n/a'} < {SATURATED_KV}: the pool never "
+                "filled (max_num_seqs below the requests it holds, or prefill too "
+                "slow to keep up: see waiting in kv.png)"
+            )
     return problems
 
 
@@ -104,8 +152,11 @@ def run(args) -> int:
     (out / "run.json").unlink(missing_ok=True)
     rc = subprocess.call(locust_command(args, out))
     if not (out / "run.json").is_file():
-        print(f"indexcache loadtest: Locust exited with status {rc} before the load started "
-              "(see its message above)", file=sys.stderr)
+        print(
+            f"indexcache loadtest: Locust exited with status {rc} before the load started "
+            "(see its message above)",
+            file=sys.stderr,
+        )
         return 2
     summary = write_report(out, slo)
     print((out / "report.md").read_text())

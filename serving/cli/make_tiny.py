@@ -8,8 +8,12 @@ def register(p) -> None:
 
     p.add_argument("--kind", choices=KINDS, default="glm_moe_dsa")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--index-topk-freq", type=int, default=None,
-                   help="write an IndexCache plan into config.json (F every N layers)")
+    p.add_argument(
+        "--index-topk-freq",
+        type=int,
+        default=None,
+        help="write an IndexCache plan into config.json (F every N layers)",
+    )
     p.add_argument("out")
     p.set_defaults(run=run)
 

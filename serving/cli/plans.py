@@ -42,8 +42,10 @@ def _plan(args):
         n = ModelConfig.from_pretrained(args.checkpoint).num_hidden_layers
     if n is None:
         raise ValueError("--freq needs --num-layers or --checkpoint")
-    return IndexCacheConfig.from_freq(n, args.freq, args.offset), {"freq": args.freq,
-                                                                  "offset": args.offset}
+    return IndexCacheConfig.from_freq(n, args.freq, args.offset), {
+        "freq": args.freq,
+        "offset": args.offset,
+    }
 
 
 def run(args) -> int:
@@ -58,8 +60,9 @@ def run(args) -> int:
         version = reg.publish(args.model, plan, prov, address=args.address)
         print(f"published {args.model} v{version}: {plan.pattern}")
     elif args.plans_command == "show":
-        print(json.dumps(reg.show(args.model, args.version, address=args.address).summary(),
-                         indent=2))
+        print(
+            json.dumps(reg.show(args.model, args.version, address=args.address).summary(), indent=2)
+        )
     else:
         records = reg.list_plans(args.model, address=args.address)
         if args.json:
@@ -68,6 +71,8 @@ def run(args) -> int:
             print("no plans")
         for r in [] if args.json else records:
             p = r.provenance
-            print(f"{r.model}  v{r.version}  {r.pattern}  ({r.pattern.count('F')}/{len(r.pattern)}"
-                  f" F)  {p.source}  {r.plan_id}")
+            print(
+                f"{r.model}  v{r.version}  {r.pattern}  ({r.pattern.count('F')}/{len(r.pattern)}"
+                f" F)  {p.source}  {r.plan_id}"
+            )
     return 0

@@ -21,8 +21,10 @@ import yaml
 
 IMPORT_PATH = "serving.app:app_builder"
 BIND_HOST = "0.0.0.0"  # the Serve proxy must be reachable by probes and the Service
-HEADER = ("# Rendered from {config} (next to this file) by `indexcache render-k8s {config}`.\n"
-          "# Do not edit: edit {config} and render again (tests/deploy fail when this is stale).\n")
+HEADER = (
+    "# Rendered from {config} (next to this file) by `indexcache render-k8s {config}`.\n"
+    "# Do not edit: edit {config} and render again (tests/deploy fail when this is stale).\n"
+)
 
 
 def role_resource(role: str) -> str:
@@ -34,8 +36,10 @@ def serve_config(config) -> dict[str, Any]:
     from serving.app import deployment_options
 
     if config.ingress.host != BIND_HOST:
-        raise ValueError(f"ingress.host is {config.ingress.host!r}: on Kubernetes the Serve proxy "
-                         f"must bind {BIND_HOST} so probes and the serve Service reach it")
+        raise ValueError(
+            f"ingress.host is {config.ingress.host!r}: on Kubernetes the Serve proxy "
+            f"must bind {BIND_HOST} so probes and the serve Service reach it"
+        )
     deployments = []
     for role in config.roles:
         opts = deployment_options(config, role)
@@ -49,8 +53,7 @@ def serve_config(config) -> dict[str, Any]:
         "args": config.model_dump(mode="json", exclude_unset=True),
         "deployments": deployments,
     }
-    return {"http_options": {"host": BIND_HOST, "port": config.ingress.port},
-            "applications": [app]}
+    return {"http_options": {"host": BIND_HOST, "port": config.ingress.port}, "applications": [app]}
 
 
 def render(config_path: str | Path, name: str = "indexcache") -> str:
@@ -59,10 +62,15 @@ def render(config_path: str | Path, name: str = "indexcache") -> str:
 
     config = ServingConfig.from_yaml(config_path)
     body = yaml.safe_dump(serve_config(config), sort_keys=False, width=100)
-    patch = {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": {"name": name},
-             "spec": {"serveConfigV2": body}}
+    patch = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name},
+        "spec": {"serveConfigV2": body},
+    }
     return HEADER.format(config=Path(config_path).name) + yaml.dump(
-        patch, Dumper=_BlockDumper, sort_keys=False, width=100)
+        patch, Dumper=_BlockDumper, sort_keys=False, width=100
+    )
 
 
 class _BlockDumper(yaml.SafeDumper):
@@ -70,8 +78,9 @@ class _BlockDumper(yaml.SafeDumper):
 
 
 def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data,
-                                   style="|" if "\n" in data else None)
+    return dumper.represent_scalar(
+        "tag:yaml.org,2002:str", data, style="|" if "\n" in data else None
+    )
 
 
 _BlockDumper.add_representer(str, _str)

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 def register(p) -> None:
     p.add_argument("--config", default=None, help="serving YAML (ServingConfig); flags override it")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded "
-                   "SmolLM2-135M DSA model, built on first use)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (default: the embedded "
+        "SmolLM2-135M DSA model, built on first use)",
+    )
     p.add_argument("--mode", choices=["unified", "disaggregated"], default=None)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
-    p.add_argument("--api-key", action="append", default=None,
-                   help="accepted Bearer key (repeatable); default: no auth")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="accepted Bearer key (repeatable); default: no auth",
+    )
     p.add_argument("--index-cache", default=None, help='starting F/S plan, e.g. "FSFS"')
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for RUNNING")
     p.set_defaults(run=run)
@@ -68,8 +76,10 @@ def wait_running(app_name: str, timeout_s: float) -> None:
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise RuntimeError(f"application {app_name} is {status}: {app.message}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"application {app_name} not RUNNING after {timeout_s:.0f}s "
-                               f"(status {status}); does it fit the cluster's CPUs/GPUs?")
+            raise TimeoutError(
+                f"application {app_name} not RUNNING after {timeout_s:.0f}s "
+                f"(status {status}); does it fit the cluster's CPUs/GPUs?"
+            )
         time.sleep(0.5)
 
 
@@ -99,8 +109,12 @@ def start(config, timeout_s: float = 600.0):
     if not ray.is_initialized():
         ray.init(num_cpus=cluster_cpus(config), include_dashboard=False, namespace="indexcache")
     serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
-    serve.run(build_app(config), name=config.app_name,
-              route_prefix=config.ingress.route_prefix, blocking=False)
+    serve.run(
+        build_app(config),
+        name=config.app_name,
+        route_prefix=config.ingress.route_prefix,
+        blocking=False,
+    )
     wait_running(config.app_name, timeout_s)
 
 
@@ -119,12 +133,14 @@ def banner(config) -> str:
     ic = config.ingress
     base = f"http://{ic.host}:{ic.port}{ic.route_prefix.rstrip('/')}"
     auth = f' -H "Authorization: Bearer {ic.api_keys[0]}"' if ic.api_keys else ""
-    return (f"\nIndexCache Serve ({config.mode}) is up: {base}/v1  (model `{config.model_name}`)\n"
-            f"metrics: {base}/metrics   health: {base}/health\n\n"
-            f"curl {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d "
-            f"'{{\"model\": \"{config.model_name}\", \"messages\": [{{\"role\": \"user\", "
-            f"\"content\": \"Hello!\"}}], \"max_tokens\": 16}}'\n\n"
-            "Ctrl-C stops the server.")
+    return (
+        f"\nIndexCache Serve ({config.mode}) is up: {base}/v1  (model `{config.model_name}`)\n"
+        f"metrics: {base}/metrics   health: {base}/health\n\n"
+        f"curl {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d "
+        f'\'{{"model": "{config.model_name}", "messages": [{{"role": "user", '
+        f'"content": "Hello!"}}], "max_tokens": 16}}\'\n\n'
+        "Ctrl-C stops the server."
+    )
 
 
 def run(args) -> int:

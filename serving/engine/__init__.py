@@ -1,8 +1,8 @@
 """Inference engine: paged KV cache, continuous batching, chunked prefill, prefill/decode roles.
 
-    from serving.engine import LLMEngine, SamplingParams
-    engine = LLMEngine.from_pretrained(path, index_cache="FSSF", role="unified")
-    outputs = engine.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
+from serving.engine import LLMEngine, SamplingParams
+engine = LLMEngine.from_pretrained(path, index_cache="FSSF", role="unified")
+outputs = engine.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))
 """
 
 from serving.engine.async_engine import AsyncLLMEngine
@@ -19,6 +19,17 @@ from serving.engine.outputs import (
 from serving.engine.params import SamplingParams
 from serving.engine.payload import PAYLOAD_VERSION, KVPayload
 
-__all__ = ["PAYLOAD_VERSION", "AsyncLLMEngine", "EngineConfig", "EngineStats", "KVPayload",
-           "LLMEngine", "Logprob", "Output", "PrefillResult", "SamplingParams", "StepOutput",
-           "TokenDelta"]
+__all__ = [
+    "PAYLOAD_VERSION",
+    "AsyncLLMEngine",
+    "EngineConfig",
+    "EngineStats",
+    "KVPayload",
+    "LLMEngine",
+    "Logprob",
+    "Output",
+    "PrefillResult",
+    "SamplingParams",
+    "StepOutput",
+    "TokenDelta",
+]

@@ -54,8 +54,9 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     # -- public API -------------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_token_ids: list[int] | str,
-                       params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int] | str, params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
         """Unified role: stream a request's tokens."""
         self._need_role("generate", ("unified",))
         ids = self.engine.tokenize(prompt_token_ids)
@@ -66,8 +67,9 @@ class AsyncLLMEngine:
             async for delta in deltas:
                 yield delta
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int] | str,
-                      params: SamplingParams) -> PrefillResult:
+    async def prefill(
+        self, request_id: str, prompt_token_ids: list[int] | str, params: SamplingParams
+    ) -> PrefillResult:
         """Prefill role: compute the prompt, sample the first token, return the KV payload."""
         self._need_role("prefill", ("prefill",))
         ids = self.engine.tokenize(prompt_token_ids)
@@ -81,8 +83,9 @@ class AsyncLLMEngine:
                 self.abort(request_id)
             self._unregister(request_id)
 
-    async def decode(self, request_id: str, payload: KVPayload,
-                     params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    async def decode(
+        self, request_id: str, payload: KVPayload, params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
         """Decode role: import the payload and stream the tokens after its first token."""
         self._need_role("decode", ("decode", "unified"))
         check_payload(payload, self.engine.layout)
@@ -108,15 +111,18 @@ class AsyncLLMEngine:
     # -- caller side ------------------------------------------------------------------------
     def _need_role(self, what: str, roles: tuple[str, ...]) -> None:
         if self.engine.role not in roles:
-            raise ValueError(f"role: {what} needs a {' or '.join(roles)} engine, this one is "
-                             f"{self.engine.role!r}")
+            raise ValueError(
+                f"role: {what} needs a {' or '.join(roles)} engine, this one is "
+                f"{self.engine.role!r}"
+            )
         if self._stopping:
             raise RuntimeError("engine is shut down")
 
     def _register(self, request_id: str, stream: bool) -> _Request:
         loop = asyncio.get_running_loop()
-        req = _Request(loop, asyncio.Queue() if stream else None,
-                       None if stream else loop.create_future())
+        req = _Request(
+            loop, asyncio.Queue() if stream else None, None if stream else loop.create_future()
+        )
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already in use")

@@ -40,8 +40,9 @@ class BlockManager:
         """Grow `seq`'s pages to hold `num_tokens` tokens (call can_allocate first)."""
         n = self.pages_needed(seq, num_tokens)
         if n > len(self._free):
-            raise RuntimeError(f"KV pool exhausted: {seq.request_id} needs {n} pages, "
-                               f"{len(self._free)} free")
+            raise RuntimeError(
+                f"KV pool exhausted: {seq.request_id} needs {n} pages, {len(self._free)} free"
+            )
         seq.pages.extend(self._free.pop() for _ in range(n))
 
     def free(self, seq: Sequence) -> None:

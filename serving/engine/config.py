@@ -40,20 +40,28 @@ class EngineConfig:
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
-                             f"{self.gpu_memory_utilization!r}")
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
 
 
-def resolve_num_blocks(cfg: EngineConfig, model_cfg: ModelConfig, layout: KVLayout,
-                       max_model_len: int, device: torch.device) -> int:
+def resolve_num_blocks(
+    cfg: EngineConfig,
+    model_cfg: ModelConfig,
+    layout: KVLayout,
+    max_model_len: int,
+    device: torch.device,
+) -> int:
     """Pages for the pool: explicit count > byte budget > a default from free memory."""
     if cfg.num_blocks is not None:
         return cfg.num_blocks
     if cfg.kv_memory_bytes is not None:
         n = layout.blocks_for_budget(cfg.kv_memory_bytes)
         if n < 1:
-            raise ValueError(f"kv_memory_bytes={cfg.kv_memory_bytes} holds no page "
-                             f"({layout.bytes_per_block} bytes per {layout.page_size}-token page)")
+            raise ValueError(
+                f"kv_memory_bytes={cfg.kv_memory_bytes} holds no page "
+                f"({layout.bytes_per_block} bytes per {layout.page_size}-token page)"
+            )
         return n
     pages_per_seq = -(-max_model_len // layout.page_size)
     want = cfg.max_num_seqs * pages_per_seq * layout.bytes_per_block  # never more than all can use
@@ -67,6 +75,8 @@ def resolve_num_blocks(cfg: EngineConfig, model_cfg: ModelConfig, layout: KVLayo
         budget = CPU_DEFAULT_KV_BYTES
     n = layout.blocks_for_budget(min(budget, want))
     if n < 1:
-        raise ValueError(f"not enough free memory for one KV page ({layout.bytes_per_block} "
-                         "bytes); pass num_blocks or kv_memory_bytes")
+        raise ValueError(
+            f"not enough free memory for one KV page ({layout.bytes_per_block} "
+            "bytes); pass num_blocks or kv_memory_bytes"
+        )
     return n

@@ -43,14 +43,17 @@ class LLMEngine:
         mcfg = model.config
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
         if self.max_model_len > mcfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {mcfg.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {mcfg.max_position_embeddings}"
+            )
         self.layout = model.kv_layout(config.index_fp8)
         num_blocks = resolve_num_blocks(config, mcfg, self.layout, self.max_model_len, model.device)
         self.cache = KVCache(self.layout, num_blocks, model.device)
         self.block_manager = BlockManager(num_blocks, self.layout.page_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self._import)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._import
+        )
         self.runner = ModelRunner(model, self.cache)
         # A sequence can never outgrow the pool, so the effective limit is the smaller one.
         self.max_len = min(self.max_model_len, self.kv_capacity_tokens)
@@ -65,22 +68,35 @@ class LLMEngine:
         self._n_shared = mcfg.num_hidden_layers - self._n_full
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, index_cache: IndexCacheConfig | str | None = None,
-                        role: str = "unified", dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", num_blocks: int | None = None,
-                        kv_memory_bytes: int | None = None, max_num_seqs: int = 64,
-                        max_num_batched_tokens: int = 512, max_model_len: int | None = None,
-                        index_fp8: bool = False,
-                        gpu_memory_utilization: float = 0.9) -> LLMEngine:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        index_cache: IndexCacheConfig | str | None = None,
+        role: str = "unified",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        num_blocks: int | None = None,
+        kv_memory_bytes: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+        index_fp8: bool = False,
+        gpu_memory_utilization: float = 0.9,
+    ) -> LLMEngine:
         """`index_cache` takes load_model's forms (IndexCacheConfig, "FSSF..." or None for the
         checkpoint's plan); the rest are EngineConfig fields."""
         from model.loader import load_model
 
-        config = EngineConfig(role=role, max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max_num_batched_tokens,
-                              max_model_len=max_model_len, num_blocks=num_blocks,
-                              kv_memory_bytes=kv_memory_bytes, index_fp8=index_fp8,
-                              gpu_memory_utilization=gpu_memory_utilization)
+        config = EngineConfig(
+            role=role,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            num_blocks=num_blocks,
+            kv_memory_bytes=kv_memory_bytes,
+            index_fp8=index_fp8,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
         model = load_model(path, index_cache, dtype=dtype, device=device)
         return cls(model.eval(), Tokenizer.from_pretrained(path), config)
 
@@ -97,12 +113,14 @@ class LLMEngine:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, list | tuple):
-            raise ValueError(f"prompt must be a string or a list of token ids, got "
-                             f"{type(prompt).__name__}")
+            raise ValueError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
         return list(prompt)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams,
-                 request_id: str | None = None) -> None:
+    def validate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> None:
         """Checks of one request that need no engine state (safe from any thread)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -115,37 +133,47 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
         if n > self.max_model_len:
-            raise ValueError(f"prompt has {n} tokens, more than max_model_len "
-                             f"{self.max_model_len}")
+            raise ValueError(f"prompt has {n} tokens, more than max_model_len {self.max_model_len}")
         if n > self.max_len:
-            raise ValueError(f"prompt has {n} tokens, more than the KV cache holds "
-                             f"({self.kv_capacity_tokens} tokens)")
+            raise ValueError(
+                f"prompt has {n} tokens, more than the KV cache holds "
+                f"({self.kv_capacity_tokens} tokens)"
+            )
 
-    def add_request(self, request_id: str | None, prompt: str | list[int],
-                    params: SamplingParams) -> str:
+    def add_request(
+        self, request_id: str | None, prompt: str | list[int], params: SamplingParams
+    ) -> str:
         if self.role == "decode":
-            raise ValueError("role: a decode engine takes prefilled payloads (import_payload), "
-                             "not prompts")
+            raise ValueError(
+                "role: a decode engine takes prefilled payloads (import_payload), not prompts"
+            )
         return self._enqueue(self._new_seq(request_id, self.tokenize(prompt), params))
 
-    def import_payload(self, payload: KVPayload, params: SamplingParams,
-                       request_id: str | None = None) -> str:
+    def import_payload(
+        self, payload: KVPayload, params: SamplingParams, request_id: str | None = None
+    ) -> str:
         """Decode role: continue a request prefilled elsewhere. Pages are allocated and filled
         when the scheduler admits it; the first token (in the payload) is not re-emitted."""
         return self._admit_payload(self._payload_seq(payload, params, request_id))
 
-    def _payload_seq(self, payload: KVPayload, params: SamplingParams,
-                     request_id: str | None) -> Sequence:
+    def _payload_seq(
+        self, payload: KVPayload, params: SamplingParams, request_id: str | None
+    ) -> Sequence:
         if self.role == "prefill":
             raise ValueError("role: a prefill engine does not import payloads")
         check_payload(payload, self.layout)
         if payload.num_tokens + 1 > self.max_len:
-            raise ValueError(f"payload has {payload.num_tokens} prompt tokens; this engine holds "
-                             f"at most {self.max_len - 1} plus the first token")
+            raise ValueError(
+                f"payload has {payload.num_tokens} prompt tokens; this engine holds "
+                f"at most {self.max_len - 1} plus the first token"
+            )
         seq = self._new_seq(request_id, payload.prompt_token_ids, params)
         seq.payload = payload
-        if payload.rng_state is not None and seq.generator is not None \
-                and payload.rng_device == seq.generator.device.type:
+        if (
+            payload.rng_state is not None
+            and seq.generator is not None
+            and payload.rng_device == seq.generator.device.type
+        ):
             seq.generator.set_state(payload.rng_state)
         self._append_token(seq, payload.first_token, None)
         seq.num_streamed = 1
@@ -195,18 +223,23 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
-            role=self.role, num_running=len(self.scheduler.running),
+            role=self.role,
+            num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            num_preemptions=self.scheduler.num_preemptions, kv_blocks_total=bm.num_blocks,
-            kv_blocks_used=bm.num_used, kv_usage=bm.num_used / bm.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used,
+            kv_usage=bm.num_used / bm.num_blocks,
             kv_capacity_tokens=self.kv_capacity_tokens,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             indexer_layers_run_total=self.indexer_run_total,
             indexer_layers_skipped_total=self.indexer_skipped_total,
-            f_layer_ratio=self.plan.retention, plan_id=self.plan.plan_id,
+            f_layer_ratio=self.plan.retention,
+            plan_id=self.plan.plan_id,
             bytes_per_token=self.layout.bytes_per_token,
-            index_bytes_per_token=self.layout.index_bytes_per_token)
+            index_bytes_per_token=self.layout.index_bytes_per_token,
+        )
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -276,15 +309,27 @@ class LLMEngine:
         """Prefill role: the prompt's KV leaves as a payload; the pages are freed right after."""
         self.scheduler.running.remove(seq)
         seq.status = SequenceStatus.EXPORTING
-        payload = export_rows(self.cache, seq.pages, seq.num_prompt_tokens, seq.prompt_token_ids,
-                              seq.token_ids[-1], seq.generator)
+        payload = export_rows(
+            self.cache,
+            seq.pages,
+            seq.num_prompt_tokens,
+            seq.prompt_token_ids,
+            seq.token_ids[-1],
+            seq.generator,
+        )
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         self.seqs.pop(seq.request_id, None)
         out = self._step_output(seq)
-        out.prefill = PrefillResult(seq.request_id, seq.token_ids[-1], payload,
-                                    seq.num_prompt_tokens, seq.finish_reason, out.text,
-                                    out.logprobs)
+        out.prefill = PrefillResult(
+            seq.request_id,
+            seq.token_ids[-1],
+            payload,
+            seq.num_prompt_tokens,
+            seq.finish_reason,
+            out.text,
+            out.logprobs,
+        )
         return out
 
     def _import(self, seq: Sequence) -> None:
@@ -308,28 +353,38 @@ class LLMEngine:
             raise ValueError(f"params has {len(ps)} entries for {len(items)} prompts")
         return ps
 
-    def generate(self, prompts: list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[Output]:
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[Output]:
         """Run prompts to completion (unified role); outputs in prompt order."""
         if self.role != "unified":
-            raise ValueError(f"role: generate needs a unified engine, this one is {self.role!r} "
-                             "(use prefill() / decode())")
+            raise ValueError(
+                f"role: generate needs a unified engine, this one is {self.role!r} "
+                "(use prefill() / decode())"
+            )
         ps = self._prepare(prompts, params or SamplingParams())
-        seqs = [self._new_seq(None, self.tokenize(p), sp)
-                for p, sp in zip(prompts, ps, strict=True)]
+        seqs = [
+            self._new_seq(None, self.tokenize(p), sp) for p, sp in zip(prompts, ps, strict=True)
+        ]
         for s in seqs:  # all validated before any is queued
             self._enqueue(s)
         self._run(seqs, use_tqdm)
         return [self._output(s) for s in seqs]
 
-    def prefill(self, prompts: list[str] | list[list[int]],
-                params: SamplingParams | list[SamplingParams] | None = None) -> list[PrefillResult]:
+    def prefill(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[PrefillResult]:
         if self.role != "prefill":
             raise ValueError(f"role: prefill needs a prefill engine, this one is {self.role!r}")
         ps = self._prepare(prompts, params or SamplingParams())
-        seqs = [self._new_seq(None, self.tokenize(p), sp)
-                for p, sp in zip(prompts, ps, strict=True)]
+        seqs = [
+            self._new_seq(None, self.tokenize(p), sp) for p, sp in zip(prompts, ps, strict=True)
+        ]
         for s in seqs:
             self._enqueue(s)
         results: dict[str, PrefillResult] = {}
@@ -337,8 +392,9 @@ class LLMEngine:
             results.update({o.request_id: o.prefill for o in self.step() if o.prefill})
         return [results[s.request_id] for s in seqs]
 
-    def decode(self, payloads: list[KVPayload],
-               params: SamplingParams | list[SamplingParams] | None = None) -> list[Output]:
+    def decode(
+        self, payloads: list[KVPayload], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Output]:
         """Continue prefilled requests; token_ids and text include the payload's first token."""
         ps = self._prepare(payloads, params or SamplingParams())
         seqs = [self._payload_seq(p, sp, None) for p, sp in zip(payloads, ps, strict=True)]
@@ -349,5 +405,11 @@ class LLMEngine:
 
     @staticmethod
     def _output(seq: Sequence) -> Output:
-        return Output(seq.request_id, seq.prompt_token_ids, seq.completion_token_ids,
-                      seq.detok.text, seq.finish_reason, seq.logprobs)
+        return Output(
+            seq.request_id,
+            seq.prompt_token_ids,
+            seq.completion_token_ids,
+            seq.detok.text,
+            seq.finish_reason,
+            seq.logprobs,
+        )

@@ -20,8 +20,9 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.device = model.device
 
-    def build_context(self, batch: ScheduledBatch
-                      ) -> tuple[torch.Tensor, ForwardContext, list[int]]:
+    def build_context(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, ForwardContext, list[int]]:
         """-> (input ids [T], context, indices into batch.seqs of the sampling sequences)."""
         ids, cached, sampling, rows = [], [], [], []
         offset = 0
@@ -37,8 +38,13 @@ class ModelRunner:
         for b, seq in enumerate(batch.seqs):
             tables[b, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
         dev = self.device
-        ctx = ForwardContext.for_batch(batch.num_new, cached, tables.to(dev), self.cache,
-                                       torch.tensor(rows, dtype=torch.long, device=dev))
+        ctx = ForwardContext.for_batch(
+            batch.num_new,
+            cached,
+            tables.to(dev),
+            self.cache,
+            torch.tensor(rows, dtype=torch.long, device=dev),
+        )
         return torch.tensor(ids, dtype=torch.long, device=dev), ctx, sampling
 
     @torch.inference_mode()

@@ -46,8 +46,14 @@ def _slots(pages: list[int], n: int, page_size: int, device) -> torch.Tensor:
     return table[pos // page_size] * page_size + pos % page_size
 
 
-def export_rows(cache: KVCache, pages: list[int], num_tokens: int, prompt_token_ids: list[int],
-                first_token: int, generator: torch.Generator | None = None) -> KVPayload:
+def export_rows(
+    cache: KVCache,
+    pages: list[int],
+    num_tokens: int,
+    prompt_token_ids: list[int],
+    first_token: int,
+    generator: torch.Generator | None = None,
+) -> KVPayload:
     """Copy the first `num_tokens` rows of a sequence's pages into a CPU payload."""
     lay = cache.layout
     slots = _slots(pages, num_tokens, lay.page_size, cache.k[0].device)
@@ -60,13 +66,23 @@ def export_rows(cache: KVCache, pages: list[int], num_tokens: int, prompt_token_
     else:
         attn = [torch.cat([take(k), take(v)], -1) for k, v in zip(cache.k, cache.v, strict=True)]
     index_k = [take(t) if t is not None else None for t in cache.index_k]
-    index_scale = ([take(t) if t is not None else None for t in cache.index_scale]
-                   if lay.index_fp8 else [])
+    index_scale = (
+        [take(t) if t is not None else None for t in cache.index_scale] if lay.index_fp8 else []
+    )
     rng = generator.get_state() if generator is not None else None
-    return KVPayload(version=PAYLOAD_VERSION, plan_id=lay.plan_id, layout=lay.to_dict(),
-                     prompt_token_ids=list(prompt_token_ids), first_token=int(first_token),
-                     num_tokens=num_tokens, attn=attn, index_k=index_k, index_scale=index_scale,
-                     rng_state=rng, rng_device=generator.device.type if generator else "cpu")
+    return KVPayload(
+        version=PAYLOAD_VERSION,
+        plan_id=lay.plan_id,
+        layout=lay.to_dict(),
+        prompt_token_ids=list(prompt_token_ids),
+        first_token=int(first_token),
+        num_tokens=num_tokens,
+        attn=attn,
+        index_k=index_k,
+        index_scale=index_scale,
+        rng_state=rng,
+        rng_device=generator.device.type if generator else "cpu",
+    )
 
 
 def check_payload(payload: KVPayload, layout: KVLayout) -> None:
@@ -74,37 +90,54 @@ def check_payload(payload: KVPayload, layout: KVLayout) -> None:
     if not isinstance(payload, KVPayload):
         raise ValueError(f"payload must be a KVPayload, got {type(payload).__name__}")
     if payload.version != PAYLOAD_VERSION:
-        raise ValueError(f"payload version {payload.version} is not supported (this engine reads "
-                         f"version {PAYLOAD_VERSION})")
+        raise ValueError(
+            f"payload version {payload.version} is not supported (this engine reads "
+            f"version {PAYLOAD_VERSION})"
+        )
     if payload.plan_id != layout.plan_id:
-        raise ValueError(f"payload plan_id {payload.plan_id!r} does not match this engine's "
-                         f"IndexCache plan_id {layout.plan_id!r}: prefill and decode replicas "
-                         "must run the same plan")
+        raise ValueError(
+            f"payload plan_id {payload.plan_id!r} does not match this engine's "
+            f"IndexCache plan_id {layout.plan_id!r}: prefill and decode replicas "
+            "must run the same plan"
+        )
     mine = layout.to_dict()
     for key in sorted(set(mine) | set(payload.layout)):
         if payload.layout.get(key) != mine.get(key):
-            raise ValueError(f"payload layout field {key!r} is {payload.layout.get(key)!r}, this "
-                             f"engine's is {mine.get(key)!r}")
+            raise ValueError(
+                f"payload layout field {key!r} is {payload.layout.get(key)!r}, this "
+                f"engine's is {mine.get(key)!r}"
+            )
     n = payload.num_tokens
     if n < 1 or n != len(payload.prompt_token_ids):
-        raise ValueError(f"payload num_tokens {n} does not match its "
-                         f"{len(payload.prompt_token_ids)} prompt tokens")
+        raise ValueError(
+            f"payload num_tokens {n} does not match its "
+            f"{len(payload.prompt_token_ids)} prompt tokens"
+        )
     if len(payload.attn) != layout.num_layers or len(payload.index_k) != layout.num_layers:
-        raise ValueError(f"payload attn/index_k must have {layout.num_layers} layers, got "
-                         f"{len(payload.attn)}/{len(payload.index_k)}")
-    row = ((1, layout.k_dim) if layout.attn_kind == "mla"
-           else (layout.kv_heads, layout.k_dim + layout.v_dim))
+        raise ValueError(
+            f"payload attn/index_k must have {layout.num_layers} layers, got "
+            f"{len(payload.attn)}/{len(payload.index_k)}"
+        )
+    row = (
+        (1, layout.k_dim)
+        if layout.attn_kind == "mla"
+        else (layout.kv_heads, layout.k_dim + layout.v_dim)
+    )
     for i, t in enumerate(payload.attn):
         if tuple(t.shape) != (n, *row):
             raise ValueError(f"payload attn[{i}] has shape {tuple(t.shape)}, expected {(n, *row)}")
     full = set(layout.index_layers)
     for i, t in enumerate(payload.index_k):
         if (t is not None) != (i in full):
-            raise ValueError(f"payload index_k[{i}] is {'present' if t is not None else 'missing'}"
-                             f" but layer {i} is {'F' if i in full else 'S'} in this plan")
+            raise ValueError(
+                f"payload index_k[{i}] is {'present' if t is not None else 'missing'}"
+                f" but layer {i} is {'F' if i in full else 'S'} in this plan"
+            )
         if t is not None and tuple(t.shape) != (n, layout.index_head_dim):
-            raise ValueError(f"payload index_k[{i}] has shape {tuple(t.shape)}, expected "
-                             f"{(n, layout.index_head_dim)}")
+            raise ValueError(
+                f"payload index_k[{i}] has shape {tuple(t.shape)}, expected "
+                f"{(n, layout.index_head_dim)}"
+            )
     if layout.index_fp8 and len(payload.index_scale) != layout.num_layers:
         raise ValueError(f"payload index_scale must have {layout.num_layers} layers in FP8 mode")
 

@@ -14,8 +14,9 @@ from serving.engine.outputs import Logprob
 from serving.engine.params import SamplingParams
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
-                       top_p: torch.Tensor) -> torch.Tensor:
+def filter_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """logits [B, V] fp32; top_k [B] int (V = off); top_p [B] fp32. Masked entries become -inf."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device)
@@ -28,8 +29,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """logits [B, V] -> token ids [B] (int64)."""
     logits = logits.float()
     out = logits.argmax(-1)
@@ -39,14 +41,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     vocab = logits.shape[-1]
     dev = logits.device
     sub = logits[rows] / torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
-    top_k = torch.tensor([params[i].top_k if params[i].top_k > 0 else vocab for i in rows],
-                         device=dev)
+    top_k = torch.tensor(
+        [params[i].top_k if params[i].top_k > 0 else vocab for i in rows], device=dev
+    )
     top_p = torch.tensor([params[i].top_p for i in rows], device=dev)
     if (top_k < vocab).any() or (top_p < 1).any():
         sub = filter_top_k_top_p(sub, top_k, top_p)
     probs = sub.softmax(-1)
-    noise = torch.stack([torch.empty(vocab, device=dev).exponential_(generator=generators[i])
-                         for i in rows])
+    noise = torch.stack(
+        [torch.empty(vocab, device=dev).exponential_(generator=generators[i]) for i in rows]
+    )
     out[rows] = (probs / noise).argmax(-1)
     return out
 

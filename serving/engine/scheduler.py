@@ -43,8 +43,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, importer: Callable[[Sequence], None]):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        importer: Callable[[Sequence], None],
+    ):
         self.bm = block_manager
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.importer = importer  # copies a decode-role payload into the sequence's fresh pages

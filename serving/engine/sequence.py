@@ -30,8 +30,14 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer: Detokenizer, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        detokenizer: Detokenizer,
+        generator: torch.Generator | None = None,
+    ):
         self.request_id = request_id
         self.params = params
         self.token_ids = list(prompt_token_ids)
@@ -69,5 +75,7 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
-                f"cached={self.num_cached}, pages={len(self.pages)})")
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"cached={self.num_cached}, pages={len(self.pages)})"
+        )

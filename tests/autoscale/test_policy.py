@@ -11,9 +11,17 @@ from autoscale.policy import PolicyConfig, PolicyState, decide, decode_load, pre
 from autoscale.ray_policy import DecodePolicy, PrefillPolicy, autoscaling_config
 from autoscale.signals import PoolSignals, ReplicaSignals
 
-CFG = PolicyConfig(min_replicas=1, max_replicas=8, downscale_ratio=0.5, upscale_cooldown_s=10,
-                   downscale_cooldown_s=60, target_queued_prompt_tokens=1000,
-                   target_prefill_latency_s=1.0, target_kv_usage=0.8, target_running_seqs=10)
+CFG = PolicyConfig(
+    min_replicas=1,
+    max_replicas=8,
+    downscale_ratio=0.5,
+    upscale_cooldown_s=10,
+    downscale_cooldown_s=60,
+    target_queued_prompt_tokens=1000,
+    target_prefill_latency_s=1.0,
+    target_kv_usage=0.8,
+    target_running_seqs=10,
+)
 
 
 def pool(n, **per_replica) -> PoolSignals:
@@ -77,20 +85,27 @@ def test_bounds():
 
 
 def ctx(running, metrics, target, state=None, now=100.0):
-    return SimpleNamespace(running_replicas=running, aggregated_metrics=metrics,
-                           target_num_replicas=target, policy_state=state or {},
-                           current_time=now)
+    return SimpleNamespace(
+        running_replicas=running,
+        aggregated_metrics=metrics,
+        target_num_replicas=target,
+        policy_state=state or {},
+        current_time=now,
+    )
 
 
 def test_ray_adapter_reads_per_replica_metrics():
-    kwargs = dict(min_replicas=1, max_replicas=5, target_queued_prompt_tokens=100.0,
-                  upscale_cooldown_s=0.0)
+    kwargs = dict(
+        min_replicas=1, max_replicas=5, target_queued_prompt_tokens=100.0, upscale_cooldown_s=0.0
+    )
     policy = PrefillPolicy(**kwargs)
-    target, state = policy(ctx(["r1", "r2"], {"queued_prompt_tokens": {"r1": 300, "r2": 100}},
-                               2, {"keep": 1}))
+    target, state = policy(
+        ctx(["r1", "r2"], {"queued_prompt_tokens": {"r1": 300, "r2": 100}}, 2, {"keep": 1})
+    )
     assert target == 4 and state["keep"] == 1  # 200/replica = 2x target -> 4 replicas
     target, _ = DecodePolicy(min_replicas=1, max_replicas=5)(
-        ctx(["r1"], {"kv_usage": {"r1": 0.5}, "num_running": {"r1": 3.0}}, 1))
+        ctx(["r1"], {"kv_usage": {"r1": 0.5}, "num_running": {"r1": 3.0}}, 1)
+    )
     assert target == 1  # within the band
 
 

@@ -14,8 +14,10 @@ from model import IndexCacheConfig, load_model
 from model.calibration import read_plan
 from serving.cli import main
 
-WORDS = ("sparse attention keeps the top k keys of every query while the lightning indexer "
-         "scores all earlier tokens and shared layers reuse those indices").split()
+WORDS = (
+    "sparse attention keeps the top k keys of every query while the lightning indexer "
+    "scores all earlier tokens and shared layers reuse those indices"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,25 @@ def model_dir(tiny_dir):
 
 
 def _calibrate(model_dir, data, out, *extra):
-    return main(["calibrate", "--model", str(model_dir), "--data", str(data), "--retain", "0.5",
-                 "--seq-len", "32", "--num-seqs", "4", "--out", str(out), "--quiet", *extra])
+    return main(
+        [
+            "calibrate",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--retain",
+            "0.5",
+            "--seq-len",
+            "32",
+            "--num-seqs",
+            "4",
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_calibrate_end_to_end(model_dir, text_file, tmp_path, capsys):
@@ -45,8 +64,9 @@ def test_calibrate_end_to_end(model_dir, text_file, tmp_path, capsys):
     plan = read_plan(out / "plan.json", 4)
     assert plan.source == "calibration" and plan.retention == 0.5
     doc = json.loads((out / "plan.json").read_text())
-    assert IndexCacheConfig.from_pattern(doc["index_topk_pattern"], 4) == \
-        IndexCacheConfig(plan.pattern, "pattern")
+    assert IndexCacheConfig.from_pattern(doc["index_topk_pattern"], 4) == IndexCacheConfig(
+        plan.pattern, "pattern"
+    )
     prov = doc["provenance"]
     assert prov["source"] == "calibration" and prov["seq_len"] == 32 and prov["num_seqs"] == 4
     assert len(prov["calibration_data_hash"]) == 64 and isinstance(prov["created_at"], float)
@@ -57,29 +77,36 @@ def test_calibrate_end_to_end(model_dir, text_file, tmp_path, capsys):
     assert traj["layer_work_vs_naive"] < 1
     model = load_model(model_dir, plan, dtype=torch.float32)  # the plan loads into the model
     assert model.plan.pattern == plan.pattern
-    assert [l.self_attn.indexer is None for l in model.model.layers] == \
-        [c == "S" for c in plan.pattern]
+    assert [l.self_attn.indexer is None for l in model.model.layers] == [
+        c == "S" for c in plan.pattern
+    ]
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--retain", "0"], "retain must be in"),
-    (["--retain", "1.5"], "retain must be in"),
-    (["--seq-len", "8"], "--seq-len 8 must be greater than the model's index_topk"),
-    (["--num-seqs", "500"], "need num_seqs"),
-    (["--pipeline-blocks", "9"], "pipeline_blocks"),
-    (["--batch-size", "0"], "--batch-size"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--retain", "0"], "retain must be in"),
+        (["--retain", "1.5"], "retain must be in"),
+        (["--seq-len", "8"], "--seq-len 8 must be greater than the model's index_topk"),
+        (["--num-seqs", "500"], "need num_seqs"),
+        (["--pipeline-blocks", "9"], "pipeline_blocks"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
 def test_calibrate_bad_arguments_exit_2(model_dir, text_file, tmp_path, capsys, args, match):
     assert _calibrate(model_dir, text_file, tmp_path / "x", *args) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("content,name,match", [
-    (None, "nope.jsonl", "does not exist"),
-    ("", "empty.jsonl", "no JSONL records"),
-    ("{oops\n", "bad.jsonl", "bad.jsonl:1 is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,name,match",
+    [
+        (None, "nope.jsonl", "does not exist"),
+        ("", "empty.jsonl", "no JSONL records"),
+        ("{oops\n", "bad.jsonl", "bad.jsonl:1 is not valid JSON"),
+    ],
+)
 def test_calibrate_bad_data_exit_2(model_dir, tmp_path, capsys, content, name, match):
     f = tmp_path / name
     if content is not None:
@@ -88,8 +115,9 @@ def test_calibrate_bad_data_exit_2(model_dir, tmp_path, capsys, content, name, m
     assert match in capsys.readouterr().err
 
 
-def test_publish_without_registry_fails_before_searching(model_dir, text_file, tmp_path,
-                                                         monkeypatch, capsys):
+def test_publish_without_registry_fails_before_searching(
+    model_dir, text_file, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setitem(sys.modules, "serving.plan_registry", None)  # import raises ImportError
     assert _calibrate(model_dir, text_file, tmp_path / "x", "--publish") == 2
     assert "plan registry" in capsys.readouterr().err
@@ -107,13 +135,27 @@ def test_publish_calls_the_registry(model_dir, text_file, tmp_path, monkeypatch)
     fake.publish = publish
     monkeypatch.setitem(sys.modules, "serving.plan_registry", fake)
     out = tmp_path / "cal"
-    assert _calibrate(model_dir, text_file, out, "--publish", "--registry-model", "tiny-llama",
-                      "--ray-address", "ray://head:10001", "--no-overlap") == 0
+    assert (
+        _calibrate(
+            model_dir,
+            text_file,
+            out,
+            "--publish",
+            "--registry-model",
+            "tiny-llama",
+            "--ray-address",
+            "ray://head:10001",
+            "--no-overlap",
+        )
+        == 0
+    )
     [(name, plan, prov, address)] = calls
     assert name == "tiny-llama" and address == "ray://head:10001"
     assert plan == read_plan(out / "plan.json", 4) and prov["source"] == "calibration"
-    assert prov["calibration_data_hash"] == json.loads((out / "trajectory.json").read_text())[
-        "calibration_data_hash"]
+    assert (
+        prov["calibration_data_hash"]
+        == json.loads((out / "trajectory.json").read_text())["calibration_data_hash"]
+    )
     doc = json.loads((out / "plan.json").read_text())
     assert doc["provenance"]["registry"] == {"model": "tiny-llama", "version": 7}
     assert not (out / "overlap.json").exists()
@@ -121,9 +163,24 @@ def test_publish_calls_the_registry(model_dir, text_file, tmp_path, monkeypatch)
 
 def test_distill_end_to_end_with_resume_and_export(model_dir, text_file, tmp_path, capsys):
     out, export = tmp_path / "ckpt", tmp_path / "served"
-    base = ["distill", "--model", str(model_dir), "--data", str(text_file), "--seq-len", "32",
-            "--num-seqs", "2", "--index-cache", "FSFS", "--out", str(out), "--quiet",
-            "--lr", "0.01"]
+    base = [
+        "distill",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(text_file),
+        "--seq-len",
+        "32",
+        "--num-seqs",
+        "2",
+        "--index-cache",
+        "FSFS",
+        "--out",
+        str(out),
+        "--quiet",
+        "--lr",
+        "0.01",
+    ]
     assert main([*base, "--steps", "2"]) == 0
     assert json.loads((out / "state.json").read_text())["step"] == 2
     assert main([*base, "--steps", "3"]) == 2  # refuses to overwrite without --resume

@@ -21,16 +21,31 @@ def _jsonl(path, records):
 
 
 def test_jsonl_text_and_chat_records_are_packed(tmp_path, tok):
-    f = _jsonl(tmp_path / "d.jsonl", [
-        {"text": "hello world " * 2},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-        {"text": "more text " * 10},
-    ])
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"},
-                                    {"role": "assistant", "content": "yo"}],
-                                   add_generation_prompt=False)
-    want = (tok.encode("hello world " * 2) + [4] + tok.encode(chat) + [4]
-            + tok.encode("more text " * 10) + [4])
+    f = _jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"text": "hello world " * 2},
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "yo"},
+                ]
+            },
+            {"text": "more text " * 10},
+        ],
+    )
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        add_generation_prompt=False,
+    )
+    want = (
+        tok.encode("hello world " * 2)
+        + [4]
+        + tok.encode(chat)
+        + [4]
+        + tok.encode("more text " * 10)
+        + [4]
+    )
     d = load_calibration(f, tok, seq_len=20, num_seqs=3)
     assert d.ids.shape == (3, 20) and d.documents == 3
     assert d.ids.reshape(-1).tolist() == want[:60]
@@ -49,17 +64,20 @@ def test_plain_text_files_and_stable_hash(tmp_path, tok):
     assert [b.shape[0] for b in d1.batches(3)] == [3, 3, 2]
 
 
-@pytest.mark.parametrize("content,name,match", [
-    (None, "missing.jsonl", "does not exist"),
-    ("", "empty.jsonl", "no JSONL records"),
-    ("\n\n", "blank.jsonl", "no JSONL records"),
-    ("", "empty.txt", "is empty"),
-    ('{"text": "ok"}\n{not json}\n', "bad.jsonl", r"bad.jsonl:2 is not valid JSON"),
-    ('{"prompt": "x"}\n', "keys.jsonl", "neither 'text' nor 'messages'"),
-    ('{"text": 3}\n', "type.jsonl", "'text' must be a string"),
-    ('["x"]\n', "list.jsonl", "must be a JSON object"),
-    ('{"messages": []}\n', "msgs.jsonl", "'messages' must be a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "content,name,match",
+    [
+        (None, "missing.jsonl", "does not exist"),
+        ("", "empty.jsonl", "no JSONL records"),
+        ("\n\n", "blank.jsonl", "no JSONL records"),
+        ("", "empty.txt", "is empty"),
+        ('{"text": "ok"}\n{not json}\n', "bad.jsonl", r"bad.jsonl:2 is not valid JSON"),
+        ('{"prompt": "x"}\n', "keys.jsonl", "neither 'text' nor 'messages'"),
+        ('{"text": 3}\n', "type.jsonl", "'text' must be a string"),
+        ('["x"]\n', "list.jsonl", "must be a JSON object"),
+        ('{"messages": []}\n', "msgs.jsonl", "'messages' must be a non-empty list"),
+    ],
+)
 def test_bad_data_files_are_named(tmp_path, tok, content, name, match):
     f = tmp_path / name
     if content is not None:

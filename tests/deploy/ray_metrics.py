@@ -21,8 +21,9 @@ def _names(node: ast.expr) -> list[str]:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return [node.value]
     if isinstance(node, ast.JoinedStr):
-        parts = [[v.value] if isinstance(v, ast.Constant) else list(_PROTOCOLS)
-                 for v in node.values]
+        parts = [
+            [v.value] if isinstance(v, ast.Constant) else list(_PROTOCOLS) for v in node.values
+        ]
         return ["".join(p) for p in itertools.product(*parts)]
     return []
 
@@ -42,8 +43,11 @@ def serve_series() -> frozenset[str]:
             kind = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             if kind not in _KINDS:
                 continue
-            arg = node.args[0] if node.args else next(
-                (k.value for k in node.keywords if k.arg == "name"), None)
+            arg = (
+                node.args[0]
+                if node.args
+                else next((k.value for k in node.keywords if k.arg == "name"), None)
+            )
             for name in _names(arg) if arg is not None else []:
                 if not name.startswith("serve_"):
                     continue

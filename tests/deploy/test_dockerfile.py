@@ -68,7 +68,8 @@ def test_runs_as_a_non_root_user_it_creates():
 
 def test_copies_every_package_and_the_files_pip_install_needs():
     include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "packages"]["find"]["include"]
+        "packages"
+    ]["find"]["include"]
     packages = {p.rstrip("*") for p in include}
     copied = {src for a in args_of("COPY") for src in shlex.split(a)[:-1]}
     assert packages <= copied, f"not copied into the image: {packages - copied}"
@@ -92,11 +93,15 @@ def test_constraints_pipeline_on_the_real_requirements():
     """Run the Dockerfile's own grep|sed on requirements.txt: torch and triton dropped, extras
     stripped (pip refuses extras in constraints), every other pin kept."""
     run = next(a for a in args_of("RUN") if "/tmp/constraints.txt" in a and "grep" in a)
-    pipeline = run[run.index("grep -vE"):run.index("> /tmp/constraints.txt")]
-    out = subprocess.run(["bash", "-c", pipeline], cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    reqs = [r for r in (REPO / "requirements.txt").read_text().splitlines()
-            if r and not r.startswith("#")]
+    pipeline = run[run.index("grep -vE") : run.index("> /tmp/constraints.txt")]
+    out = subprocess.run(
+        ["bash", "-c", pipeline], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    reqs = [
+        r
+        for r in (REPO / "requirements.txt").read_text().splitlines()
+        if r and not r.startswith("#")
+    ]
     names = {line.split("==")[0] for line in out if "==" in line}
     assert "torch" not in names and "triton" not in names
     assert not any("[" in line for line in out)
@@ -105,8 +110,17 @@ def test_constraints_pipeline_on_the_real_requirements():
     assert "ray==2.60.0" in out
 
 
-@pytest.mark.parametrize("pattern", [r"/work\b", r"/home/(?!indexcache)", r"\bADD\s+https?://",
-                                     r":latest\b", r"/Users/", r"\.venv"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"/work\b",
+        r"/home/(?!indexcache)",
+        r"\bADD\s+https?://",
+        r":latest\b",
+        r"/Users/",
+        r"\.venv",
+    ],
+)
 def test_nothing_machine_specific(pattern):
     assert not re.search(pattern, DOCKERFILE.read_text())
 
@@ -122,8 +136,9 @@ def test_torch_check_runs_and_rejects_a_cpu_torch(tmp_path):
     code = shlex.split(run)[2]  # python -c "<code>" && ...
     assert shlex.split(run)[:2] == ["python", "-c"]
     (tmp_path / "requirements.txt").write_text((REPO / "requirements.txt").read_text())
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
     import torch
 
     if torch.version.cuda:  # a CUDA build of the pinned torch passes the check

@@ -10,8 +10,14 @@ import yaml
 from tests.deploy import k8s
 from tests.deploy.conftest import TARGETS, one
 
-EXPECTED_KINDS = {"RayService", "RayJob", "PersistentVolumeClaim", "PodMonitor",
-                  "PrometheusRule", "ConfigMap"}
+EXPECTED_KINDS = {
+    "RayService",
+    "RayJob",
+    "PersistentVolumeClaim",
+    "PodMonitor",
+    "PrometheusRule",
+    "ConfigMap",
+}
 
 
 def test_kustomize_is_the_pinned_kubectl():
@@ -40,27 +46,48 @@ JOB_HEAD = ("spec", "rayClusterSpec", "headGroupSpec", "template", "spec")
 # wrong types, a missing required field.
 BREAKAGES = [
     ("RayService", "indexcache", ("spec", "serveConfigv2"), "x", "serveConfigv2"),
-    ("RayService", "indexcache", ("spec", "rayClusterConfig", "enableInTreeAutoscale"), True,
-     "enableInTreeAutoscale"),
+    (
+        "RayService",
+        "indexcache",
+        ("spec", "rayClusterConfig", "enableInTreeAutoscale"),
+        True,
+        "enableInTreeAutoscale",
+    ),
     ("RayService", "indexcache", (*HEAD, "imagePullPolicyy"), "Always", "imagePullPolicyy"),
     ("RayService", "indexcache", (*HEAD, "resources", "limits", "cpu"), 1.5, "1.5"),
-    ("RayService", "indexcache", ("spec", "rayClusterConfig", "workerGroupSpecs", 0,
-                                  "maxReplicas"), "two", "'two'"),
+    (
+        "RayService",
+        "indexcache",
+        ("spec", "rayClusterConfig", "workerGroupSpecs", 0, "maxReplicas"),
+        "two",
+        "'two'",
+    ),
     ("RayService", "indexcache", ("metadata", "lables"), {}, "lables"),
     ("RayJob", "indexcache-calibrate", ("spec", "entryPoint"), "x", "entryPoint"),
     ("RayJob", "indexcache-calibrate", (*JOB_HEAD, "nodeSelectr"), {}, "nodeSelectr"),
     ("RayJob", "indexcache-calibrate", ("spec", "entrypoint"), DELETE, "entrypoint"),
-    ("PodMonitor", "indexcache-app", ("spec", "podMetricsEndpoints", 0, "intervall"), "1s",
-     "intervall"),
-    ("PrometheusRule", "indexcache", ("spec", "groups", 0, "rules", 0, "expresion"), "up",
-     "expresion"),
+    (
+        "PodMonitor",
+        "indexcache-app",
+        ("spec", "podMetricsEndpoints", 0, "intervall"),
+        "1s",
+        "intervall",
+    ),
+    (
+        "PrometheusRule",
+        "indexcache",
+        ("spec", "groups", 0, "rules", 0, "expresion"),
+        "up",
+        "expresion",
+    ),
     ("PersistentVolumeClaim", "indexcache-models", ("spec", "accesModes"), [], "accesModes"),
     ("ConfigMap", "indexcache-grafana-dashboard", ("date",), {}, "date"),
 ]
 
 
-@pytest.mark.parametrize("kind,name,path,value,needle", BREAKAGES,
-                         ids=[f"{b[0]}-{b[-1]}" for b in BREAKAGES])
+@pytest.mark.parametrize(
+    "kind,name,path,value,needle", BREAKAGES, ids=[f"{b[0]}-{b[-1]}" for b in BREAKAGES]
+)
 def test_validator_rejects_broken_manifests(rendered, kind, name, path, value, needle):
     doc = copy.deepcopy(one(rendered["prod"], kind, name))
     assert k8s.validate(doc) == []
@@ -77,28 +104,39 @@ def test_validator_rejects_broken_manifests(rendered, kind, name, path, value, n
 
 def test_service_monitor_schema_is_strict_too():
     """ServiceMonitor is not used (PodMonitors scrape), but its CRD loads and rejects typos."""
-    sm = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
-          "metadata": {"name": "x"},
-          "spec": {"selector": {"matchLabels": {"a": "b"}},
-                   "endpoints": [{"port": "serve", "path": "/metrics"}]}}
+    sm = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": {"name": "x"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "endpoints": [{"port": "serve", "path": "/metrics"}],
+        },
+    }
     assert k8s.validate(sm) == []
     sm["spec"]["endpoints"][0]["scrapeTimout"] = "5s"
     assert any("scrapeTimout" in e for e in k8s.validate(sm))
 
 
 def test_unknown_kind_is_an_error():
-    assert k8s.validate({"apiVersion": "ray.io/v1", "kind": "RayServe",
-                         "metadata": {"name": "x"}})
+    assert k8s.validate({"apiVersion": "ray.io/v1", "kind": "RayServe", "metadata": {"name": "x"}})
 
 
 def test_strict_schema_rules():
-    schema = {"type": "object", "properties": {
-        "a": {"type": "object", "properties": {"b": {"type": "string"}}},
-        "m": {"type": "object", "additionalProperties": {"type": "string"}},
-        "free": {"type": "object", "properties": {"k": {"type": "string"}},
-                 "x-kubernetes-preserve-unknown-fields": True},
-        "q": {"x-kubernetes-int-or-string": True},
-        "n": {"type": "string", "nullable": True}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "string"}}},
+            "m": {"type": "object", "additionalProperties": {"type": "string"}},
+            "free": {
+                "type": "object",
+                "properties": {"k": {"type": "string"}},
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+            "q": {"x-kubernetes-int-or-string": True},
+            "n": {"type": "string", "nullable": True},
+        },
+    }
     s = k8s.strict_schema(schema)
     assert s["additionalProperties"] is False
     assert s["properties"]["a"]["additionalProperties"] is False
@@ -168,8 +206,7 @@ def test_serving_workers_probe_the_app_and_their_raylet(rendered, target):
     for g in rs["workerGroupSpecs"]:
         (c,) = g["template"]["spec"]["containers"]
         assert c["readinessProbe"]["httpGet"]["path"].endswith("/health")
-        assert c["livenessProbe"]["httpGet"] == {"path": "/api/local_raylet_healthz",
-                                                 "port": 52365}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/api/local_raylet_healthz", "port": 52365}
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         assert mounts["/models"]["readOnly"] is True  # serving never writes the weights
 
@@ -182,6 +219,9 @@ def test_prod_splits_prefill_and_decode_pools(rendered):
         pod = g["template"]["spec"]
         assert pod["nodeSelector"]["indexcache.ai/pool"] == role
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
-    assert [g["groupName"] for g in
-            one(rendered["dev"], "RayService", "indexcache")["spec"]["rayClusterConfig"][
-                "workerGroupSpecs"]] == ["gpu"]
+    assert [
+        g["groupName"]
+        for g in one(rendered["dev"], "RayService", "indexcache")["spec"]["rayClusterConfig"][
+            "workerGroupSpecs"
+        ]
+    ] == ["gpu"]

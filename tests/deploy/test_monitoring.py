@@ -25,11 +25,21 @@ def app_series() -> set[str]:
     rec.observe_itl(0.01)
     rec.observe_e2e(1.0)
     rec.observe_kv_transfer(0.01, 1024)
-    rec.update_engine({"prompt_tokens_total": 5, "generation_tokens_total": 3,
-                       "num_preemptions": 1, "indexer_layers_run_total": 2,
-                       "indexer_layers_skipped_total": 6, "num_running": 1, "num_waiting": 0,
-                       "kv_usage": 0.5, "kv_capacity_tokens": 1024, "f_layer_ratio": 0.25,
-                       "plan_version": 1})
+    rec.update_engine(
+        {
+            "prompt_tokens_total": 5,
+            "generation_tokens_total": 3,
+            "num_preemptions": 1,
+            "indexer_layers_run_total": 2,
+            "indexer_layers_skipped_total": 6,
+            "num_running": 1,
+            "num_waiting": 0,
+            "kv_usage": 0.5,
+            "kv_capacity_tokens": 1024,
+            "f_layer_ratio": 0.25,
+            "plan_version": 1,
+        }
+    )
     text = metrics.render([metrics.snapshot()]).decode()
     families = list(text_string_to_metric_families(text))
     exposed = {f.name + ("_total" if f.type == "counter" else "") for f in families}
@@ -40,14 +50,17 @@ def app_series() -> set[str]:
 def dashboard_exprs() -> list[tuple[str, str]]:
     dash = json.loads(DASHBOARD.read_text())
     out = [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
-    out += [(f"variable {v['name']}", v["definition"]) for v in dash["templating"]["list"]
-            if v["type"] == "query"]
+    out += [
+        (f"variable {v['name']}", v["definition"])
+        for v in dash["templating"]["list"]
+        if v["type"] == "query"
+    ]
     return out
 
 
 def _label_values_metric(expr: str) -> str:
     # label_values(metric, label) is Grafana's, not PromQL: check the metric inside it.
-    return expr[len("label_values("):].split(",")[0].strip()
+    return expr[len("label_values(") :].split(",")[0].strip()
 
 
 def test_dashboard_queries_name_only_exported_series(app_series):
@@ -67,13 +80,15 @@ def test_dashboard_queries_name_only_exported_series(app_series):
 def test_dashboard_covers_the_serving_signals():
     dash = json.loads(DASHBOARD.read_text())
     by_title = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in dash["panels"]}
-    wanted = {"Time to first token": "indexcache_time_to_first_token_seconds_bucket",
-              "Inter-token latency": "indexcache_inter_token_latency_seconds_bucket",
-              "Tokens per second": "indexcache_generation_tokens_total",
-              "KV cache usage": "indexcache_kv_cache_usage_ratio",
-              "Queue": "indexcache_num_requests_waiting",
-              "Indexer layers skipped": "indexcache_indexer_layers_skipped_total",
-              "Replicas per role": "count by (role)"}
+    wanted = {
+        "Time to first token": "indexcache_time_to_first_token_seconds_bucket",
+        "Inter-token latency": "indexcache_inter_token_latency_seconds_bucket",
+        "Tokens per second": "indexcache_generation_tokens_total",
+        "KV cache usage": "indexcache_kv_cache_usage_ratio",
+        "Queue": "indexcache_num_requests_waiting",
+        "Indexer layers skipped": "indexcache_indexer_layers_skipped_total",
+        "Replicas per role": "count by (role)",
+    }
     for title, needle in wanted.items():
         assert needle in by_title.get(title, ""), title
     ids = [p["id"] for p in dash["panels"]]
@@ -81,8 +96,11 @@ def test_dashboard_covers_the_serving_signals():
 
 
 def test_checker_rejects_a_metric_the_app_does_not_export(app_series):
-    refs = promql.refs(promql.interpolate_grafana(
-        'sum(rate(indexcache_tokens_generated_total{model=~"$model"}[$__rate_interval]))'))
+    refs = promql.refs(
+        promql.interpolate_grafana(
+            'sum(rate(indexcache_tokens_generated_total{model=~"$model"}[$__rate_interval]))'
+        )
+    )
     assert refs.metrics - app_series == {"indexcache_tokens_generated_total"}
 
 
@@ -97,8 +115,12 @@ def test_alert_rules_name_only_existing_series(rendered, app_series):
 
     rule = one(rendered["prod"], "PrometheusRule", "indexcache")
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert {"IndexCacheTTFTHigh", "IndexCacheKVCacheNearlyFull", "IndexCacheHighErrorRate",
-            "IndexCacheNoHealthyReplicas"} <= set(alerts)
+    assert {
+        "IndexCacheTTFTHigh",
+        "IndexCacheKVCacheNearlyFull",
+        "IndexCacheHighErrorRate",
+        "IndexCacheNoHealthyReplicas",
+    } <= set(alerts)
     ray = serve_series()
     assert "ray_serve_num_http_requests_total" in ray  # the extraction itself works
     for name, r in alerts.items():

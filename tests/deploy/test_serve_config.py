@@ -27,7 +27,8 @@ def test_checked_in_render_is_not_stale(target):
     config = RENDERED_PATCHES[target]
     checked_in = (config.parent / "serve-config.yaml").read_text()
     assert checked_in == render_k8s.render(config), (
-        f"stale: run indexcache render-k8s {config} --out {config.parent / 'serve-config.yaml'}")
+        f"stale: run indexcache render-k8s {config} --out {config.parent / 'serve-config.yaml'}"
+    )
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -24,6 +24,7 @@ GREEDY = {"temperature": 0.0, "max_tokens": N_GEN, "ignore_eos": True}
 def model_dir(tiny_dir):
     def get(kind: str = "glm_moe_dsa") -> str:
         return tiny_dir(kind, **HEADS)
+
     return get
 
 
@@ -52,4 +53,3 @@ def reference(model_dir, prompts):
         return done[kind, plan]
 
     return get
-

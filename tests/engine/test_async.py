@@ -32,11 +32,13 @@ async def _until_idle(aeng: AsyncLLMEngine):
 
 def test_streams_match_sync_and_reference(model_dir, prompts, reference):
     async def main():
-        aeng = AsyncLLMEngine(LLMEngine.from_pretrained(model_dir(), "FSSF", num_blocks=8,
-                                                        max_num_batched_tokens=64))
+        aeng = AsyncLLMEngine(
+            LLMEngine.from_pretrained(model_dir(), "FSSF", num_blocks=8, max_num_batched_tokens=64)
+        )
         sp = SamplingParams(**GREEDY)
-        got = await asyncio.gather(*[_collect(aeng.generate(f"r{i}", p, sp))
-                                     for i, p in enumerate(prompts)])
+        got = await asyncio.gather(
+            *[_collect(aeng.generate(f"r{i}", p, sp)) for i, p in enumerate(prompts)]
+        )
         stats = await _until_idle(aeng)
         await aeng.shutdown()
         return got, stats
@@ -44,7 +46,8 @@ def test_streams_match_sync_and_reference(model_dir, prompts, reference):
     got, stats = _run(main())
     assert [g[0] for g in got] == reference("glm_moe_dsa", "FSSF")
     sync = LLMEngine.from_pretrained(model_dir(), "FSSF", num_blocks=8).generate(
-        prompts, SamplingParams(**GREEDY))
+        prompts, SamplingParams(**GREEDY)
+    )
     for (_, text, deltas), out in zip(got, sync, strict=True):
         assert text == out.text  # streamed text pieces add up to the final text
         assert deltas[-1].finish_reason == "length"
@@ -57,10 +60,12 @@ def test_async_prefill_then_decode(model_dir, prompts, reference):
         pre = AsyncLLMEngine.from_pretrained(model_dir(), role="prefill", num_blocks=8)
         dec = AsyncLLMEngine.from_pretrained(model_dir(), role="decode", num_blocks=8)
         sp = SamplingParams(**GREEDY)
-        results = await asyncio.gather(*[pre.prefill(f"p{i}", p, sp)
-                                         for i, p in enumerate(prompts)])
-        streams = await asyncio.gather(*[_collect(dec.decode(r.request_id, r.payload, sp))
-                                         for r in results])
+        results = await asyncio.gather(
+            *[pre.prefill(f"p{i}", p, sp) for i, p in enumerate(prompts)]
+        )
+        streams = await asyncio.gather(
+            *[_collect(dec.decode(r.request_id, r.payload, sp)) for r in results]
+        )
         with pytest.raises(ValueError, match="role"):
             await _collect(pre.generate("x", prompts[0], sp))
         await _until_idle(pre)
@@ -76,8 +81,9 @@ def test_async_prefill_then_decode(model_dir, prompts, reference):
 
 def test_abort_and_cancel_free_pages_in_every_phase(model_dir, prompts):
     async def main():
-        eng = LLMEngine.from_pretrained(model_dir(), num_blocks=3, max_num_batched_tokens=16,
-                                        max_num_seqs=1)
+        eng = LLMEngine.from_pretrained(
+            model_dir(), num_blocks=3, max_num_batched_tokens=16, max_num_seqs=1
+        )
         aeng = AsyncLLMEngine(eng)
         long = SamplingParams(**{**GREEDY, "max_tokens": 200})
         # running: abort from outside, the stream ends with "abort"
@@ -134,8 +140,9 @@ def test_async_errors_reach_only_the_caller(model_dir, prompts):
 
 def test_prefill_aborted_before_its_first_token_is_cancelled(model_dir, prompts):
     async def main():
-        aeng = AsyncLLMEngine.from_pretrained(model_dir(), role="prefill", num_blocks=4,
-                                              max_num_batched_tokens=1)
+        aeng = AsyncLLMEngine.from_pretrained(
+            model_dir(), role="prefill", num_blocks=4, max_num_batched_tokens=1
+        )
         sp = SamplingParams(**GREEDY)
         task = asyncio.create_task(aeng.prefill("slow", prompts[2], sp))
         while aeng.stats().num_running == 0:  # one token per step: 126 forwards to go

@@ -11,19 +11,22 @@ from serving.engine import LLMEngine, SamplingParams
 from tests.engine.conftest import GREEDY
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": 2.5}, "max_tokens"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 0}, "top_k"),
-    ({"seed": "x"}, "seed"),
-    ({"stop_token_ids": (-1,)}, "stop_token_ids"),
-    ({"stop": ("",)}, "stop"),
-    ({"logprobs": -1}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"seed": "x"}, "seed"),
+        ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+        ({"stop": ("",)}, "stop"),
+        ({"logprobs": -1}, "logprobs"),
+    ],
+)
 def test_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
@@ -36,8 +39,9 @@ def test_sampling_params_normalise_lists():
 
 
 def test_bad_requests_do_not_disturb_others(model_dir, prompts, reference):
-    eng = LLMEngine.from_pretrained(model_dir(), max_num_batched_tokens=64, num_blocks=8,
-                                    max_model_len=120)
+    eng = LLMEngine.from_pretrained(
+        model_dir(), max_num_batched_tokens=64, num_blocks=8, max_model_len=120
+    )
     sp = SamplingParams(**GREEDY)
     eng.add_request("good", prompts[0], sp)
     done = {"good": [t for o in eng.step() for t in o.token_ids]}  # mid-flight from here on

@@ -21,8 +21,12 @@ def spy_batches(engine: LLMEngine) -> list[list[tuple[str, int, int]]]:
     run = engine.runner.run
 
     def wrapped(batch):
-        seen.append([("decode" if s.num_cached >= s.num_prompt_tokens else "prefill", n,
-                      s.num_cached) for s, n in zip(batch.seqs, batch.num_new, strict=True)])
+        seen.append(
+            [
+                ("decode" if s.num_cached >= s.num_prompt_tokens else "prefill", n, s.num_cached)
+                for s, n in zip(batch.seqs, batch.num_new, strict=True)
+            ]
+        )
         return run(batch)
 
     engine.runner.run = wrapped
@@ -32,8 +36,7 @@ def spy_batches(engine: LLMEngine) -> list[list[tuple[str, int, int]]]:
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("chunk", [512, 64, 7])
 def test_unified_and_chunked_match_full_recompute(model_dir, prompts, reference, plan, chunk):
-    eng = LLMEngine.from_pretrained(model_dir(), plan, max_num_batched_tokens=chunk,
-                                    num_blocks=16)
+    eng = LLMEngine.from_pretrained(model_dir(), plan, max_num_batched_tokens=chunk, num_blocks=16)
     batches = spy_batches(eng)
     outs = eng.generate(prompts, SamplingParams(**GREEDY))
     assert [o.token_ids for o in outs] == reference("glm_moe_dsa", plan)
@@ -55,8 +58,9 @@ def test_chunk_of_one_token(model_dir, prompts, reference, plan):
 
 @pytest.mark.parametrize("plan", PLANS)
 def test_prefill_payload_decode_matches(model_dir, prompts, reference, plan):
-    pre = LLMEngine.from_pretrained(model_dir(), plan, role="prefill", num_blocks=8,
-                                    max_num_batched_tokens=64)
+    pre = LLMEngine.from_pretrained(
+        model_dir(), plan, role="prefill", num_blocks=8, max_num_batched_tokens=64
+    )
     results = pre.prefill(prompts, SamplingParams(**GREEDY))
     assert pre.block_manager.num_free == pre.block_manager.num_blocks  # freed once exported
     ref = reference("glm_moe_dsa", plan)
@@ -64,8 +68,9 @@ def test_prefill_payload_decode_matches(model_dir, prompts, reference, plan):
     assert [r.num_prompt_tokens for r in results] == [len(p) for p in prompts]
     assert all(r.finish_reason is None for r in results)
     # A decode replica with a different pool size and step budget: only the layout must agree.
-    dec = LLMEngine.from_pretrained(model_dir(), plan, role="decode", num_blocks=12,
-                                    max_num_batched_tokens=2)
+    dec = LLMEngine.from_pretrained(
+        model_dir(), plan, role="decode", num_blocks=12, max_num_batched_tokens=2
+    )
     outs = dec.decode([r.payload for r in results], SamplingParams(**GREEDY))
     assert [o.token_ids for o in outs] == ref
     assert dec.block_manager.num_free == dec.block_manager.num_blocks
@@ -94,8 +99,7 @@ def test_other_families_unified_chunked_and_disaggregated(model_dir, prompts, re
     """GQA k/v rows (dsa_llama) and YaRN MLA (deepseek_v32) through chunks and a payload."""
     ref = reference(kind, "FSSF")
     sp = SamplingParams(**GREEDY)
-    eng = LLMEngine.from_pretrained(model_dir(kind), "FSSF", max_num_batched_tokens=7,
-                                    num_blocks=8)
+    eng = LLMEngine.from_pretrained(model_dir(kind), "FSSF", max_num_batched_tokens=7, num_blocks=8)
     assert [o.token_ids for o in eng.generate(prompts, sp)] == ref
     pre = LLMEngine.from_pretrained(model_dir(kind), "FSSF", role="prefill", num_blocks=8)
     dec = LLMEngine.from_pretrained(model_dir(kind), "FSSF", role="decode", num_blocks=8)
@@ -123,8 +127,9 @@ def test_decode_role_preempts_by_recompute(model_dir, prompts):
     sp = SamplingParams(**{**GREEDY, "max_tokens": 40})
     roomy = LLMEngine.from_pretrained(model_dir(), "FSSF", num_blocks=16).generate(prompts, sp)
     pre = LLMEngine.from_pretrained(model_dir(), "FSSF", role="prefill", num_blocks=8)
-    dec = LLMEngine.from_pretrained(model_dir(), "FSSF", role="decode", num_blocks=3,
-                                    max_num_batched_tokens=64)
+    dec = LLMEngine.from_pretrained(
+        model_dir(), "FSSF", role="decode", num_blocks=3, max_num_batched_tokens=64
+    )
     outs = dec.decode([r.payload for r in pre.prefill(prompts, sp)], sp)
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     assert dec.stats().num_preemptions > 0 and dec.block_manager.num_free == 3

@@ -11,10 +11,12 @@ from serving.engine import LLMEngine
 @pytest.mark.parametrize("index_fp8", [False, True])
 def test_quarter_plan_quarter_index_bytes_more_tokens(model_dir, index_fp8):
     budget = 2 << 20
-    full = LLMEngine.from_pretrained(model_dir(), "FFFF", kv_memory_bytes=budget,
-                                     index_fp8=index_fp8)
-    quarter = LLMEngine.from_pretrained(model_dir(), "FSSS", kv_memory_bytes=budget,
-                                        index_fp8=index_fp8)
+    full = LLMEngine.from_pretrained(
+        model_dir(), "FFFF", kv_memory_bytes=budget, index_fp8=index_fp8
+    )
+    quarter = LLMEngine.from_pretrained(
+        model_dir(), "FSSS", kv_memory_bytes=budget, index_fp8=index_fp8
+    )
     lf, lq = full.layout, quarter.layout
     assert lq.index_bytes_per_token * 4 == lf.index_bytes_per_token
     assert lq.attn_bytes_per_token == lf.attn_bytes_per_token

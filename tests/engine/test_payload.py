@@ -50,15 +50,18 @@ def test_decode_refuses_another_plan_and_keeps_serving(model_dir, fssf_payload, 
     assert dec.block_manager.num_free == 8
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"version": PAYLOAD_VERSION + 1}, "version"),
-    ({"layout_index_fp8": True}, "index_fp8"),
-    ({"layout_dtype": "bfloat16"}, "dtype"),
-    ({"layout_page_size": 32}, "page_size"),
-    ({"num_tokens": 3}, "num_tokens"),
-    ({"attn_truncate": True}, "attn"),
-    ({"index_drop": 0}, "index_k"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"version": PAYLOAD_VERSION + 1}, "version"),
+        ({"layout_index_fp8": True}, "index_fp8"),
+        ({"layout_dtype": "bfloat16"}, "dtype"),
+        ({"layout_page_size": 32}, "page_size"),
+        ({"num_tokens": 3}, "num_tokens"),
+        ({"attn_truncate": True}, "attn"),
+        ({"index_drop": 0}, "index_k"),
+    ],
+)
 def test_mismatches_name_the_field(model_dir, fssf_payload, change, field):
     dec = LLMEngine.from_pretrained(model_dir(), "FSSF", role="decode", num_blocks=4)
     p = fssf_payload
@@ -78,8 +81,9 @@ def test_mismatches_name_the_field(model_dir, fssf_payload, change, field):
 
 
 def test_payload_too_long_for_the_decode_pool(model_dir, fssf_payload):
-    dec = LLMEngine.from_pretrained(model_dir(), "FSSF", role="decode", num_blocks=1,
-                                    max_model_len=32)
+    dec = LLMEngine.from_pretrained(
+        model_dir(), "FSSF", role="decode", num_blocks=1, max_model_len=32
+    )
     with pytest.raises(ValueError, match=f"payload has {fssf_payload.num_tokens} prompt tokens"):
         dec.import_payload(fssf_payload, SamplingParams(**GREEDY))
 

@@ -24,8 +24,9 @@ def test_top_k_top_p_filter():
     assert kept[2].tolist() == [True, True, False, False, False]  # 0.7 reached exactly
     assert torch.equal(out[kept], logits[kept])
     shuffled = logits[:1, [3, 0, 4, 1, 2]]  # order in the vocabulary does not matter
-    assert torch.isfinite(filter_top_k_top_p(shuffled, torch.tensor([2]), torch.tensor([1.0]))
-                          ).tolist() == [[False, True, False, True, False]]
+    assert torch.isfinite(
+        filter_top_k_top_p(shuffled, torch.tensor([2]), torch.tensor([1.0]))
+    ).tolist() == [[False, True, False, True, False]]
 
 
 def test_sample_follows_the_distribution_and_the_seed():
@@ -45,8 +46,9 @@ def test_sample_follows_the_distribution_and_the_seed():
 
 
 def test_seeded_sampling_is_reproducible_across_batches_and_roles(model_dir, prompts):
-    sp = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=11, max_tokens=6,
-                        ignore_eos=True)
+    sp = SamplingParams(
+        temperature=0.9, top_p=0.9, top_k=50, seed=11, max_tokens=6, ignore_eos=True
+    )
     eng = LLMEngine.from_pretrained(model_dir(), "FSSF", num_blocks=8)
     alone = eng.generate(prompts[:1], sp)[0].token_ids
     other = dataclasses.replace(sp, seed=12)

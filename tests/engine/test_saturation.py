@@ -18,8 +18,22 @@ from model.tiny import tiny_config
 @pytest.mark.parametrize("mode", ["unified", "decode"])
 def test_saturation_smoke(tmp_path, mode):
     out = tmp_path / "sat.json"
-    report = main(["--mode", mode, "--context", "120", "--gen", "8", "--fit", "3",
-                   "--requests", "8", "--out", str(out)])
+    report = main(
+        [
+            "--mode",
+            mode,
+            "--context",
+            "120",
+            "--gen",
+            "8",
+            "--fit",
+            "3",
+            "--requests",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text())["summary"] == report["summary"]
     assert out.with_suffix(".png").stat().st_size > 0
     f, q = report["results"]["all-F"], report["results"]["1/4"]

@@ -13,10 +13,23 @@ from kernels.indexer import triton as itri
 from kernels.sparse_attn import triton as stri
 from kernels.topk import triton as topk_tri
 
-TOY = bench.Shapes(lengths=(24, 40), sweep_len=40, heads=4, dim=32, topk=16,
-                   attn_lens=(40, 24), mla=(48, 32), gqa=(2, 16), dec_batch=3, dec_len=100,
-                   dec_heads=(4,), store_tokens=100, quant_tokens=10, device="cpu",
-                   half="float16")  # bf16 tl.dot is wrong under the interpreter
+TOY = bench.Shapes(
+    lengths=(24, 40),
+    sweep_len=40,
+    heads=4,
+    dim=32,
+    topk=16,
+    attn_lens=(40, 24),
+    mla=(48, 32),
+    gqa=(2, 16),
+    dec_batch=3,
+    dec_len=100,
+    dec_heads=(4,),
+    store_tokens=100,
+    quant_tokens=10,
+    device="cpu",
+    half="float16",
+)  # bf16 tl.dot is wrong under the interpreter
 
 
 @pytest.mark.interpret
@@ -32,28 +45,37 @@ def test_bench_runs_every_section(monkeypatch, tmp_path, device):
         return 1.0
 
     # Interpreter-sized configs (two of each, so the sweeps still choose).
-    monkeypatch.setattr(itri, "PREFILL_CONFIGS", [itri.INTERPRET_PREFILL, dict(
-        itri.INTERPRET_PREFILL, BN=64)])
+    monkeypatch.setattr(
+        itri, "PREFILL_CONFIGS", [itri.INTERPRET_PREFILL, dict(itri.INTERPRET_PREFILL, BN=64)]
+    )
     monkeypatch.setattr(itri, "DECODE_CONFIGS", [itri.INTERPRET_DECODE] * 2)
     monkeypatch.setattr(stri, "WIDE_CONFIGS", [stri.INTERPRET_CONFIG] * 2)
     monkeypatch.setattr(stri, "EXPERIMENTAL_WIDE", [])
     monkeypatch.setattr(topk_tri, "CONFIGS", [topk_tri.INTERPRET] * 2)
     monkeypatch.setattr(bench, "bench_ms", fake_ms)
-    monkeypatch.setattr(bench.base, "time_slow",
-                        lambda fn, *a, reps=1, **k: fake_ms(fn, *a, **k) * 2)
+    monkeypatch.setattr(
+        bench.base, "time_slow", lambda fn, *a, reps=1, **k: fake_ms(fn, *a, **k) * 2
+    )
     out = bench.run(TOY, list(bench.SECTIONS))
     assert out["errors"] == {}
     ops = {r["op"] for r in out["results"]}
-    assert ops == {"indexer+topk prefill", "indexer+topk decode", "sparse attn prefill",
-                   "sparse attn decode", "kv store", "act_quant fp8"}
+    assert ops == {
+        "indexer+topk prefill",
+        "indexer+topk decode",
+        "sparse attn prefill",
+        "sparse attn decode",
+        "kv store",
+        "act_quant fp8",
+    }
     checks = [r["check_last_rows"] for r in out["results"] if "check_last_rows" in r]
     assert checks and all(c.startswith("ok") for c in checks), checks
     errs = [r["rms_err_last_rows"] for r in out["results"] if "rms_err_last_rows" in r]
     assert errs and max(errs) < 2e-3  # fp16 output rounding
     assert all(isinstance(v, float) for t in out["sweeps"].values() for v in t.values())
     readme = tmp_path / "README.md"
-    bench_report.write_readme(readme, out, bench_report.table(out), bench.MARK_START,
-                              bench.MARK_END)
+    bench_report.write_readme(
+        readme, out, bench_report.table(out), bench.MARK_START, bench.MARK_END
+    )
     bench_report.plot_indexer(out, tmp_path / "p.png", bench.PUBLISHED_INDEXER)
     assert "indexer+topk prefill" in readme.read_text() and (tmp_path / "p.png").stat().st_size
     json.dumps(out)

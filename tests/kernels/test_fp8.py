@@ -32,9 +32,11 @@ def test_hadamard_is_orthonormal():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape, block", [((4097, 64, 128), 128), ((77, 128), 128),
-                                          ((33, 96), 32), ((1, 7, 512), 128)],
-                         ids=["T4097-H64-D128", "T77-D128", "T33-D96-b32", "T1-H7-D512"])
+@pytest.mark.parametrize(
+    "shape, block",
+    [((4097, 64, 128), 128), ((77, 128), 128), ((33, 96), 32), ((1, 7, 512), 128)],
+    ids=["T4097-H64-D128", "T77-D128", "T33-D96-b32", "T1-H7-D512"],
+)
 @pytest.mark.parametrize("ue8m0", [True, False], ids=["ue8m0", "fp32scale"])
 def test_triton_bit_exact(shape, block, ue8m0, device):
     x = torch.randn(shape, device=device) * torch.logspace(-4, 4, shape[-1], device=device)

@@ -96,8 +96,9 @@ def test_prefill_small_score_budget(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", range(len(itri.PREFILL_CONFIGS)))
 def test_prefill_every_config(cfg, device):
-    _check_prefill([300, 77], [3000, 77], 64, 128, 2048, FP8, device,
-                   config=itri.PREFILL_CONFIGS[cfg])
+    _check_prefill(
+        [300, 77], [3000, 77], 64, 128, 2048, FP8, device, config=itri.PREFILL_CONFIGS[cfg]
+    )
 
 
 @pytest.mark.gpu

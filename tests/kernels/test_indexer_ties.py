@@ -19,12 +19,29 @@ def test_ties_prefer_lower_positions_and_ignore_chunking():
     cache = torch.zeros(pages, ps, di)
     cache.view(-1, di)[:n] = k
     table = torch.arange(pages, dtype=torch.int32)[None]
-    full = indexer_topk_prefill(q, w, cache, None, table, torch.tensor([0, n], dtype=torch.int32),
-                                torch.tensor([n], dtype=torch.int32), topk, impl="ref")
+    full = indexer_topk_prefill(
+        q,
+        w,
+        cache,
+        None,
+        table,
+        torch.tensor([0, n], dtype=torch.int32),
+        torch.tensor([n], dtype=torch.int32),
+        topk,
+        impl="ref",
+    )
     # the same queries, scored as a prefix-cached chunk of the last 13 tokens
-    tail = indexer_topk_prefill(q[-13:], w[-13:], cache, None, table,
-                                torch.tensor([0, 13], dtype=torch.int32),
-                                torch.tensor([n], dtype=torch.int32), topk, impl="ref")
+    tail = indexer_topk_prefill(
+        q[-13:],
+        w[-13:],
+        cache,
+        None,
+        table,
+        torch.tensor([0, 13], dtype=torch.int32),
+        torch.tensor([n], dtype=torch.int32),
+        topk,
+        impl="ref",
+    )
     assert torch.equal(full[-13:], tail)
     # among the tied zero-score keys, the selected ones are the lowest positions
     scores = torch.einsum("thd,sd->ths", q, k).relu().sum(1)

@@ -28,7 +28,7 @@ def test_indexer_ref_matches_brute_force():
         want = sorted(range(p + 1), key=lambda s: -scores[s])[:topk]
         got = [i for i in out[t].tolist() if i >= 0]
         assert sorted(got) == sorted(want), t
-        assert out[t].tolist()[len(got):] == [-1] * (topk - len(got))
+        assert out[t].tolist()[len(got) :] == [-1] * (topk - len(got))
 
 
 def test_sparse_attn_ref_matches_brute_force():

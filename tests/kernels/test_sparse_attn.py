@@ -17,10 +17,11 @@ interpret, gpu = pytest.mark.interpret, pytest.mark.gpu
 
 def case(n_q, lens, heads, kv_heads, dk, dv, topk, dtype, mla, *marks):
     kind = "mla" if mla else f"gqa{kv_heads}"
-    name = (f"B{len(lens)}-T{sum(n_q)}-L{max(lens)}-H{heads}-{kind}-D{dk}x{dv}-topk{topk}-"
-            f"{_NAMES[dtype]}")
-    return pytest.param(n_q, lens, heads, kv_heads, dk, dv, topk, dtype, mla, id=name,
-                        marks=marks)
+    name = (
+        f"B{len(lens)}-T{sum(n_q)}-L{max(lens)}-H{heads}-{kind}-D{dk}x{dv}-topk{topk}-"
+        f"{_NAMES[dtype]}"
+    )
+    return pytest.param(n_q, lens, heads, kv_heads, dk, dv, topk, dtype, mla, id=name, marks=marks)
 
 
 PREFILL = [
@@ -41,10 +42,19 @@ DECODE = [
     case([1] * 3, [1, 65, 200], 4, 2, 16, 16, 64, torch.float16, False, interpret),
     case([1], [70000], 64, 1, 576, 512, 2048, torch.bfloat16, True, gpu),
     case([1] * 5, [1, 64, 65, 3000, 70000], 64, 1, 576, 512, 2048, torch.bfloat16, True, gpu),
-    case([1] * 64, [4096 + 7 * i for i in range(64)], 128, 1, 576, 512, 2048, torch.bfloat16,
-         True, gpu),
-    case([1] * 7, [100 * i + 1 for i in range(7)], 32, 8, 128, 128, 512, torch.float16, False,
-         gpu),
+    case(
+        [1] * 64,
+        [4096 + 7 * i for i in range(64)],
+        128,
+        1,
+        576,
+        512,
+        2048,
+        torch.bfloat16,
+        True,
+        gpu,
+    ),
+    case([1] * 7, [100 * i + 1 for i in range(7)], 32, 8, 128, 128, 512, torch.float16, False, gpu),
 ]
 
 
@@ -57,7 +67,7 @@ def _inputs(n_q, lens, heads, kv_heads, dk, dv, topk, dtype, mla, device):
 @pytest.mark.parametrize("n_q, lens, heads, kv_heads, dk, dv, topk, dtype, mla", PREFILL)
 def test_prefill(n_q, lens, heads, kv_heads, dk, dv, topk, dtype, mla, device):
     inp = _inputs(n_q, lens, heads, kv_heads, dk, dv, topk, dtype, mla, device)
-    scale = dk ** -0.5
+    scale = dk**-0.5
     ref = sparse_attn_prefill(**inp, scale=scale, impl="ref")
     out = sparse_attn_prefill(**inp, scale=scale, impl="triton")
     assert out.dtype == dtype
@@ -80,9 +90,16 @@ def test_row_without_valid_index_is_zero(device):
     inp["indices"][1] = -1
     out = sparse_attn_prefill(**inp, scale=0.2, impl="triton")
     assert out[1].abs().max().item() == 0.0
-    dec = stri.sparse_attn_decode(inp["q"][1:2], inp["k_cache"], inp["v_cache"],
-                                  inp["block_tables"], inp["seq_lens"], inp["indices"][1:2], 0.2,
-                                  splits=2)
+    dec = stri.sparse_attn_decode(
+        inp["q"][1:2],
+        inp["k_cache"],
+        inp["v_cache"],
+        inp["block_tables"],
+        inp["seq_lens"],
+        inp["indices"][1:2],
+        0.2,
+        splits=2,
+    )
     assert dec.abs().max().item() == 0.0 and not torch.isnan(dec).any()
 
 

@@ -68,8 +68,11 @@ def test_public_op_dispatches(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["normal", "offset", "ties", "zeros"])
-@pytest.mark.parametrize("width, topk", [(65536, 2048), (4099, 2048), (20000, 512)],
-                         ids=["W65536-topk2048", "W4099-topk2048", "W20000-topk512"])
+@pytest.mark.parametrize(
+    "width, topk",
+    [(65536, 2048), (4099, 2048), (20000, 512)],
+    ids=["W65536-topk2048", "W4099-topk2048", "W20000-topk512"],
+)
 def test_wide(kind, width, topk, device):
     misses = _check(kind, 33, width, topk, device)
     if kind in ("normal", "offset"):

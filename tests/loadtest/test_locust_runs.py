@@ -24,11 +24,16 @@ def server(ray_cluster, tiny_dir):
     from serving.config import ServingConfig
 
     cfg = ServingConfig(
-        model=tiny_dir("glm_moe_dsa"), served_model_name="tiny-loadtest", app_name="app-load",
-        unified={"num_cpus": 0.5, "engine": {"num_blocks": NUM_BLOCKS, "max_num_seqs": 16,
-                                             "max_num_batched_tokens": 256}},
+        model=tiny_dir("glm_moe_dsa"),
+        served_model_name="tiny-loadtest",
+        app_name="app-load",
+        unified={
+            "num_cpus": 0.5,
+            "engine": {"num_blocks": NUM_BLOCKS, "max_num_seqs": 16, "max_num_batched_tokens": 256},
+        },
         ingress={"route_prefix": "/load", "num_cpus": 0.25, "api_keys": [API_KEY]},
-        metrics_interval_s=0.5)
+        metrics_interval_s=0.5,
+    )
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/load", blocking=False)
     wait_running(cfg.app_name, 180)
     yield f"http://127.0.0.1:{ray_cluster}/load"
@@ -36,8 +41,23 @@ def server(ray_cluster, tiny_dir):
 
 
 def loadtest(host, out, scenario, duration, *extra) -> int:
-    return main(["loadtest", "--host", host, "--scenario", scenario, "--duration", str(duration),
-                 "--out", str(out), "--api-key", API_KEY, "--quiet", *extra])
+    return main(
+        [
+            "loadtest",
+            "--host",
+            host,
+            "--scenario",
+            scenario,
+            "--duration",
+            str(duration),
+            "--out",
+            str(out),
+            "--api-key",
+            API_KEY,
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def locust_rows(out) -> dict[tuple[str, str], dict]:
@@ -52,7 +72,7 @@ def test_smoke_20s(server, tmp_path):
     ttft, post = rows[("TTFT", "chat")], rows[("POST", "chat")]
     assert int(ttft["Request Count"]) == int(post["Request Count"]) > 10
     assert int(rows[("ITL", "chat")]["Request Count"]) > 10 * int(ttft["Request Count"])
-    assert rows[(("", "Aggregated"))]["Failure Count"] == "0"
+    assert rows[("", "Aggregated")]["Failure Count"] == "0"
     for f in ("report.md", "summary.json", "latency.png", "kv.png", "metrics.csv"):
         assert (out / f).stat().st_size > 0, f
     s = json.loads((out / "summary.json").read_text())

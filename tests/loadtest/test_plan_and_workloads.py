@@ -12,8 +12,14 @@ from loadtest.plan import build_plan, saturation_stages
 from loadtest.server import parse_metrics
 from loadtest.workloads import WorkloadSpec, make_request, max_doc_tokens
 
-PLAN = dict(duration_s=40, model="m", max_model_len=4096, capacity_tokens=2048,
-            capacity_per_replica=1024, chars_per_token=1.0)
+PLAN = dict(
+    duration_s=40,
+    model="m",
+    max_model_len=4096,
+    capacity_tokens=2048,
+    capacity_per_replica=1024,
+    chars_per_token=1.0,
+)
 
 
 def test_saturation_steps_pass_the_pool():

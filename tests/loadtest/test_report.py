@@ -20,28 +20,58 @@ def make_run(d, *, lost=0, idle=True, kv=(0.5, 0.95, 1.0, 0.92, 0.0)):
     for i in range(10):  # ttft 100..1000 ms, tpot 10 ms (19 ms for the last), 20 tokens
         tpot = 0.019 if i == 9 else 0.010
         ttft = 0.1 * (i + 1)
-        reqs.append({"workload": "docs" if i % 2 else "chat", "start": T0 + i, "ttft_s": ttft,
-                     "tpot_s": tpot, "e2e_s": ttft + 19 * tpot, "prompt_tokens": 50,
-                     "output_tokens": 20, "itl_ms": [tpot * 1000] * 19})
-    reqs.append({"workload": "chat", "start": T0 + 3, "e2e_s": 0.2,
-                 "error": "HTTP 503: overloaded"})
+        reqs.append(
+            {
+                "workload": "docs" if i % 2 else "chat",
+                "start": T0 + i,
+                "ttft_s": ttft,
+                "tpot_s": tpot,
+                "e2e_s": ttft + 19 * tpot,
+                "prompt_tokens": 50,
+                "output_tokens": 20,
+                "itl_ms": [tpot * 1000] * 19,
+            }
+        )
+    reqs.append(
+        {"workload": "chat", "start": T0 + 3, "e2e_s": 0.2, "error": "HTTP 503: overloaded"}
+    )
     (d / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
-    rows = [{"t": T0 + i * 5, "kv_usage": u, "kv_capacity_tokens": 1024,
-             "kv_capacity_per_replica": 1024, "running": 4 * u, "waiting": 1, "preemptions": i,
-             "generation_tokens": 100 * i, "requests_finished": 2 * i}
-            for i, u in enumerate(kv)]
+    rows = [
+        {
+            "t": T0 + i * 5,
+            "kv_usage": u,
+            "kv_capacity_tokens": 1024,
+            "kv_capacity_per_replica": 1024,
+            "running": 4 * u,
+            "waiting": 1,
+            "preemptions": i,
+            "generation_tokens": 100 * i,
+            "requests_finished": 2 * i,
+        }
+        for i, u in enumerate(kv)
+    ]
     with open(d / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plan = {"scenario": "saturate", "stages": [{"until_s": 10, "users": 4},
-                                               {"until_s": 20, "users": 6}],
-            "saturated_from_s": 4.0, "requests_fit": 4.0,
-            "workload": {"kind": "mix", "max_tokens": 20, "doc_tokens": [40, 80]}}
-    meta = {"host": "h", "model": "m", "max_model_len": 4096, "kv_capacity_tokens": 1024,
-            "plan": plan, "load_started": T0, "load_stopped": T0 + 20,
-            "requests": {"sent": 11 + lost, "completed": 10, "failed": 1, "lost": lost},
-            "drain": {"idle": idle, "seconds": 1.0, "last_sample": rows[-1]}}
+    plan = {
+        "scenario": "saturate",
+        "stages": [{"until_s": 10, "users": 4}, {"until_s": 20, "users": 6}],
+        "saturated_from_s": 4.0,
+        "requests_fit": 4.0,
+        "workload": {"kind": "mix", "max_tokens": 20, "doc_tokens": [40, 80]},
+    }
+    meta = {
+        "host": "h",
+        "model": "m",
+        "max_model_len": 4096,
+        "kv_capacity_tokens": 1024,
+        "plan": plan,
+        "load_started": T0,
+        "load_stopped": T0 + 20,
+        "requests": {"sent": 11 + lost, "completed": 10, "failed": 1, "lost": lost},
+        "drain": {"idle": idle, "seconds": 1.0, "last_sample": rows[-1]},
+    }
     (d / "run.json").write_text(json.dumps(meta))
     return d
 
@@ -71,8 +101,9 @@ def test_summary_numbers(tmp_path):
 def test_verdict_names_each_problem(tmp_path):
     s = summarize(Run.load(make_run(tmp_path)), SLO())
     assert verdict(s) == ["1 requests failed"]
-    bad = summarize(Run.load(make_run(tmp_path, lost=2, idle=False, kv=(0.5, 0.5, 0.6, 0.0))),
-                    SLO())
+    bad = summarize(
+        Run.load(make_run(tmp_path, lost=2, idle=False, kv=(0.5, 0.5, 0.6, 0.0))), SLO()
+    )
     problems = " | ".join(verdict(bad))
     assert "2 requests were in flight" in problems and "did not return to zero" in problems
     assert "median" in problems  # KV never held >= 0.9 in the oversubscribed stage

@@ -52,6 +52,7 @@ def test_shared_layer_reuses_previous_full_indices(tiny_dir):
     def hook(layer_id):
         def fn(mod, args):
             seen[layer_id] = None if args[1].topk is None else args[1].topk.clone()
+
         return fn
 
     for i, layer in enumerate(m.model.layers):
@@ -73,8 +74,12 @@ def test_fp8_checkpoint_matches_dequantised(tmp_path):
     sd = hf_state_dict(model)
     fp8, deq = {}, {}
     for k, w in sd.items():
-        quantise = (k.endswith("proj.weight") and w.dim() == 2 and "weights_proj" not in k
-                    and "experts" not in k)
+        quantise = (
+            k.endswith("proj.weight")
+            and w.dim() == 2
+            and "weights_proj" not in k
+            and "experts" not in k
+        )
         if not quantise:
             fp8[k] = deq[k] = w.to(torch.bfloat16)
             continue
@@ -88,11 +93,20 @@ def test_fp8_checkpoint_matches_dequantised(tmp_path):
         fp8[k] = q.view_as(pad)[:m, :n].contiguous()
         fp8[k + "_scale_inv"] = scale
         deq[k] = (q.float() * scale[:, None, :, None]).view_as(pad)[:m, :n].to(torch.bfloat16)
-    qcfg = {**cfg, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
-                                           "weight_block_size": [128, 128]}}
+    qcfg = {
+        **cfg,
+        "quantization_config": {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "weight_block_size": [128, 128],
+        },
+    }
     save_checkpoint(model, qcfg, tmp_path / "fp8", tensors=fp8)
     save_checkpoint(model, cfg, tmp_path / "bf16", tensors=deq)
-    assert any(t.dtype == torch.float8_e4m3fn for t in load_file(tmp_path / "fp8/model.safetensors").values())
+    assert any(
+        t.dtype == torch.float8_e4m3fn
+        for t in load_file(tmp_path / "fp8/model.safetensors").values()
+    )
     a = load_model(tmp_path / "fp8", dtype=torch.bfloat16)
     b = load_model(tmp_path / "bf16", dtype=torch.bfloat16)
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
@@ -108,17 +122,22 @@ def test_sharded_checkpoint_and_mtp_layer(tiny_dir, tmp_path):
     sd["model.layers.4.eh_proj.weight"] = torch.zeros(4, 4)  # an MTP layer past num_hidden_layers
     keys = sorted(sd)
     half = len(keys) // 2
-    shards = {"model-00001-of-00002.safetensors": keys[:half],
-              "model-00002-of-00002.safetensors": keys[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[:half],
+        "model-00002-of-00002.safetensors": keys[half:],
+    }
     for fname, ks in shards.items():
         save_file({k: sd[k] for k in ks}, str(tmp_path / fname))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}})
+    )
     shutil.copy(f"{src}/config.json", tmp_path / "config.json")
     ids = torch.randint(0, 300, (1, 30))
     with torch.no_grad():
-        assert torch.equal(load_model(tmp_path, dtype=torch.float32)(ids),
-                           load_model(src, dtype=torch.float32)(ids))
+        assert torch.equal(
+            load_model(tmp_path, dtype=torch.float32)(ids),
+            load_model(src, dtype=torch.float32)(ids),
+        )
 
 
 def _edit(src, dst, fn):
@@ -129,16 +148,27 @@ def _edit(src, dst, fn):
     return dst
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda sd: sd.pop("model.layers.2.self_attn.kv_b_proj.weight"),
-     r"missing \(1\): model.layers.2.self_attn.kv_b_proj.weight"),
-    (lambda sd: sd.__setitem__("model.layers.0.self_attn.surprise", torch.zeros(3)),
-     r"unexpected \(1\): model.layers.0.self_attn.surprise"),
-    (lambda sd: sd.__setitem__("model.norm.weight", torch.ones(7)),
-     r"wrong shape \(1\): model.norm.weight: checkpoint \[7\], model \[64\]"),
-    (lambda sd: sd.pop("model.layers.3.mlp.experts.5.up_proj.weight"),
-     r"missing \(1\): model.layers.3.mlp.experts.gate_up_proj \(15 of 16"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            lambda sd: sd.pop("model.layers.2.self_attn.kv_b_proj.weight"),
+            r"missing \(1\): model.layers.2.self_attn.kv_b_proj.weight",
+        ),
+        (
+            lambda sd: sd.__setitem__("model.layers.0.self_attn.surprise", torch.zeros(3)),
+            r"unexpected \(1\): model.layers.0.self_attn.surprise",
+        ),
+        (
+            lambda sd: sd.__setitem__("model.norm.weight", torch.ones(7)),
+            r"wrong shape \(1\): model.norm.weight: checkpoint \[7\], model \[64\]",
+        ),
+        (
+            lambda sd: sd.pop("model.layers.3.mlp.experts.5.up_proj.weight"),
+            r"missing \(1\): model.layers.3.mlp.experts.gate_up_proj \(15 of 16",
+        ),
+    ],
+)
 def test_bad_checkpoints_list_the_names(tiny_dir, tmp_path, edit, match):
     path = _edit(tiny_dir("glm_moe_dsa"), tmp_path / "bad", edit)
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,4 @@
-"""IndexCache plan resolution: goldens equal transformers' `indexer_types`; bad plans are refused."""
+"""IndexCache plan resolution: goldens equal transformers' `indexer_types`; bad plans refused."""
 
 from __future__ import annotations
 
@@ -42,16 +42,22 @@ def test_queries():
     assert plan.plan_id != IndexCacheConfig.all_full(5).plan_id
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: IndexCacheConfig.from_pattern("FSF", 4), "length 3"),
-    (lambda: IndexCacheConfig.from_pattern("FSXF", 4), "only contain 'F' and 'S'"),
-    (lambda: IndexCacheConfig.from_pattern("SFFF", 4), "must start with 'F'"),
-    (lambda: IndexCacheConfig.from_freq(4, 0), "index_topk_freq"),
-    (lambda: IndexCacheConfig.from_freq(4, 2, 0), "must start with 'F'"),  # transformers allows it
-    (lambda: IndexCacheConfig.from_indexer_types(["full", "partial"], 2), "indexer_types"),
-    (lambda: IndexCacheConfig.from_indexer_types(["full"], 2), "length 1"),
-    (lambda: IndexCacheConfig.coerce(3, 4, IndexCacheConfig.all_full(4)), "index_cache"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: IndexCacheConfig.from_pattern("FSF", 4), "length 3"),
+        (lambda: IndexCacheConfig.from_pattern("FSXF", 4), "only contain 'F' and 'S'"),
+        (lambda: IndexCacheConfig.from_pattern("SFFF", 4), "must start with 'F'"),
+        (lambda: IndexCacheConfig.from_freq(4, 0), "index_topk_freq"),
+        (
+            lambda: IndexCacheConfig.from_freq(4, 2, 0),
+            "must start with 'F'",
+        ),  # transformers allows it
+        (lambda: IndexCacheConfig.from_indexer_types(["full", "partial"], 2), "indexer_types"),
+        (lambda: IndexCacheConfig.from_indexer_types(["full"], 2), "length 1"),
+        (lambda: IndexCacheConfig.coerce(3, 4, IndexCacheConfig.all_full(4)), "index_cache"),
+    ],
+)
 def test_bad_plans_name_the_problem(make, match):
     with pytest.raises(ValueError, match=match):
         make()

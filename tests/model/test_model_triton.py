@@ -31,8 +31,9 @@ def run_steps(model, backend: str, index_fp8: bool) -> list[torch.Tensor]:
         logits = []
         for new, cached in STEPS:
             ctx = ForwardContext.for_batch(new, cached, tables, cache)
-            step_ids = torch.cat([ids[b, c: c + n]
-                                  for b, (n, c) in enumerate(zip(new, cached, strict=True))])
+            step_ids = torch.cat(
+                [ids[b, c : c + n] for b, (n, c) in enumerate(zip(new, cached, strict=True))]
+            )
             with torch.no_grad():
                 logits.append(model(step_ids, ctx).float())
         return logits
@@ -50,24 +51,36 @@ def _compare(tiny_dir, kind, plan, index_fp8, device):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("kind, plan", [("glm_moe_dsa", "FSFS"), ("dsa_llama", None)],
-                         ids=["mla-FSFS", "gqa-all-F"])
+@pytest.mark.parametrize(
+    "kind, plan", [("glm_moe_dsa", "FSFS"), ("dsa_llama", None)], ids=["mla-FSFS", "gqa-all-F"]
+)
 def test_logits_triton_vs_ref(tiny_dir, kind, plan, device):
     _compare(tiny_dir, kind, plan, False, device)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("index_fp8", [False, True], ids=["index-bf", "index-fp8"])
-@pytest.mark.parametrize("kind, plan", [("deepseek_v32", None), ("glm_moe_dsa", "FSSF"),
-                                        ("dsa_llama", "FFSS")],
-                         ids=["dsv32-all-F", "glm-FSSF", "llama-FFSS"])
+@pytest.mark.parametrize(
+    "kind, plan",
+    [("deepseek_v32", None), ("glm_moe_dsa", "FSSF"), ("dsa_llama", "FFSS")],
+    ids=["dsv32-all-F", "glm-FSSF", "llama-FFSS"],
+)
 def test_logits_triton_vs_ref_gpu(tiny_dir, kind, plan, index_fp8, device):
     _compare(tiny_dir, kind, plan, index_fp8, device)
 
 
-SMOLLM_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-                     num_key_value_heads=3, head_dim=64, index_n_heads=4, index_head_dim=64,
-                     index_rope_head_dim=32, index_topk=256, max_position_embeddings=8192)
+SMOLLM_SHAPES = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    index_n_heads=4,
+    index_head_dim=64,
+    index_rope_head_dim=32,
+    index_topk=256,
+    max_position_embeddings=8192,
+)
 
 
 @pytest.mark.gpu

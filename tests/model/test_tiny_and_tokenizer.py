@@ -16,8 +16,11 @@ from model.tokenizer import Tokenizer
 @pytest.mark.parametrize("kind", KINDS)
 def test_make_tiny_cli_end_to_end(kind, tmp_path):
     out = tmp_path / kind
-    r = subprocess.run([sys.executable, "-m", "serving.cli.__main__", "make-tiny", "--kind", kind,
-                        str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "serving.cli.__main__", "make-tiny", "--kind", kind, str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     tok = Tokenizer.from_pretrained(out)
     text = "Hello, wörld! 1+1=2"
@@ -34,15 +37,40 @@ def test_make_tiny_cli_end_to_end(kind, tmp_path):
 
 
 def test_generate_cli(tiny_dir):
-    r = subprocess.run([sys.executable, "-m", "serving.cli.__main__", "generate", "--model",
-                        tiny_dir("glm_moe_dsa"), "--chat", "--max-tokens", "4", "hi"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli.__main__",
+            "generate",
+            "--model",
+            tiny_dir("glm_moe_dsa"),
+            "--chat",
+            "--max-tokens",
+            "4",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("'hi' -> ")
 
 
 def test_cli_reports_bad_input(tiny_dir):
-    r = subprocess.run([sys.executable, "-m", "serving.cli.__main__", "generate", "--model",
-                        tiny_dir("glm_moe_dsa"), "--max-tokens", "0", "hi"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli.__main__",
+            "generate",
+            "--model",
+            tiny_dir("glm_moe_dsa"),
+            "--max-tokens",
+            "0",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--max-tokens must be >= 1" in r.stderr

@@ -22,8 +22,9 @@ def test_logits_match_transformers(case, tmp_path):
     assert hf.config.index_topk * 4 <= SEQ
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path, dtype=torch.float32)
-    assert ours.plan.indexer_types == list(getattr(hf.config, "indexer_types", None)
-                                           or ["full"] * hf.config.num_hidden_layers)
+    assert ours.plan.indexer_types == list(
+        getattr(hf.config, "indexer_types", None) or ["full"] * hf.config.num_hidden_layers
+    )
     ids = torch.randint(0, hf.config.vocab_size, (2, SEQ))
     with torch.no_grad():
         ref = hf(ids).logits

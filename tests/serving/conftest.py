@@ -34,13 +34,25 @@ def _config(model_dir: str, mode: str):
 
     group = {"num_cpus": 0.5, "engine": {"max_num_seqs": 8, "max_num_batched_tokens": 256}}
     return ServingConfig(
-        model=model_dir, served_model_name=f"tiny-{mode}", mode=mode, app_name=f"app-{mode}",
-        unified=group, prefill=group, decode=group,
-        ingress={"route_prefix": f"/{mode}", "num_cpus": 0.25, "api_keys": [API_KEY],
-                 "max_prompt_tokens": 512, "max_tokens_limit": 4000, "max_body_bytes": 65536},
+        model=model_dir,
+        served_model_name=f"tiny-{mode}",
+        mode=mode,
+        app_name=f"app-{mode}",
+        unified=group,
+        prefill=group,
+        decode=group,
+        ingress={
+            "route_prefix": f"/{mode}",
+            "num_cpus": 0.25,
+            "api_keys": [API_KEY],
+            "max_prompt_tokens": 512,
+            "max_tokens_limit": 4000,
+            "max_body_bytes": 65536,
+        },
         kv_transfer={"timeout_s": 20},
         plans={"version": "latest", "poll_interval_s": 0.5},
-        metrics_interval_s=0.5)
+        metrics_interval_s=0.5,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,10 +70,16 @@ def apps(ray_cluster, tiny_model) -> dict[str, App]:
     out = {}
     for mode in ("unified", "disaggregated"):
         cfg = _config(tiny_model, mode)
-        serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix,
-                  blocking=False)  # both deploy at once
-        out[mode] = App(mode, cfg.app_name, cfg.model_name,
-                        f"http://127.0.0.1:{ray_cluster}{cfg.ingress.route_prefix}", cfg)
+        serve.run(
+            build_app(cfg), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix, blocking=False
+        )  # both deploy at once
+        out[mode] = App(
+            mode,
+            cfg.app_name,
+            cfg.model_name,
+            f"http://127.0.0.1:{ray_cluster}{cfg.ingress.route_prefix}",
+            cfg,
+        )
     for app in out.values():
         wait_running(app.name, 180)
     return out

@@ -36,7 +36,7 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
 
 
 # -- /metrics parsing ---------------------------------------------------------------------------
-_SAMPLE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$")
 
 
 def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
@@ -51,8 +51,9 @@ def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def metric_sum(samples, name: str, **labels) -> float:
-    return sum(v for n, lab, v in samples
-               if n == name and all(lab.get(k) == w for k, w in labels.items()))
+    return sum(
+        v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items())
+    )
 
 
 # -- Prometheus ---------------------------------------------------------------------------------
@@ -68,8 +69,13 @@ def prometheus_binary() -> Path:
         d.unlink()
 
     def download() -> subprocess.CompletedProcess:
-        return subprocess.run(["apt-get", "download", "prometheus"], cwd=root,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            ["apt-get", "download", "prometheus"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     res = download()
     if res.returncode != 0 and os.geteuid() == 0:  # a fresh machine has no package lists yet
@@ -93,14 +99,21 @@ class Prometheus:
         jobs = "\n".join(
             f"  - job_name: job{i}\n    metrics_path: {path}\n"
             f"    static_configs:\n      - targets: ['{target}']"
-            for i, (target, path) in enumerate(targets))
+            for i, (target, path) in enumerate(targets)
+        )
         (self.dir / "prometheus.yml").write_text(
-            f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}\n")
+            f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}\n"
+        )
         self.proc = subprocess.Popen(
-            [str(prometheus_binary()), f"--config.file={self.dir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "log.txt", "w"))
+            [
+                str(prometheus_binary()),
+                f"--config.file={self.dir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "log.txt", "w"),
+        )
         wait_for(self._ready, 30, "prometheus to start")
 
     @property

@@ -34,50 +34,76 @@ def assert_error(r: httpx.Response, status: int, param=None, code=None) -> dict:
 
 
 def still_answers(app) -> None:
-    r = post(app, "/completions", {"model": app.model, "prompt": "hi", "max_tokens": 2,
-                           "ignore_eos": True})
+    r = post(
+        app,
+        "/completions",
+        {"model": app.model, "prompt": "hi", "max_tokens": 2, "ignore_eos": True},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_malformed_json(app):
-    assert_error(post(app, "/chat/completions", b'{"model": "x", "messages": [', raw=True),
-                 400, code="invalid_json")
+    assert_error(
+        post(app, "/chat/completions", b'{"model": "x", "messages": [', raw=True),
+        400,
+        code="invalid_json",
+    )
     still_answers(app)
 
 
 def test_unknown_model(app):
-    err = assert_error(post(app, "/completions", {"model": "no-such-model", "prompt": "hi"}),
-                       404, param="model", code="model_not_found")
+    err = assert_error(
+        post(app, "/completions", {"model": "no-such-model", "prompt": "hi"}),
+        404,
+        param="model",
+        code="model_not_found",
+    )
     assert "no-such-model" in err["message"]
     still_answers(app)
 
 
 def test_negative_max_tokens(app):
-    assert_error(post(app, "/chat/completions", {"model": app.model, "max_tokens": -3,
-                                                 "messages": [{"role": "user", "content": "x"}]}),
-                 400, param="max_tokens")
+    assert_error(
+        post(
+            app,
+            "/chat/completions",
+            {"model": app.model, "max_tokens": -3, "messages": [{"role": "user", "content": "x"}]},
+        ),
+        400,
+        param="max_tokens",
+    )
     still_answers(app)
 
 
 def test_prompt_over_the_limit(app):
     limit = app.config.ingress.max_prompt_tokens
-    err = assert_error(post(app, "/completions", {"model": app.model, "prompt": "a" * (limit + 1)}),
-                       400, param="prompt", code="context_length_exceeded")
+    err = assert_error(
+        post(app, "/completions", {"model": app.model, "prompt": "a" * (limit + 1)}),
+        400,
+        param="prompt",
+        code="context_length_exceeded",
+    )
     assert str(limit) in err["message"]
     still_answers(app)
 
 
 def test_max_tokens_over_the_limit(app):
-    assert_error(post(app, "/completions", {"model": app.model, "prompt": "hi",
-                                            "max_tokens": 4001}), 400, param="max_tokens")
+    assert_error(
+        post(app, "/completions", {"model": app.model, "prompt": "hi", "max_tokens": 4001}),
+        400,
+        param="max_tokens",
+    )
     still_answers(app)
 
 
 @pytest.mark.parametrize("headers", [{"Authorization": "Bearer wrong-key"}, {"Authorization": ""}])
 def test_bad_api_key(app, headers):
-    assert_error(post(app, "/completions", {"model": app.model, "prompt": "hi"}, headers=headers),
-                 401, code="invalid_api_key")
+    assert_error(
+        post(app, "/completions", {"model": app.model, "prompt": "hi"}, headers=headers),
+        401,
+        code="invalid_api_key",
+    )
     r = httpx.get(app.v1 + "/models", headers=headers, timeout=30)
     assert_error(r, 401, code="invalid_api_key")
     still_answers(app)
@@ -101,8 +127,11 @@ def test_body_too_large(app):
 
 
 def test_unknown_field_and_route(app):
-    assert_error(post(app, "/completions", {"model": app.model, "prompt": "hi", "bogus": 1}),
-                 400, param="bogus")
+    assert_error(
+        post(app, "/completions", {"model": app.model, "prompt": "hi", "bogus": 1}),
+        400,
+        param="bogus",
+    )
     assert_error(httpx.get(app.v1 + "/nothing-here", headers=AUTH, timeout=30), 404)
     still_answers(app)
 

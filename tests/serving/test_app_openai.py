@@ -31,8 +31,7 @@ def test_models_list(app):
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
 def test_completion_greedy_equals_offline_generate(app, offline_engine, prompt):
     ref = offline(offline_engine, prompt, max_tokens=12)
-    r = client(app).completions.create(model=app.model, prompt=prompt, max_tokens=12,
-                                       temperature=0)
+    r = client(app).completions.create(model=app.model, prompt=prompt, max_tokens=12, temperature=0)
     assert r.choices[0].text == ref.text
     assert r.choices[0].finish_reason == ref.finish_reason == "length"
     n_prompt = len(offline_engine.tokenizer.encode(prompt))
@@ -48,12 +47,15 @@ def test_completion_token_ids_prompt(app, offline_engine):
 
 
 def test_chat_greedy_equals_offline_generate(app, offline_engine):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Once upon a time"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Once upon a time"},
+    ]
     text = offline_engine.tokenizer.apply_chat_template(messages)
     ref = offline(offline_engine, text, max_tokens=10)
-    r = client(app).chat.completions.create(model=app.model, messages=messages, max_tokens=10,
-                                            temperature=0)
+    r = client(app).chat.completions.create(
+        model=app.model, messages=messages, max_tokens=10, temperature=0
+    )
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == ref.text
     assert r.choices[0].finish_reason == ref.finish_reason
@@ -63,8 +65,9 @@ def test_chat_greedy_equals_offline_generate(app, offline_engine):
 
 def test_max_tokens_is_honoured(app):
     for n in (1, 3):
-        r = client(app).completions.create(model=app.model, prompt=PROMPTS[0], max_tokens=n,
-                                           temperature=0)
+        r = client(app).completions.create(
+            model=app.model, prompt=PROMPTS[0], max_tokens=n, temperature=0
+        )
         assert r.usage.completion_tokens == n
         assert r.choices[0].finish_reason == "length"
 
@@ -72,8 +75,13 @@ def test_max_tokens_is_honoured(app):
 def test_streaming_with_usage_chunk(app, offline_engine):
     ref = offline(offline_engine, PROMPTS[1], max_tokens=12)
     stream = client(app).completions.create(
-        model=app.model, prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True})
+        model=app.model,
+        prompt=PROMPTS[1],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     usage = [c for c in chunks if c.usage is not None]
     assert len(usage) == 1 and chunks[-1] is usage[0] and usage[0].choices == []
@@ -85,10 +93,14 @@ def test_streaming_with_usage_chunk(app, offline_engine):
 
 def test_chat_streaming(app, offline_engine):
     messages = [{"role": "user", "content": "1 2 3 4"}]
-    ref = offline(offline_engine, offline_engine.tokenizer.apply_chat_template(messages),
-                  max_tokens=8)
-    chunks = list(client(app).chat.completions.create(
-        model=app.model, messages=messages, max_tokens=8, temperature=0, stream=True))
+    ref = offline(
+        offline_engine, offline_engine.tokenizer.apply_chat_template(messages), max_tokens=8
+    )
+    chunks = list(
+        client(app).chat.completions.create(
+            model=app.model, messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
     assert chunks[-1].choices[0].finish_reason == "length"

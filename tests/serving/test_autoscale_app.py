@@ -32,14 +32,27 @@ def scale_app(ray_cluster, tiny_model):
 
     small = {"num_cpus": 0.25, "engine": {"max_num_seqs": 4}}
     cfg = ServingConfig(
-        model=tiny_model, served_model_name="tiny-scale", mode="disaggregated",
-        app_name="app-autoscale", decode=small,
+        model=tiny_model,
+        served_model_name="tiny-scale",
+        mode="disaggregated",
+        app_name="app-autoscale",
+        decode=small,
         ingress={"route_prefix": "/scale", "num_cpus": 0.1, "max_concurrent_requests": 1},
-        prefill={**small, "autoscaling": {
-            "min_replicas": 1, "max_replicas": 2, "target_prefill_latency_s": 1e-4,
-            "upscale_cooldown_s": 0, "metrics_interval_s": 0.5, "look_back_period_s": 2}},
+        prefill={
+            **small,
+            "autoscaling": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "target_prefill_latency_s": 1e-4,
+                "upscale_cooldown_s": 0,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 2,
+            },
+        },
         kv_transfer={"backend": "direct", "tensor_transport": "nixl"},
-        plans={"version": "checkpoint"}, metrics_interval_s=0.5)
+        plans={"version": "checkpoint"},
+        metrics_interval_s=0.5,
+    )
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/scale", blocking=False)
     try:
         wait_running(cfg.app_name, 180)
@@ -49,8 +62,13 @@ def scale_app(ray_cluster, tiny_model):
 
 
 def complete(base: str, **kw) -> httpx.Response:
-    body = {"model": "tiny-scale", "prompt": "Once upon a time", "max_tokens": 8,
-            "temperature": 0, **kw}
+    body = {
+        "model": "tiny-scale",
+        "prompt": "Once upon a time",
+        "max_tokens": 8,
+        "temperature": 0,
+        **kw,
+    }
     return httpx.post(base + "/v1/completions", json=body, timeout=60)
 
 
@@ -61,22 +79,32 @@ def test_direct_transport_then_prefill_scale_up(scale_app, offline_engine):
     assert prefill_replicas(cfg.app_name) == 1
     r = complete(base)
     assert r.status_code == 200, r.text
-    ref = offline_engine.generate(["Once upon a time"], SamplingParams(max_tokens=8,
-                                                                       temperature=0))[0]
+    ref = offline_engine.generate(
+        ["Once upon a time"], SamplingParams(max_tokens=8, temperature=0)
+    )[0]
     assert r.json()["choices"][0]["text"] == ref.text  # the payload crossed intact
-    wait_for(lambda: metric_sum(scrape(base + "/metrics"),
-                                "indexcache_kv_transfer_bytes_total") > 0, 20,
-             "KV bytes moved by the direct transport in the metrics")
+    wait_for(
+        lambda: metric_sum(scrape(base + "/metrics"), "indexcache_kv_transfer_bytes_total") > 0,
+        20,
+        "KV bytes moved by the direct transport in the metrics",
+    )
     # Any prefill now takes longer than the 0.1 ms target: the policy asks for the maximum.
     wait_for(lambda: prefill_replicas(cfg.app_name) == 2, 90, "a second prefill replica")
 
 
 def test_requests_over_the_ingress_limit_get_429(scale_app):
     _, base = scale_app
-    body = {"model": "tiny-scale", "prompt": "hold", "max_tokens": 2000, "ignore_eos": True,
-            "stream": True}
-    with httpx.Client(timeout=60) as http, http.stream("POST", base + "/v1/completions",
-                                                       json=body) as held:
+    body = {
+        "model": "tiny-scale",
+        "prompt": "hold",
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", base + "/v1/completions", json=body) as held,
+    ):
         assert held.status_code == 200
         lines = held.iter_lines()  # keep it: a dropped iterator closes the response
         first = next(lines)  # the first request is streaming: one in flight
@@ -84,5 +112,8 @@ def test_requests_over_the_ingress_limit_get_429(scale_app):
         r = complete(base)
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
-    wait_for(lambda: complete(base, max_tokens=2).status_code == 200, 20,
-             "the limit to free up once the held stream is closed")
+    wait_for(
+        lambda: complete(base, max_tokens=2).status_code == 200,
+        20,
+        "the limit to free up once the held stream is closed",
+    )

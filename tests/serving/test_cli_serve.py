@@ -46,8 +46,13 @@ def test_flags_override_the_config_file(tmp_path, tiny_dir):
 def test_indexcache_serve_end_to_end(tmp_path):
     port = free_port()
     env = {**os.environ, "INDEXCACHE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 240
@@ -69,8 +74,11 @@ def test_indexcache_serve_end_to_end(tmp_path):
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         answer = client.chat.completions.create(
-            model=client.models.list().data[0].id, temperature=0, max_tokens=24,
-            messages=[{"role": "user", "content": "What is the capital of France?"}])
+            model=client.models.list().data[0].id,
+            temperature=0,
+            max_tokens=24,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
         assert "Paris" in answer.choices[0].message.content
     finally:
         proc.send_signal(signal.SIGTERM)  # what a supervisor sends; Ctrl-C takes the same path

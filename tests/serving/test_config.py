@@ -18,7 +18,10 @@ def write(tmp_path, text: str):
 
 def test_yaml_round_trip(tmp_path, tiny_dir):
     model = tiny_dir("glm_moe_dsa")
-    cfg = ServingConfig.from_yaml(write(tmp_path, f"""
+    cfg = ServingConfig.from_yaml(
+        write(
+            tmp_path,
+            f"""
 model: {model}
 mode: disaggregated
 prefill: {{num_cpus: 0.5, engine: {{max_num_batched_tokens: 1024}}}}
@@ -27,7 +30,9 @@ decode:
 ingress: {{port: 9000, api_keys: [k1, k2], max_prompt_tokens: 100}}
 kv_transfer: {{backend: direct, tensor_transport: NIXL}}
 plans: {{version: 3}}
-"""))
+""",
+        )
+    )
     assert cfg.mode == "disaggregated" and cfg.roles == ("prefill", "decode")
     assert cfg.prefill.engine.max_num_batched_tokens == 1024
     assert cfg.decode.autoscaling.max_replicas == 4
@@ -38,11 +43,14 @@ plans: {{version: 3}}
     assert cfg.max_model_len() == 4096 and cfg.max_prompt_tokens() == 100
 
 
-@pytest.mark.parametrize("text, field", [
-    ("model: m\nmodle_path: x\n", "modle_path"),
-    ("model: m\ningress: {prot: 1}\n", "prot"),
-    ("model: m\ndecode: {engine: {max_num_seq: 4}}\n", "max_num_seq"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("model: m\nmodle_path: x\n", "modle_path"),
+        ("model: m\ningress: {prot: 1}\n", "prot"),
+        ("model: m\ndecode: {engine: {max_num_seq: 4}}\n", "max_num_seq"),
+    ],
+)
 def test_unknown_fields_are_rejected(tmp_path, text, field):
     with pytest.raises(ValidationError, match=field):
         ServingConfig.from_yaml(write(tmp_path, text))

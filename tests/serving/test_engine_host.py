@@ -12,15 +12,16 @@ from serving.errors import Unavailable
 
 
 def host_for(model: str, role: str = "unified", grace_s: float = 0.05) -> EngineHost:
-    return EngineHost(lambda pattern: AsyncLLMEngine.from_pretrained(
-        model, index_cache=pattern, role=role), grace_s=grace_s)
+    return EngineHost(
+        lambda pattern: AsyncLLMEngine.from_pretrained(model, index_cache=pattern, role=role),
+        grace_s=grace_s,
+    )
 
 
 async def generate(host: EngineHost, rid: str, n: int) -> list[int]:
     ids = []
     async with host.acquire() as eng:
-        async for d in eng.generate(rid, [5, 6, 7, 8], SamplingParams(max_tokens=n,
-                                                                       temperature=0)):
+        async for d in eng.generate(rid, [5, 6, 7, 8], SamplingParams(max_tokens=n, temperature=0)):
             ids += d.token_ids
     return ids
 

@@ -16,8 +16,10 @@ from tests.serving.harness import wait_for
 
 pytestmark = pytest.mark.ray
 
-CONFIGS = {"object_store": KVTransferConfig(),
-           "nixl": KVTransferConfig(backend="direct", tensor_transport="nixl")}
+CONFIGS = {
+    "object_store": KVTransferConfig(),
+    "nixl": KVTransferConfig(backend="direct", tensor_transport="nixl"),
+}
 
 
 def payload(seed: int):
@@ -27,8 +29,16 @@ def payload(seed: int):
     # into the task spec, where they would outlive their owner.
     g, n = torch.Generator().manual_seed(seed), 1000
     attn = [torch.randn(n, 1, 64, generator=g) for _ in range(2)]
-    return KVPayload(PAYLOAD_VERSION, "plan-x", {}, list(range(n)), 9, n, attn,
-                     [torch.randn(n, 8, generator=g), None])
+    return KVPayload(
+        PAYLOAD_VERSION,
+        "plan-x",
+        {},
+        list(range(n)),
+        9,
+        n,
+        attn,
+        [torch.randn(n, 8, generator=g), None],
+    )
 
 
 def checksum(p) -> float:
@@ -68,8 +78,7 @@ def cfg(request, ray_cluster):
 def test_payload_arrives_intact(cfg):
     prod, cons = Producer.remote(cfg), Consumer.remote(cfg)
     handle = ray.get(prod.put.remote(3))
-    assert handle.transport == (cfg.tensor_transport if cfg.backend == "direct"
-                                else "object_store")
+    assert handle.transport == (cfg.tensor_transport if cfg.backend == "direct" else "object_store")
     expected = payload(3)
     assert handle.nbytes == expected.nbytes > 0
     status, plan, first, total, nbytes = ray.get(cons.get.remote(handle, 30))
@@ -113,8 +122,9 @@ def test_payload_that_never_arrives_times_out(ray_cluster):
     ref = _never_ready.remote()
     cons = Consumer.remote(KVTransferConfig())
     start = time.monotonic()
-    status, code, message = ray.get(cons.get.remote(KVHandle("object_store", 1, "p", 0, [ref]),
-                                                    1.0), timeout=60)
+    status, code, message = ray.get(
+        cons.get.remote(KVHandle("object_store", 1, "p", 0, [ref]), 1.0), timeout=60
+    )
     assert (status, code) == ("error", "kv_transfer_timeout") and "1.0s" in message
     assert time.monotonic() - start < 20
     ray.cancel(ref, force=True)

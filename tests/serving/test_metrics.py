@@ -16,18 +16,31 @@ def families(text: bytes) -> dict:
 def test_names_are_prefixed_and_unique():
     assert len(set(metrics.METRIC_NAMES)) == len(metrics.METRIC_NAMES) >= 14
     assert all(n.startswith("indexcache_") for n in metrics.METRIC_NAMES)
-    for n in ("indexcache_time_to_first_token_seconds", "indexcache_kv_cache_usage_ratio",
-              "indexcache_prompt_tokens_total", "indexcache_kv_transfer_bytes_total",
-              "indexcache_indexer_layers_run_total", "indexcache_f_layer_ratio"):
+    for n in (
+        "indexcache_time_to_first_token_seconds",
+        "indexcache_kv_cache_usage_ratio",
+        "indexcache_prompt_tokens_total",
+        "indexcache_kv_transfer_bytes_total",
+        "indexcache_indexer_layers_run_total",
+        "indexcache_f_layer_ratio",
+    ):
         assert n in metrics.METRIC_NAMES
 
 
 def test_engine_totals_become_counter_increments():
     r = metrics.Recorder("m-counter-test", "decode", "r1")
-    r.update_engine({"prompt_tokens_total": 10, "generation_tokens_total": 4, "kv_usage": 0.5,
-                     "num_running": 2, "kv_capacity_tokens": 1024})
-    r.update_engine({"prompt_tokens_total": 25, "generation_tokens_total": 4, "kv_usage": 0.0,
-                     "num_running": 0})
+    r.update_engine(
+        {
+            "prompt_tokens_total": 10,
+            "generation_tokens_total": 4,
+            "kv_usage": 0.5,
+            "num_running": 2,
+            "kv_capacity_tokens": 1024,
+        }
+    )
+    r.update_engine(
+        {"prompt_tokens_total": 25, "generation_tokens_total": 4, "kv_usage": 0.0, "num_running": 0}
+    )
     labels = {"model": "m-counter-test", "role": "decode", "replica": "r1"}
     get = metrics.REGISTRY.get_sample_value
     assert get("indexcache_prompt_tokens_total", labels) == 25
@@ -51,10 +64,18 @@ def test_render_merges_replicas_into_one_valid_exposition():
     text = metrics.render([snap_a, b])
     fams = families(text)
     ttft = fams["indexcache_time_to_first_token_seconds"]
-    counts = {s.labels["replica"]: s.value for s in ttft.samples
-              if s.name.endswith("_count") and s.labels["model"] == "m-merge-test"}
+    counts = {
+        s.labels["replica"]: s.value
+        for s in ttft.samples
+        if s.name.endswith("_count") and s.labels["model"] == "m-merge-test"
+    }
     assert counts == {"a": 2.0, "b": 2.0}
     assert text.count(b"# TYPE indexcache_time_to_first_token_seconds histogram") == 1
-    buckets = [s for s in ttft.samples if s.name.endswith("_bucket")
-               and s.labels["replica"] == "a" and s.labels["model"] == "m-merge-test"]
+    buckets = [
+        s
+        for s in ttft.samples
+        if s.name.endswith("_bucket")
+        and s.labels["replica"] == "a"
+        and s.labels["model"] == "m-merge-test"
+    ]
     assert [float(s.labels["le"]) for s in buckets][:3] == [0.001, 0.005, 0.01]

@@ -19,8 +19,13 @@ from serving.openai_adapter import (
 )
 from serving.openai_schema import ChatCompletionRequest, CompletionRequest, Usage
 
-LIMITS = Limits(max_body_bytes=10_000, max_prompt_tokens=50, max_model_len=64,
-                max_tokens_limit=40, default_max_tokens=16)
+LIMITS = Limits(
+    max_body_bytes=10_000,
+    max_prompt_tokens=50,
+    max_model_len=64,
+    max_tokens_limit=40,
+    default_max_tokens=16,
+)
 
 
 def chat(**kw) -> bytes:
@@ -32,20 +37,23 @@ def tok(tiny_dir):
     return Tokenizer.from_pretrained(tiny_dir("glm_moe_dsa"))
 
 
-@pytest.mark.parametrize("body, param, code", [
-    (b"{not json", None, "invalid_json"),
-    (b"[1, 2]", None, "invalid_json"),
-    (chat(max_tokens=-1), "max_tokens", "invalid_value"),
-    (chat(temperature=3), "temperature", "invalid_value"),
-    (chat(top_k=0), "top_k", "invalid_value"),
-    (chat(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value"),
-    (chat(bogus=True), "bogus", "invalid_value"),
-    (chat(n=2), "n", "unsupported_parameter"),
-    (chat(presence_penalty=0.5), "presence_penalty", "unsupported_parameter"),
-    (chat(tools=[{"type": "function"}]), "tools", "unsupported_parameter"),
-    (chat(stream_options={"include_usage": True}), "stream_options", "unsupported_parameter"),
-    (json.dumps({"messages": []}).encode(), "messages", "invalid_value"),
-])
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        (b"{not json", None, "invalid_json"),
+        (b"[1, 2]", None, "invalid_json"),
+        (chat(max_tokens=-1), "max_tokens", "invalid_value"),
+        (chat(temperature=3), "temperature", "invalid_value"),
+        (chat(top_k=0), "top_k", "invalid_value"),
+        (chat(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value"),
+        (chat(bogus=True), "bogus", "invalid_value"),
+        (chat(n=2), "n", "unsupported_parameter"),
+        (chat(presence_penalty=0.5), "presence_penalty", "unsupported_parameter"),
+        (chat(tools=[{"type": "function"}]), "tools", "unsupported_parameter"),
+        (chat(stream_options={"include_usage": True}), "stream_options", "unsupported_parameter"),
+        (json.dumps({"messages": []}).encode(), "messages", "invalid_value"),
+    ],
+)
 def test_bad_requests_name_the_field(body, param, code):
     with pytest.raises(BadRequest) as e:
         parse(body, ChatCompletionRequest, LIMITS)
@@ -67,8 +75,9 @@ def test_model_check():
 
 def test_tokenize_chat_and_completions(tok):
     req = parse(chat(), ChatCompletionRequest, LIMITS)
-    assert tokenize(req, tok) == tok.encode(tok.apply_chat_template([{"role": "user",
-                                                                        "content": "hi"}]))
+    assert tokenize(req, tok) == tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    )
     ids = tok.encode("hello")
     for prompt in ("hello", ids, ["hello"], [ids]):
         req = parse(json.dumps({"prompt": prompt}).encode(), CompletionRequest, LIMITS)
@@ -89,20 +98,41 @@ def test_length_limits():
         sampling_kwargs(parse(chat(max_tokens=41), ChatCompletionRequest, LIMITS), 5, LIMITS)
     assert e.value.param == "max_tokens"
     with pytest.raises(BadRequest, match="context length") as e:
-        sampling_kwargs(parse(chat(max_completion_tokens=40), ChatCompletionRequest, LIMITS), 30,
-                        LIMITS)
+        sampling_kwargs(
+            parse(chat(max_completion_tokens=40), ChatCompletionRequest, LIMITS), 30, LIMITS
+        )
     assert e.value.param == "max_completion_tokens"
 
 
 def test_sampling_fields_map_to_engine_params():
     from serving.engine import SamplingParams
 
-    req = parse(chat(temperature=0, top_p=0.5, top_k=3, seed=7, stop="x", stop_token_ids=[4],
-                     ignore_eos=True, logprobs=True, top_logprobs=2), ChatCompletionRequest,
-                LIMITS)
+    req = parse(
+        chat(
+            temperature=0,
+            top_p=0.5,
+            top_k=3,
+            seed=7,
+            stop="x",
+            stop_token_ids=[4],
+            ignore_eos=True,
+            logprobs=True,
+            top_logprobs=2,
+        ),
+        ChatCompletionRequest,
+        LIMITS,
+    )
     p = SamplingParams(**sampling_kwargs(req, 5, LIMITS))
-    assert (p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.stop_token_ids, p.ignore_eos,
-            p.logprobs) == (0, 0.5, 3, 7, ("x",), (4,), True, 2)
+    assert (
+        p.temperature,
+        p.top_p,
+        p.top_k,
+        p.seed,
+        p.stop,
+        p.stop_token_ids,
+        p.ignore_eos,
+        p.logprobs,
+    ) == (0, 0.5, 3, 7, ("x",), (4,), True, 2)
 
 
 def test_response_shapes(tok):
@@ -112,8 +142,12 @@ def test_response_shapes(tok):
     assert full["choices"][0]["message"] == {"role": "assistant", "content": "hey"}
     assert full["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert b.chunk("", first=True)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert b.chunk("", "length")["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
-                                                   "finish_reason": "length"}
+    assert b.chunk("", "length")["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
     assert b.usage_chunk(Usage.of(1, 1))["choices"] == []
     c = ResponseBuilder(chat=False, model="tiny", tokenizer=tok, echo="pre")
     assert c.chunk("x", first=True)["choices"][0]["text"] == "prex"
@@ -124,8 +158,13 @@ def test_response_shapes(tok):
 def test_logprobs_formats(tok):
     from serving.engine import Logprob
 
-    items = [Logprob(token_id=tok.encode("a")[0], logprob=-0.5,
-                     top=((tok.encode("a")[0], -0.5), (tok.encode("b")[0], -1.5)))]
+    items = [
+        Logprob(
+            token_id=tok.encode("a")[0],
+            logprob=-0.5,
+            top=((tok.encode("a")[0], -0.5), (tok.encode("b")[0], -1.5)),
+        )
+    ]
     lp = ResponseBuilder(True, "tiny", tok).logprobs(items)
     assert lp["content"][0]["token"] == "a" and lp["content"][0]["logprob"] == -0.5
     assert [t["token"] for t in lp["content"][0]["top_logprobs"]] == ["a", "b"]

@@ -36,8 +36,9 @@ class FakePrefill:
             raise
         if self.error:
             raise self.error
-        return PrefillResponse(req.request_id, 7, "a", self.finish, 3,
-                               None if self.finish else self.kv, "plan")
+        return PrefillResponse(
+            req.request_id, 7, "a", self.finish, 3, None if self.finish else self.kv, "plan"
+        )
 
 
 class FakeDecode:
@@ -68,8 +69,14 @@ def first(resp):
 
 
 def run(prefill, decode, timeout=1.0, acks=None):
-    return run_disaggregated(REQ, prefill, decode, kv_timeout_s=timeout, make_delta=first,
-                             on_kv_received=(acks.append if acks is not None else None))
+    return run_disaggregated(
+        REQ,
+        prefill,
+        decode,
+        kv_timeout_s=timeout,
+        make_delta=first,
+        on_kv_received=(acks.append if acks is not None else None),
+    )
 
 
 async def collect(gen):

@@ -28,13 +28,16 @@ def test_publish_versions_and_provenance(ray_cluster):
     assert [r.version for r in reg.list_plans(model)] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("plan, provenance, match", [
-    ("SFFF", {"source": "pattern"}, "start with 'F'"),
-    ("FXF", {"source": "pattern"}, "'F' and 'S'"),
-    ("FSFS", {"source": "guess"}, "source"),
-    ("FSFS", {"source": "calibration"}, "calibration_data_hash"),
-    (42, {"source": "pattern"}, "pattern string"),
-])
+@pytest.mark.parametrize(
+    "plan, provenance, match",
+    [
+        ("SFFF", {"source": "pattern"}, "start with 'F'"),
+        ("FXF", {"source": "pattern"}, "'F' and 'S'"),
+        ("FSFS", {"source": "guess"}, "source"),
+        ("FSFS", {"source": "calibration"}, "calibration_data_hash"),
+        (42, {"source": "pattern"}, "pattern string"),
+    ],
+)
 def test_bad_plans_are_refused(ray_cluster, plan, provenance, match):
     with pytest.raises(ValueError, match=match):
         reg.publish("registry-test-b", plan, provenance)
@@ -50,6 +53,7 @@ def test_unknown_model_or_version(ray_cluster):
 
 def test_plans_outlive_their_publisher(ray_cluster):
     """The registry owns the object-store copy: a publisher that exits loses nothing."""
+
     @ray.remote(num_cpus=0)
     def publish_and_exit():
         return reg.publish("registry-test-d", "FSFF", {"source": "pattern"})
@@ -62,11 +66,26 @@ def test_plans_outlive_their_publisher(ray_cluster):
 
 def test_cli_publish_list_show(ray_cluster, tiny_dir, capsys):
     model = tiny_dir("glm_moe_dsa")
-    assert main(["plans", "publish", "registry-test-cli", "--freq", "2", "--checkpoint",
-                 model]) == 0
+    assert (
+        main(["plans", "publish", "registry-test-cli", "--freq", "2", "--checkpoint", model]) == 0
+    )
     assert "registry-test-cli v1: FFSF" in capsys.readouterr().out
-    assert main(["plans", "publish", "registry-test-cli", "--pattern", "FSSS", "--source",
-                 "calibration", "--calibration-hash", "h1"]) == 0
+    assert (
+        main(
+            [
+                "plans",
+                "publish",
+                "registry-test-cli",
+                "--pattern",
+                "FSSS",
+                "--source",
+                "calibration",
+                "--calibration-hash",
+                "h1",
+            ]
+        )
+        == 0
+    )
     assert main(["plans", "show", "registry-test-cli"]) == 0
     shown = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert shown["version"] == 2 and shown["provenance"]["source"] == "calibration"
@@ -80,12 +99,23 @@ def test_cli_publish_list_show(ray_cluster, tiny_dir, capsys):
 def test_calibrate_cli_provenance_is_accepted():
     """`indexcache calibrate --publish` sends this shape (serving/cli/calibrate.py): the
     registry keys are read, everything else is kept under `details`."""
-    prov = reg.Provenance.coerce({
-        "source": "calibration", "tool": "indexcache calibrate", "model": "m",
-        "created_at": 1795000000.0, "created_at_utc": "2026-11-19T00:00:00+00:00",
-        "calibration_data_hash": "sha", "data_files": ["a.jsonl"], "seq_len": 64,
-        "loss_trajectory": [{"flipped": 3, "loss": 1.5}]})
+    prov = reg.Provenance.coerce(
+        {
+            "source": "calibration",
+            "tool": "indexcache calibrate",
+            "model": "m",
+            "created_at": 1795000000.0,
+            "created_at_utc": "2026-11-19T00:00:00+00:00",
+            "calibration_data_hash": "sha",
+            "data_files": ["a.jsonl"],
+            "seq_len": 64,
+            "loss_trajectory": [{"flipped": 3, "loss": 1.5}],
+        }
+    )
     assert (prov.source, prov.calibration_data_hash, prov.created_at) == (
-        "calibration", "sha", 1795000000.0)
+        "calibration",
+        "sha",
+        1795000000.0,
+    )
     assert prov.details["tool"] == "indexcache calibrate"
     assert prov.details["loss_trajectory"] == [{"flipped": 3, "loss": 1.5}]

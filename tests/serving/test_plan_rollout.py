@@ -14,18 +14,28 @@ pytestmark = pytest.mark.ray
 
 def _run_ratio(app, n_requests: int = 3) -> float:
     """Share of layer-token pairs that ran the indexer over `n_requests` fresh requests."""
+
     def totals():
         s = scrape(app.metrics_url)
-        return (metric_sum(s, "indexcache_indexer_layers_run_total"),
-                metric_sum(s, "indexcache_indexer_layers_skipped_total"),
-                metric_sum(s, "indexcache_generation_tokens_total"))
+        return (
+            metric_sum(s, "indexcache_indexer_layers_run_total"),
+            metric_sum(s, "indexcache_indexer_layers_skipped_total"),
+            metric_sum(s, "indexcache_generation_tokens_total"),
+        )
 
     run0, skip0, gen0 = totals()
     for i in range(n_requests):
-        r = httpx.post(app.v1 + "/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                       json={"model": app.model, "prompt": f"plan {i}", "max_tokens": 4,
-                             "ignore_eos": True},  # exactly 4 tokens: no early EOS
-                       timeout=60)
+        r = httpx.post(
+            app.v1 + "/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={
+                "model": app.model,
+                "prompt": f"plan {i}",
+                "max_tokens": 4,
+                "ignore_eos": True,
+            },  # exactly 4 tokens: no early EOS
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
     wait_for(lambda: totals()[2] >= gen0 + 4 * n_requests, 20, "engine counters to update")
     run1, skip1, _ = totals()
@@ -33,8 +43,9 @@ def _run_ratio(app, n_requests: int = 3) -> float:
 
 
 def _replicas(app) -> set[str]:
-    return {lab["replica"] for n, lab, _ in scrape(app.metrics_url)
-            if n == "indexcache_plan_version"}
+    return {
+        lab["replica"] for n, lab, _ in scrape(app.metrics_url) if n == "indexcache_plan_version"
+    }
 
 
 def _plan_versions(app) -> set[float]:
@@ -75,8 +86,9 @@ def test_pinning_a_plan_through_user_config_reconfigures_in_place(apps):
 
     def deploy(version):
         new = cfg.model_copy(update={"plans": cfg.plans.model_copy(update={"version": version})})
-        serve.run(build_app(new), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix,
-                  blocking=False)
+        serve.run(
+            build_app(new), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix, blocking=False
+        )
         wait_running(cfg.app_name, 120)
 
     back = None

@@ -42,8 +42,12 @@ def run_sse(first, rest, chat=True, usage=True, replica="s1"):
 
 
 def count(name: str, replica: str) -> float:
-    return REGISTRY.get_sample_value(name, {"model": "stream-test", "role": "ingress",
-                                            "replica": replica}) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            name, {"model": "stream-test", "role": "ingress", "replica": replica}
+        )
+        or 0.0
+    )
 
 
 def test_chat_stream_framing_and_usage():
@@ -59,8 +63,13 @@ def test_chat_stream_framing_and_usage():
 
 
 def test_error_mid_stream_is_an_error_event_then_done():
-    out = run_sse(TokenDelta([1], "a"), [KVTransferError("no decode replica took it")],
-                  chat=False, usage=True, replica="s2")
+    out = run_sse(
+        TokenDelta([1], "a"),
+        [KVTransferError("no decode replica took it")],
+        chat=False,
+        usage=True,
+        replica="s2",
+    )
     assert out[0]["choices"][0]["text"] == "a"
     assert out[1]["error"]["message"] == "no decode replica took it"
     assert out[1]["error"]["type"] == "service_unavailable_error"
@@ -69,15 +78,15 @@ def test_error_mid_stream_is_an_error_event_then_done():
 
 
 def test_engine_abort_is_reported_not_passed_off_as_a_finish():
-    out = run_sse(TokenDelta([1], "a"), [TokenDelta([], "", "abort")], chat=False,
-                  replica="s3")
+    out = run_sse(TokenDelta([1], "a"), [TokenDelta([], "", "abort")], chat=False, replica="s3")
     assert out[1]["error"]["code"] == "aborted" and out[-1] == "[DONE]"
 
 
 def test_collect_joins_text_and_counts_tokens():
     timer = RequestTimer(Recorder("stream-test", "ingress", "s4"), 0.0)
     builder = ResponseBuilder(False, "stream-test", Tok())
-    body = asyncio.run(collect(TokenDelta([1], "a"), stream([TokenDelta([2], "b", "length")]),
-                               builder, 3, timer))
+    body = asyncio.run(
+        collect(TokenDelta([1], "a"), stream([TokenDelta([2], "b", "length")]), builder, 3, timer)
+    )
     assert body["choices"][0]["text"] == "ab" and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

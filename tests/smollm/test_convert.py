@@ -17,8 +17,11 @@ from model.gguf import convert_gguf, indexer_shapes, init_indexers, unpermute_ro
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute (what the GGUF file holds)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 @pytest.mark.parametrize("n_head,rows", [(9, 576), (3, 192), (2, 8)])
@@ -53,13 +56,21 @@ def test_logits_match_transformers_llama(smollm_dir, smollm_fp32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = json.loads((smollm_dir / "config.json").read_text())
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
-        rms_norm_eps=cfg["rms_norm_eps"], max_position_embeddings=cfg["max_position_embeddings"],
-        rope_parameters=cfg["rope_parameters"], tie_word_embeddings=True)).eval()
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_key_value_heads"],
+            head_dim=cfg["head_dim"],
+            rms_norm_eps=cfg["rms_norm_eps"],
+            max_position_embeddings=cfg["max_position_embeddings"],
+            rope_parameters=cfg["rope_parameters"],
+            tie_word_embeddings=True,
+        )
+    ).eval()
     with safe_open(str(smollm_dir / "model.safetensors"), "pt") as f:
         sd = {k: f.get_tensor(k).float() for k in f.keys() if ".indexer." not in k}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
@@ -80,8 +91,11 @@ def test_trained_indexers_and_pattern(smollm_dir, tmp_path):
     cfg = json.loads((smollm_dir / "config.json").read_text())
     pattern = "F" + "SSF" * 9 + "SS"
     small = {**cfg, "index_n_heads": 4, "index_head_dim": 32}
-    trained = {k: v for k, v in init_indexers(small, seed=7).items()
-               if pattern[int(k.split(".")[2])] == "F"}
+    trained = {
+        k: v
+        for k, v in init_indexers(small, seed=7).items()
+        if pattern[int(k.split(".")[2])] == "F"
+    }
     path = tmp_path / "indexers.safetensors"
     save_file(trained, str(path), metadata={"index_topk": "128", "index_topk_pattern": pattern})
     out = tmp_path / "ckpt"
@@ -98,8 +112,11 @@ def test_trained_indexers_and_pattern(smollm_dir, tmp_path):
 
     with pytest.raises(ValueError, match="index_n_heads=8 conflicts"):
         convert_gguf(tmp_path / "bad", indexers=path, index_n_heads=8)
-    save_file({k: v for k, v in trained.items() if ".layers.3." not in k}, str(path),
-              metadata={"index_topk_pattern": pattern})
+    save_file(
+        {k: v for k, v in trained.items() if ".layers.3." not in k},
+        str(path),
+        metadata={"index_topk_pattern": pattern},
+    )
     with pytest.raises(ValueError, match=r"missing \(5\).*layers\.3\."):
         convert_gguf(tmp_path / "bad", indexers=path)
 
@@ -108,7 +125,9 @@ def test_random_indexers_are_seeded():
     cfg = {"hidden_size": 16, "index_n_heads": 2, "index_head_dim": 8, "num_hidden_layers": 2}
     a, b, c = init_indexers(cfg, 0), init_indexers(cfg, 0), init_indexers(cfg, 1)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.layers.0.self_attn.indexer.wk.weight"],
-                           c["model.layers.0.self_attn.indexer.wk.weight"])
+    assert not torch.equal(
+        a["model.layers.0.self_attn.indexer.wk.weight"],
+        c["model.layers.0.self_attn.indexer.wk.weight"],
+    )
     std = a["model.layers.0.self_attn.indexer.wq_b.weight"].std().item()
     assert 0.15 < std < 0.35  # 1 / sqrt(16)

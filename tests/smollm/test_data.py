@@ -37,16 +37,19 @@ def _names(names: list[str], first: bool) -> bytes:
 
 
 def _named_list(items: dict[str, bytes], first: bool) -> bytes:
-    return (_i(0x213) + _i(len(items)) + b"".join(items.values())
-            + _names(list(items), first))
+    return _i(0x213) + _i(len(items)) + b"".join(items.values()) + _names(list(items), first)
 
 
 HEADER = b"X\n" + _i(3) + _i(0x40201) + _i(0x30500) + _i(5) + b"UTF-8"
 
 
 def test_unserialize_character_vector():
-    assert unserialize(HEADER + _strs(["It is a truth", "", None, "naïve"])) == \
-        ["It is a truth", "", None, "naïve"]
+    assert unserialize(HEADER + _strs(["It is a truth", "", None, "naïve"])) == [
+        "It is a truth",
+        "",
+        None,
+        "naïve",
+    ]
 
 
 def test_read_lazyload(tmp_path):
@@ -57,8 +60,10 @@ def test_read_lazyload(tmp_path):
         entry = _i(len(raw)) + zlib.compress(raw)
         index[name] = _i(13) + _i(2) + _i(len(rdb)) + _i(len(entry))  # INTSXP (offset, length)
         rdb += entry
-    rdx = HEADER + _named_list({"variables": _named_list(index, first=True),
-                                "compressed": _i(10) + _i(1) + _i(1)}, first=False)
+    rdx = HEADER + _named_list(
+        {"variables": _named_list(index, first=True), "compressed": _i(10) + _i(1) + _i(1)},
+        first=False,
+    )
     (tmp_path / "Rdata.rdb").write_bytes(rdb)
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(rdx))
     assert read_lazyload(tmp_path / "Rdata") == novels
@@ -79,8 +84,10 @@ def _fake_sources(monkeypatch):
         return [Fetched("fake:many", "1", "0" * 64, many_docs)]
 
     def books(work):
-        return [Fetched("fake:books", "1", "1" * 64, book_docs),
-                Fetched("fake:one", "1", "2" * 64, one)]
+        return [
+            Fetched("fake:books", "1", "1" * 64, book_docs),
+            Fetched("fake:one", "1", "2" * 64, one),
+        ]
 
     monkeypatch.setattr(qdata, "SOURCES", {"many": many, "books": books})
 
@@ -95,8 +102,11 @@ def test_build_splits_by_document_and_reproducibly(tmp_path, monkeypatch, tiny_d
         a, b = (tmp_path / d / f"{s}.npy" for d in "ab")
         assert a.read_bytes() == b.read_bytes()
     ids = {s: {d[0] for d in m1["splits"][s]["docs"]} for s in qdata.SPLITS}
-    assert not (ids["train"] & ids["calib"] or ids["train"] & ids["heldout"]
-                or ids["calib"] & ids["heldout"])
+    assert not (
+        ids["train"] & ids["calib"]
+        or ids["train"] & ids["heldout"]
+        or ids["calib"] & ids["heldout"]
+    )
     assert len(set().union(*ids.values())) == 45
     assert "one" in ids["heldout"]  # a single-document source is held out whole
     assert sum(d.startswith("books/") for d in ids["heldout"]) == 1

@@ -54,8 +54,8 @@ def test_needles(heldout, tiny_dir):
         text = tok.decode(c.ids)
         assert f"The secret passcode is {c.code}." in text
         assert text.endswith(qeval.QUESTION + f" {c.code}")
-        assert tok.decode(c.ids[c.answer_start:]) == f" {c.code}"
-        assert tok.decode(c.ids[:c.needle_at]).endswith(".")  # inserted at a sentence end
+        assert tok.decode(c.ids[c.answer_start :]) == f" {c.code}"
+        assert tok.decode(c.ids[: c.needle_at]).endswith(".")  # inserted at a sentence end
     assert cases == qeval.make_needles(tok, data, 200, 4, seed=3)
     assert [c.code for c in cases] != [c.code for c in qeval.make_needles(tok, data, 200, 4, 4)]
 
@@ -66,12 +66,12 @@ def test_teacher_forced_needle_score_equals_greedy_decoding(heldout, tiny_dir):
     model = qeval.load_for_plan(path, qeval.parse_plan("all-F", 4), torch.float32, "cpu", 200)
     case = qeval.make_needles(tok, qeval.Heldout.load(heldout), 200, 1, seed=0)[0]
     res = qeval.needle_accuracy(model, tok, [case], progress=False)
-    prompt = case.ids[:case.answer_start]
+    prompt = case.ids[: case.answer_start]
     greedy = []
     with torch.no_grad():
         for _ in range(len(case.ids) - case.answer_start):
             greedy.append(int(model(torch.tensor(prompt + greedy)[None])[0, -1].argmax()))
-    want = case.ids[case.answer_start:]
+    want = case.ids[case.answer_start :]
     assert res["cases"][0]["hit"] == (greedy == want)
     assert tok.encode(res["cases"][0]["pred"])[0] == greedy[0]
 
@@ -102,9 +102,28 @@ def test_dense_plan_ignores_indexers_and_sparse_plans_do_not(heldout, tiny_dir):
 
 def test_evaluate_end_to_end(heldout, tiny_dir, tmp_path):
     out = tmp_path / "rows.json"
-    rc = qeval.main(["--model", tiny_dir("dsa_llama"), "--data", str(heldout), "--plans", "dense",
-                     "all-F", "uniform:2", "--lengths", "200", "256", "--windows", "2",
-                     "--needles", "2", "--out", str(out), "--quiet"])
+    rc = qeval.main(
+        [
+            "--model",
+            tiny_dir("dsa_llama"),
+            "--data",
+            str(heldout),
+            "--plans",
+            "dense",
+            "all-F",
+            "uniform:2",
+            "--lengths",
+            "200",
+            "256",
+            "--windows",
+            "2",
+            "--needles",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 3 * 2 * 2
@@ -112,5 +131,17 @@ def test_evaluate_end_to_end(heldout, tiny_dir, tmp_path):
     assert all(np.isfinite(v) and v > 1 for v in ppl.values())
     assert ppl[("dense", 256)] != ppl[("all-F", 256)]
     assert {r["pattern"] for r in rows} == {"FSSS", "FFFF", "FSFS"}
-    assert qeval.main(["--model", tiny_dir("dsa_llama"), "--data", str(heldout),
-                       "--lengths", "8192", "--quiet"]) == 2
+    assert (
+        qeval.main(
+            [
+                "--model",
+                tiny_dir("dsa_llama"),
+                "--data",
+                str(heldout),
+                "--lengths",
+                "8192",
+                "--quiet",
+            ]
+        )
+        == 2
+    )

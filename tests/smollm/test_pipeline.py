@@ -28,17 +28,40 @@ def _data(tmp_path, rng):
 def test_pipeline_stages_on_cpu(tmp_path):
     data = _data(tmp_path, np.random.default_rng(0))
     work, out = tmp_path / "work", tmp_path / "out"
-    common = ["--data", str(data), "--work", str(work), "--out", str(out), "--index-topk", "32",
-              "--warmup-seq", "96", "--warmup-batch", "1", "--calib-seqs", "1",
-              "--calib-seq", "64", "--lengths", "96", "--windows", "1", "--needles", "0"]
+    common = [
+        "--data",
+        str(data),
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--index-topk",
+        "32",
+        "--warmup-seq",
+        "96",
+        "--warmup-batch",
+        "1",
+        "--calib-seqs",
+        "1",
+        "--calib-seq",
+        "64",
+        "--lengths",
+        "96",
+        "--windows",
+        "1",
+        "--needles",
+        "0",
+    ]
     assert pipeline.main(common + ["--stages", "convert", "warmup", "--warmup-steps", "2"]) == 0
     # the search itself is covered by tests/calibration; give the later stages its output
     (work / "plans").mkdir()
     for n in (2, 4, 8):
         plan = IndexCacheConfig.from_freq(30, n, 1)
         write_plan(work / "plans" / f"searched-1of{n}.json", plan, {"source": "test"})
-    assert pipeline.main(common + ["--stages", "distill", "overlap", "eval",
-                                   "--distill-steps", "2"]) == 0
+    assert (
+        pipeline.main(common + ["--stages", "distill", "overlap", "eval", "--distill-steps", "2"])
+        == 0
+    )
     record = json.loads((work / "record.json").read_text())
     assert record["warmup"]["steps"] == 2 and record["distill"]["steps"] == 2
     assert record["distill"]["pattern"] == IndexCacheConfig.from_freq(30, 4, 1).pattern

@@ -16,9 +16,9 @@ PRIDE = (
     "wife.\n\nHowever little known the feelings or views of such a man may be on his\nfirst "
     "entering a neighbourhood, this truth is so well fixed in the minds\nof the surrounding "
     "families, that he is considered the rightful property\nof some one or other of their "
-    "daughters.\n\n\"My dear Mr. Bennet,\" said his lady to him one day, \"have you heard "
-    "that\nNetherfield Park is let at last?\"\n\nMr. Bennet replied that he had not.\n\n\"But "
-    "it is,\" returned she; \"for Mrs. Long has just been here, and she"
+    'daughters.\n\n"My dear Mr. Bennet," said his lady to him one day, "have you heard '
+    'that\nNetherfield Park is let at last?"\n\nMr. Bennet replied that he had not.\n\n"But '
+    'it is," returned she; "for Mrs. Long has just been here, and she'
 )
 
 
@@ -43,8 +43,9 @@ def test_perplexity_on_austen(smollm_dir, smollm_fp32):
 @pytest.mark.slow
 def test_chat_answer_names_paris(smollm_dir, smollm_fp32):
     tok = Tokenizer.from_pretrained(smollm_dir)
-    ids = tok.encode(tok.apply_chat_template([{"role": "user",
-                                               "content": "What is the capital of France?"}]))
+    ids = tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    )
     out = []
     with torch.no_grad():
         for _ in range(12):
@@ -66,10 +67,15 @@ def test_tokenizer_matches_transformers_gguf_reader(smollm_dir, monkeypatch):
     path = smollm2_gguf_path()
     theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     ours = Tokenizer.from_pretrained(smollm_dir)
-    texts = [PRIDE, "<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n",
-             "naïve café — “quotes” \t tabs  double  spaces\n\n\nend", "def f(x):\n    return x**2"]
+    texts = [
+        PRIDE,
+        "<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n",
+        "naïve café — “quotes” \t tabs  double  spaces\n\n\nend",
+        "def f(x):\n    return x**2",
+    ]
     for t in texts:
         assert ours.encode(t) == theirs(t, add_special_tokens=False).input_ids
         assert ours.decode(ours.encode(t), skip_special_tokens=False) == t
-    assert ours.encode("<|im_start|>") == [1] and ours.encode("2024") == ours.encode("2") + \
-        ours.encode("0") + ours.encode("2") + ours.encode("4")
+    assert ours.encode("<|im_start|>") == [1] and ours.encode("2024") == ours.encode(
+        "2"
+    ) + ours.encode("0") + ours.encode("2") + ours.encode("4")
