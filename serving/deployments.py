@@ -170,13 +170,9 @@ class UnifiedServer(_EngineServer):
 class PrefillServer(_EngineServer):
     def __init__(self, spec: EngineSpec):
         super().__init__(spec)
-        from serving.kv_transfer import DirectTransport, ObjectStoreTransport
+        from serving.kv_transfer import make_transport
 
-        self.transport = (
-            ObjectStoreTransport()
-            if spec.kv_backend == "object_store"
-            else DirectTransport(spec.tensor_transport)
-        )
+        self.transport = make_transport(spec.kv_backend, spec.tensor_transport)
         self._queued_tokens = 0  # prompt tokens accepted and not yet prefilled
         self._latency = deque(maxlen=128)  # recent arrival -> first token seconds
 
@@ -221,13 +217,9 @@ class PrefillServer(_EngineServer):
 class DecodeServer(_EngineServer):
     def __init__(self, spec: EngineSpec):
         super().__init__(spec)
-        from serving.kv_transfer import DirectTransport, ObjectStoreTransport
+        from serving.kv_transfer import make_transport
 
-        self.transport = (
-            ObjectStoreTransport()
-            if spec.kv_backend == "object_store"
-            else DirectTransport(spec.tensor_transport)
-        )
+        self.transport = make_transport(spec.kv_backend, spec.tensor_transport)
 
     async def decode(self, req: DecodeRequest):
         start = time.monotonic()

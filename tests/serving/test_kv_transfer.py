@@ -48,7 +48,7 @@ def checksum(p) -> float:
 @ray.remote(num_cpus=0)
 class Producer:
     def __init__(self, cfg):
-        self.transport = make_transport(cfg)
+        self.transport = make_transport(cfg.backend, cfg.tensor_transport)
 
     def put(self, seed: int):
         return self.transport.put(payload(seed))
@@ -60,7 +60,7 @@ class Producer:
 @ray.remote(num_cpus=0)
 class Consumer:
     def __init__(self, cfg):
-        self.transport = make_transport(cfg)
+        self.transport = make_transport(cfg.backend, cfg.tensor_transport)
 
     async def get(self, handle, timeout_s: float):
         try:
@@ -139,5 +139,5 @@ def test_released_handle_is_refused(cfg):
     with pytest.raises(KVTransferError, match="released"):
         import asyncio
 
-        asyncio.run(make_transport(cfg).get(handle, 1))
+        asyncio.run(make_transport(cfg.backend, cfg.tensor_transport).get(handle, 1))
     ray.kill(prod)
