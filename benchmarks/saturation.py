@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
         device=device_name(device),
         date=dt.date.today().isoformat(),
         torch=torch.__version__,
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # file names only: results are committed and must not carry machine paths
+        config={k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
         model=dict(
             kind=kind,
             layers=layers,

@@ -122,7 +122,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": platform.processor() or platform.machine(),
         "device": args.device,
-        "model": base_cfg.model,
+        "model": Path(base_cfg.model).name,  # committed: no machine paths
         "modes": {},
     }
     engine = {"device": args.device, "max_num_seqs": max(args.concurrency, 1)}

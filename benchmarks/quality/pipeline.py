@@ -193,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record_path = work / "record.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record.setdefault("args", {}).update({k: str(v) for k, v in vars(args).items()})
+    # file names only: the record is committed and must not carry machine paths
+    record.setdefault("args", {}).update(
+        {
+            k: (Path(v).name if k in ("data", "work", "out", "gguf") and v else str(v))
+            for k, v in vars(args).items()
+        }
+    )
     if torch.cuda.is_available():
         record["device"] = torch.cuda.get_device_name()
     remaining = lambda: args.budget_s - (time.time() - t_start)  # noqa: E731
