@@ -147,13 +147,13 @@ def test_strict_schema_rules():
     assert "additionalProperties" not in schema  # the input is not modified
 
 
-def test_rayjob_skeleton_grafts_the_shared_raycluster_types():
+def test_rayjob_skeleton_grafts_the_vendored_raycluster_types():
     skeleton = yaml.safe_load(k8s.RAYJOB_SKELETON.read_text())
     spec = skeleton["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["properties"]["rayClusterSpec"] == "GRAFT_RAYCLUSTER_SPEC"
     assert spec["properties"]["submitterPodTemplate"] == "GRAFT_POD_TEMPLATE"
     crd = k8s.rayjob_crd()
-    cluster = yaml.safe_load((k8s.SHARED_SCHEMAS / "ray.io_rayclusters.yaml").read_text())
+    cluster = yaml.safe_load((k8s.VENDORED_SCHEMAS / "ray.io_rayclusters.yaml").read_text())
     cluster_v1 = cluster["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     job_spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert job_spec["properties"]["rayClusterSpec"] == cluster_v1["properties"]["spec"]
@@ -161,9 +161,9 @@ def test_rayjob_skeleton_grafts_the_shared_raycluster_types():
     assert job_spec["required"] == ["entrypoint"]
 
 
-def test_missing_shared_schemas_fail_loudly(tmp_path, monkeypatch):
-    monkeypatch.setattr(k8s, "SHARED_SCHEMAS", tmp_path)
-    with pytest.raises(FileNotFoundError, match="shared/k8s-schemas"):
+def test_missing_schemas_fail_loudly(tmp_path, monkeypatch):
+    monkeypatch.setattr(k8s, "VENDORED_SCHEMAS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="PROVENANCE"):
         k8s.rayjob_crd()
 
 
