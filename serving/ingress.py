@@ -7,7 +7,8 @@ replica's, as vLLM serves them). Errors are OpenAI error JSON with a fitting 4xx
 Per request: auth -> body limit -> parse and validate -> model -> tokenize once -> limits ->
 orchestrator (unified or disaggregated) -> JSON or SSE. A client that disconnects cancels the
 handler task; closing the orchestrator stream cancels the engine calls, which abort the request
-and free its KV pages.
+and free its KV pages. An engine replica that dies under a request is failed over
+(serving/failover.py); a draining ingress (serving/drain.py) refuses new requests with 503.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads route parameter types at runtime,
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import metrics
 from serving.config import ServingConfig
+from serving.drain import Drain
 from serving.errors import (
     InternalError,
     NotFound,
@@ -38,6 +40,7 @@ from serving.errors import (
     Unavailable,
     from_exception,
 )
+from serving.failover import FailoverPolicy
 from serving.metrics_hub import MetricsPublisher
 from serving.openai_adapter import (
     Limits,
@@ -62,8 +65,15 @@ log = logging.getLogger(__name__)
 app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+# /health waits this long for each engine role: it must answer within a second, also (503)
+# while a role has no replica that can answer.
+HEALTH_TIMEOUT_S = 0.8
+
+
 def _error(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    retry = getattr(e, "retry_after_s", None)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 @app.exception_handler(OpenAIError)
@@ -119,9 +129,11 @@ class OpenAIIngress:
         self._live: weakref.WeakSet = weakref.WeakSet()
         replica = serve.get_replica_context().replica_id.unique_id
         self.recorder = metrics.Recorder(self.model_name, "ingress", replica)
+        self.recorder.declare_failover()
         self.publisher = MetricsPublisher(
             self.config.app_name, f"ingress:{replica}", self.config.metrics_interval_s
         )
+        self.drain_state = Drain()
 
     # -- clients of the engine deployments (orchestrator protocols) ------------------------------
     def generate(self, req: GenerateRequest):
@@ -170,8 +182,9 @@ class OpenAIIngress:
         return b"".join(chunks)
 
     def _deltas(self, req: GenerateRequest) -> AsyncIterator[Any]:
+        failover = {"failover": FailoverPolicy(), "on_restart": self.recorder.count_failover}
         if self.config.mode == "unified":
-            return run_unified(req, self)
+            return run_unified(req, self, **failover)
         from serving.engine import TokenDelta
 
         def first(resp: PrefillResponse) -> TokenDelta:
@@ -179,12 +192,18 @@ class OpenAIIngress:
 
         # KV transfer time and bytes are recorded where they happen, on the decode replica.
         return run_disaggregated(
-            req, self, self, kv_timeout_s=self.config.kv_transfer.timeout_s, make_delta=first
+            req,
+            self,
+            self,
+            kv_timeout_s=self.config.kv_transfer.timeout_s,
+            make_delta=first,
+            **failover,
         )
 
     async def _handle(self, request: Request, cls: type) -> Response:
         start = time.monotonic()
         self.publisher.start()
+        self.drain_state.refuse()
         self._auth(request)
         body = await self._body(request)
         req = parse(body, cls, self.limits)
@@ -213,7 +232,7 @@ class OpenAIIngress:
         )
         greq = GenerateRequest(builder.id, tuple(ids), params)
         timer = RequestTimer(self.recorder, start)
-        deltas = self._deltas(greq)
+        deltas = self.drain_state.wrap(self._deltas(greq))
         self._live.add(deltas)
         try:
             first = await anext(deltas)  # errors before the first token keep their HTTP status
@@ -264,29 +283,54 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
-        handles = [h for h in (self._unified, self._prefill, self._decode) if h is not None]
-        try:
-            checks = await asyncio.wait_for(
-                asyncio.gather(*(h.check.remote() for h in handles)), timeout=10
-            )
-        except Exception as e:
+        """200 when every engine role has a replica that answers, else 503 naming the roles
+        that cannot serve; always within about HEALTH_TIMEOUT_S."""
+        self.drain_state.refuse()
+        roles = {"unified": self._unified, "prefill": self._prefill, "decode": self._decode}
+        roles = {r: h for r, h in roles.items() if h is not None}
+        results = await asyncio.gather(*(self._check(h) for h in roles.values()))
+        missing = {r: res for r, res in zip(roles, results, strict=True) if isinstance(res, str)}
+        if missing:
+            why = "; ".join(f"{r}: {res}" for r, res in missing.items())
             raise Unavailable(
-                f"engine deployments are not healthy: {type(e).__name__}: {e}", code="unhealthy"
-            ) from e
+                f"no {' and no '.join(missing)} engine can serve ({why})", code="unhealthy"
+            )
         return {
             "status": "ok",
             "model": self.model_name,
             "mode": self.config.mode,
-            "engines": checks,
+            "engines": results,
         }
+
+    @staticmethod
+    async def _check(handle) -> dict[str, Any] | str:
+        """One replica's check() of a role, or why none answered."""
+        resp = handle.check.remote()
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                return await resp
+        except TimeoutError:
+            resp.cancel()  # else it waits in Serve's queue for a replica to come up
+            return f"no replica answered within {HEALTH_TIMEOUT_S:.1f}s"
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    # -- graceful shutdown (called on every replica by `indexcache serve`, serving/drain.py) ----
+    async def drain(self, timeout_s: float) -> int:
+        """Start draining; returns the requests in flight on this replica."""
+        self.drain_state.start(timeout_s)
+        return len(self._live)
+
+    async def in_flight(self) -> int:
+        return len(self._live)
 
     @app.get("/metrics")
     async def metrics_text(self) -> Response:
         self.publisher.start()
         try:
-            others = await asyncio.wait_for(self.publisher.others(), timeout=5)
-        except Exception:  # engine metrics missing beats no metrics at all
-            log.exception("metrics hub unavailable")
+            async with asyncio.timeout(5):
+                others = await self.publisher.others()
+        except Exception:  # engine metrics missing beats no metrics (the publisher logs it)
             others = []
         return Response(
             metrics.render([*others, metrics.snapshot()]), media_type=CONTENT_TYPE_LATEST

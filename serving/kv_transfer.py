@@ -62,7 +62,11 @@ class ObjectStoreTransport:
         if handle.released:
             raise KVTransferError("KV payload was already released")
         try:
-            return await asyncio.wait_for(handle.box[0], timeout_s)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when a
+            # cancellation (the client went away) arrives as the payload does, and the decode
+            # then runs to max_tokens for nobody.
+            async with asyncio.timeout(timeout_s):
+                return await handle.box[0]
         except TimeoutError as e:
             raise KVTransferError(
                 f"KV payload not received within {timeout_s:.1f}s", code="kv_transfer_timeout"

@@ -8,6 +8,9 @@ Whatever ends the request early (client disconnect, task cancelled, an error at 
 `finally` blocks close the downstream streams, which cancels the remote calls and makes the
 replicas abort the request and free its KV pages, and release the KV handle. Clients are
 typing.Protocols; the Ray-backed ones live in the ingress, fakes in the tests.
+
+With a `FailoverPolicy`, a flow whose replica dies is run again for what the client has not
+received yet (serving/failover.py: a retry before the first token, a migration after it).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from serving.errors import InternalError, KVTransferError
+from serving.failover import FailoverPolicy, with_failover
 from serving.protocol import DecodeRequest, GenerateRequest, KVReceived, PrefillResponse
 
 
@@ -38,7 +42,19 @@ async def _aclose(stream: Any) -> None:
         await aclose()
 
 
-async def run_unified(req: GenerateRequest, engine: EngineClient) -> AsyncIterator[Any]:
+def run_unified(
+    req: GenerateRequest,
+    engine: EngineClient,
+    *,
+    failover: FailoverPolicy | None = None,
+    on_restart: Callable[[bool], None] | None = None,
+) -> AsyncIterator[Any]:
+    if failover is None:
+        return _unified_once(req, engine)
+    return with_failover(req, lambda r: _unified_once(r, engine), failover, on_restart)
+
+
+async def _unified_once(req: GenerateRequest, engine: EngineClient) -> AsyncIterator[Any]:
     stream = engine.generate(req)
     try:
         async for delta in stream:
@@ -47,7 +63,7 @@ async def run_unified(req: GenerateRequest, engine: EngineClient) -> AsyncIterat
         await _aclose(stream)
 
 
-async def run_disaggregated(
+def run_disaggregated(
     req: GenerateRequest,
     prefill: PrefillClient,
     decode: DecodeClient,
@@ -55,8 +71,27 @@ async def run_disaggregated(
     kv_timeout_s: float,
     on_kv_received: Callable[[KVReceived], None] | None = None,
     make_delta: Callable[[PrefillResponse], Any],
+    failover: FailoverPolicy | None = None,
+    on_restart: Callable[[bool], None] | None = None,
 ) -> AsyncIterator[Any]:
     """Yields the first token's delta (from `make_delta(prefill_response)`), then decode's."""
+
+    def once(r: GenerateRequest) -> AsyncIterator[Any]:
+        return _disaggregated_once(r, prefill, decode, kv_timeout_s, on_kv_received, make_delta)
+
+    if failover is None:
+        return once(req)
+    return with_failover(req, once, failover, on_restart)
+
+
+async def _disaggregated_once(
+    req: GenerateRequest,
+    prefill: PrefillClient,
+    decode: DecodeClient,
+    kv_timeout_s: float,
+    on_kv_received: Callable[[KVReceived], None] | None,
+    make_delta: Callable[[PrefillResponse], Any],
+) -> AsyncIterator[Any]:
     resp = await prefill.prefill(req)
     kv, stream = resp.kv, None
     try:
@@ -65,9 +100,10 @@ async def run_disaggregated(
             return
         if kv is None:
             raise InternalError("prefill returned neither a finish reason nor a KV payload")
-        stream = decode.decode(DecodeRequest(req.request_id, kv, req.params))
+        stream = decode.decode(DecodeRequest(req.request_id, kv, req.params, req.resume))
         try:
-            ack = await asyncio.wait_for(anext(stream), kv_timeout_s)
+            async with asyncio.timeout(kv_timeout_s):  # not wait_for: see kv_transfer.py
+                ack = await anext(stream)
         except TimeoutError as e:
             raise KVTransferError(
                 f"no decode replica took the KV payload within {kv_timeout_s:.1f}s",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serving.engine import Logprob, SamplingParams
+    from serving.engine import Logprob, Resume, SamplingParams
     from serving.kv_transfer import KVHandle
 
 
@@ -20,6 +20,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    resume: Resume | None = None  # failover: continue after what the client already has
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class DecodeRequest:
     request_id: str
     kv: KVHandle
     params: SamplingParams
+    resume: Resume | None = None  # the payload was re-prefilled with these tokens (failover)
 
 
 @dataclass(frozen=True, slots=True)

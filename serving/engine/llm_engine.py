@@ -31,6 +31,7 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload, export_rows, import_rows
+from serving.engine.resume import Resume, resume_sequence
 from serving.engine.sampler import logprobs_of, sample
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
@@ -141,23 +142,42 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str | None, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams,
+        resume: Resume | None = None,
     ) -> str:
+        """`resume`: continue a request another engine was generating (resume.py)."""
         if self.role == "decode":
             raise ValueError(
                 "role: a decode engine takes prefilled payloads (import_payload), not prompts"
             )
-        return self._enqueue(self._new_seq(request_id, self.tokenize(prompt), params))
+        seq = self._new_seq(request_id, self.tokenize(prompt), params)
+        if resume is not None:
+            resume.check(seq.num_prompt_tokens, params, self.max_len)
+            resume_sequence(seq, resume)
+        return self._enqueue(seq)
 
     def import_payload(
-        self, payload: KVPayload, params: SamplingParams, request_id: str | None = None
+        self,
+        payload: KVPayload,
+        params: SamplingParams,
+        request_id: str | None = None,
+        resume: Resume | None = None,
     ) -> str:
         """Decode role: continue a request prefilled elsewhere. Pages are allocated and filled
-        when the scheduler admits it; the first token (in the payload) is not re-emitted."""
-        return self._admit_payload(self._payload_seq(payload, params, request_id))
+        when the scheduler admits it; the first token (in the payload) is not re-emitted.
+        `resume`: the payload was re-prefilled after a replica died (resume.py); its cached
+        tokens end with resume.token_ids."""
+        return self._admit_payload(self._payload_seq(payload, params, request_id, resume))
 
     def _payload_seq(
-        self, payload: KVPayload, params: SamplingParams, request_id: str | None
+        self,
+        payload: KVPayload,
+        params: SamplingParams,
+        request_id: str | None,
+        resume: Resume | None = None,
     ) -> Sequence:
         if self.role == "prefill":
             raise ValueError("role: a prefill engine does not import payloads")
@@ -167,7 +187,15 @@ class LLMEngine:
                 f"payload has {payload.num_tokens} prompt tokens; this engine holds "
                 f"at most {self.max_len - 1} plus the first token"
             )
-        seq = self._new_seq(request_id, payload.prompt_token_ids, params)
+        prompt = payload.prompt_token_ids
+        if resume is not None:
+            n = len(resume.token_ids)
+            if len(prompt) <= n or tuple(prompt[-n:]) != resume.token_ids:
+                raise ValueError("resume.token_ids are not the tail of the payload's tokens")
+            prompt = prompt[:-n]
+        seq = self._new_seq(request_id, prompt, params)
+        if resume is not None:
+            resume_sequence(seq, resume)
         seq.payload = payload
         if (
             payload.rng_state is not None
@@ -176,7 +204,7 @@ class LLMEngine:
         ):
             seq.generator.set_state(payload.rng_state)
         self._append_token(seq, payload.first_token, None)
-        seq.num_streamed = 1
+        seq.num_streamed += 1
         seq.detok.delta(final=False)  # the prefill side already streamed the first token's text
         return seq
 
@@ -309,11 +337,11 @@ class LLMEngine:
         """Prefill role: the prompt's KV leaves as a payload; the pages are freed right after."""
         self.scheduler.running.remove(seq)
         seq.status = SequenceStatus.EXPORTING
-        payload = export_rows(
+        payload = export_rows(  # every cached token: the prompt, and resumed tokens if any
             self.cache,
             seq.pages,
-            seq.num_prompt_tokens,
-            seq.prompt_token_ids,
+            seq.num_tokens - 1,
+            seq.token_ids[:-1],
             seq.token_ids[-1],
             seq.generator,
         )
