@@ -12,20 +12,25 @@ Pure asyncio (no Ray): the ingress holds one `Drain` and wraps each request's de
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 from serving.errors import ShuttingDown
+
+_DEADLINE = "indexcache-drain-deadline"  # the cancel message of the deadline
 
 
 class Drain:
     def __init__(self):
         self.started_at: float | None = None
         self.timeout_s = 0.0
-        self._stop = asyncio.Event()  # set at the deadline: open streams end now
+        self._stopped = False  # the deadline passed: open streams end now
         self._timer: asyncio.TimerHandle | None = None
+        # Tasks waiting for a stream's next item. Weak: a stream whose consumer is dropped
+        # without being closed must not be kept alive from here (nor keep its engine busy).
+        self._waiting: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
 
     @property
     def draining(self) -> bool:
@@ -36,7 +41,12 @@ class Drain:
         if self.draining:
             return
         self.started_at, self.timeout_s = time.monotonic(), timeout_s
-        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._stop.set)
+        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._deadline)
+
+    def _deadline(self) -> None:
+        self._stopped = True
+        for task in list(self._waiting):
+            task.cancel(_DEADLINE)
 
     def refuse(self) -> None:
         """Raise the 503 for work that arrives while draining."""
@@ -47,31 +57,35 @@ class Drain:
                 code="shutting_down",
             )
 
+    def _ended(self) -> ShuttingDown:
+        return ShuttingDown(
+            f"the server shut down: the request did not finish within the "
+            f"{self.timeout_s:.0f}s graceful shutdown timeout",
+            code="shutting_down",
+        )
+
     async def wrap(self, deltas: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """`deltas`, ended with ShuttingDown once the drain deadline passes. Each item is
-        raced against the deadline, so a stream waiting for its next token ends on time too."""
-        stop = asyncio.ensure_future(self._stop.wait())
-        nxt: asyncio.Future | None = None
+        """`deltas`, ended with ShuttingDown once the drain deadline passes. A stream waiting
+        for its next item then is interrupted too: the deadline cancels the waiting task (which
+        runs the stream's own cleanup: the engine calls are cancelled), and the cancellation is
+        turned into ShuttingDown here. Costs nothing per item but a set insert."""
         try:
             while True:
-                nxt = asyncio.ensure_future(anext(deltas))
-                await asyncio.wait((nxt, stop), return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    raise ShuttingDown(
-                        f"the server shut down: the request did not finish within the "
-                        f"{self.timeout_s:.0f}s graceful shutdown timeout",
-                        code="shutting_down",
-                    )
+                if self._stopped:
+                    raise self._ended()
+                task = asyncio.current_task()
+                self._waiting.add(task)
                 try:
-                    item = nxt.result()
+                    item = await anext(deltas)
                 except StopAsyncIteration:
                     return
-                nxt = None
+                except asyncio.CancelledError as e:
+                    if not (e.args and e.args[0] == _DEADLINE):
+                        raise
+                    task.uncancel()
+                    raise self._ended() from None
+                finally:
+                    self._waiting.discard(task)
                 yield item
         finally:
-            stop.cancel()
-            if nxt is not None and not nxt.done():
-                nxt.cancel()  # runs the stream's own cleanup (cancels the engine calls)
-                with contextlib.suppress(BaseException):
-                    await nxt
             await deltas.aclose()
