@@ -7,6 +7,10 @@ saturate  documents sized so that several fit the KV pool; users step up from ha
           second half of the run: the engine then queues and preempts, and the KV pool stays
           nearly full. Users are closed-loop (a user sends its next request when the last ends),
           so users = requests in flight.
+chaos     short chat at a constant 32 users (`--users`: set it above what the engines run at
+          once, to saturate them) while loadtest/chaos.py kills a decode and a prefill replica
+          and rolls out a plan; the report counts requests completed, migrated, retried,
+          cleanly failed and lost, and the run passes only with none lost.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from dataclasses import asdict, dataclass
 
 from loadtest.workloads import WorkloadSpec, max_doc_tokens
 
-SCENARIOS = ("smoke", "saturate", "long")
+SCENARIOS = ("smoke", "saturate", "long", "chaos")
 DEFAULTS = {  # scenario -> (workload, users, max_tokens)
     "smoke": ("chat", 4, 32),
     "long": ("docs", 2, 64),
     "saturate": ("docs", None, 64),  # users derived from the KV capacity
+    "chaos": ("chat", 32, 32),
 }
 SATURATE_FIT = 8  # saturate: documents sized so that about this many fill one replica's pool
 

@@ -78,6 +78,8 @@ class MetricsSample:
     preemptions: float  # cumulative
     generation_tokens: float  # cumulative
     requests_finished: float  # cumulative: e2e histogram count at the ingress
+    migrations: float = 0.0  # cumulative: streams continued on another replica (failover)
+    retries: float = 0.0  # cumulative: requests restarted before their first token
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +95,8 @@ def parse_metrics(text: str, t: float) -> MetricsSample:
         "preemptions": 0.0,
         "generation_tokens": 0.0,
         "requests_finished": 0.0,
+        "migrations": 0.0,
+        "retries": 0.0,
     }
     names = {
         "indexcache_num_requests_running": "running",
@@ -100,6 +104,8 @@ def parse_metrics(text: str, t: float) -> MetricsSample:
         "indexcache_num_preemptions_total": "preemptions",
         "indexcache_generation_tokens_total": "generation_tokens",
         "indexcache_e2e_request_latency_seconds_count": "requests_finished",
+        "indexcache_request_migrations_total": "migrations",
+        "indexcache_request_retries_total": "retries",
     }
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, OSError, TimeoutError) as e:  # OSError: files, ports, connections
+    except ValueError as e:  # bad input: the whole message (a config error names each field)
+        print(f"indexcache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, TimeoutError) as e:  # files, ports, connections: the first line says it
         print(f"indexcache {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except CommandFailed as e:  # already one line naming the cause
