@@ -23,6 +23,7 @@ from ray import serve
 
 from serving import metrics
 from serving.engine_host import EngineHost, layout_pattern
+from serving.errors import KVTransferError
 from serving.metrics_hub import MetricsPublisher
 from serving.plan_follower import PlanFollower
 from serving.protocol import DecodeRequest, GenerateRequest, KVReceived, PrefillResponse
@@ -188,7 +189,15 @@ class DecodeServer(_EngineServer):
 
     async def decode(self, req: DecodeRequest):
         start = time.monotonic()
-        payload = await self.transport.get(req.kv, self.spec.kv_timeout_s)
+        try:
+            payload = await self.transport.get(req.kv, self.spec.kv_timeout_s)
+        except KVTransferError as e:
+            if e.code != "kv_released":
+                raise
+            # Given up before we could take it (client gone, transfer timed out): nobody waits
+            # for this stream, and an error here would only be a traceback in the logs.
+            log.info("request %s: %s", req.request_id, e.message)
+            return
         req.kv.release()
         seconds = time.monotonic() - start
         self.recorder.observe_kv_transfer(seconds, payload.nbytes)

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import metrics
@@ -63,6 +64,34 @@ from serving.streaming import RequestTimer, collect, sse_events
 log = logging.getLogger(__name__)
 
 app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class _DisconnectOnCancelledReceive:
+    """ASGI middleware: a client that disconnects mid-stream is a disconnect, not an error.
+
+    Serve's replica-side `receive` fetches ASGI messages from the proxy with a remote call; when
+    the client goes away the proxy cancels that call and `receive` raises TaskCancelledError
+    (Ray 2.60 turns only a KeyError into `http.disconnect`). Starlette's streaming response then
+    fails the request and Serve logs an ERROR traceback per dropped stream. Here it becomes the
+    `http.disconnect` message the ASGI spec has for it, and the stream is cancelled as usual."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
+
+
+app.add_middleware(_DisconnectOnCancelledReceive)
 
 
 # /health waits this long for each engine role: it must answer within a second, also (503)

@@ -87,8 +87,22 @@ class LogWatch:
                 out += fh.read().decode(errors="replace").splitlines()
         return out
 
+    _RECORD = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-")
+
     def errors(self) -> list[str]:
-        return [ln for ln in self.new_lines() if self._ERROR.search(ln)]
+        """Each ERROR record or traceback with what follows it, up to the next log record (the
+        traceback's last lines name the exception)."""
+        lines, out, i = self.new_lines(), [], 0
+        while i < len(lines):
+            if not self._ERROR.search(lines[i]):
+                i += 1
+                continue
+            j = i + 1
+            while j < len(lines) and not self._RECORD.match(lines[j]) and j - i < 200:
+                j += 1
+            out.append("\n".join([lines[i], "...", *lines[max(i + 1, j - 12) : j]]))
+            i = j
+        return out
 
     def count(self, needle: str) -> int:
         return sum(needle in ln for ln in self.new_lines())
