@@ -277,7 +277,11 @@ def test_registry_state_lost_replicas_keep_their_plan_and_say_so(base):
         )
 
     wait_for(kept_and_reported, 30, "replicas to keep their plan and report the lost state")
-    assert metric_sum(scrape(base + "/metrics"), "indexcache_plan_error") == 4
+    wait_for(
+        lambda: metric_sum(scrape(base + "/metrics"), "indexcache_plan_error") == 4,
+        10,
+        "indexcache_plan_error 1 on every engine replica",
+    )
     r = httpx.post(base + "/v1/completions", json=body("still serving", 4, False), timeout=60)
     assert r.status_code == 200, r.text
     again = plan_registry.publish(MODEL, "FSFS", {"source": "pattern"})
