@@ -19,8 +19,6 @@ from typing import Any
 
 from serving.errors import ShuttingDown
 
-_DEADLINE = "indexcache-drain-deadline"  # the cancel message of the deadline
-
 
 class Drain:
     def __init__(self):
@@ -28,9 +26,11 @@ class Drain:
         self.timeout_s = 0.0
         self._stopped = False  # the deadline passed: open streams end now
         self._timer: asyncio.TimerHandle | None = None
-        # Tasks waiting for a stream's next item. Weak: a stream whose consumer is dropped
-        # without being closed must not be kept alive from here (nor keep its engine busy).
+        # Tasks waiting for a stream's next item, and those the deadline cancelled. Weak: a
+        # stream whose consumer is dropped without being closed must not be kept alive from here
+        # (nor keep its engine busy).
         self._waiting: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
+        self._cancelled: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()
 
     @property
     def draining(self) -> bool:
@@ -46,7 +46,8 @@ class Drain:
     def _deadline(self) -> None:
         self._stopped = True
         for task in list(self._waiting):
-            task.cancel(_DEADLINE)
+            self._cancelled.add(task)
+            task.cancel()
 
     def refuse(self) -> None:
         """Raise the 503 for work that arrives while draining."""
@@ -79,9 +80,12 @@ class Drain:
                     item = await anext(deltas)
                 except StopAsyncIteration:
                     return
-                except asyncio.CancelledError as e:
-                    if not (e.args and e.args[0] == _DEADLINE):
+                except asyncio.CancelledError:
+                    # Ours, whatever the layers below made of it (Serve re-raises a fresh
+                    # CancelledError, so its message cannot tell).
+                    if task not in self._cancelled:
                         raise
+                    self._cancelled.discard(task)
                     task.uncancel()
                     raise self._ended() from None
                 finally:

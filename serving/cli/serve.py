@@ -163,11 +163,14 @@ def start(config, timeout_s: float = 600.0) -> str:
     )
     try:
         serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
-        serve.run(
+        # serve.run waits for RUNNING itself and fails only after Serve retried a failing
+        # replica three times (minutes with a large model); `_run(_blocking=False)` returns at
+        # once, so wait_running can stop at the first failure with its cause.
+        serve._run(
             build_app(config),
+            _blocking=False,
             name=config.app_name,
             route_prefix=config.ingress.route_prefix,
-            blocking=False,
         )
         wait_running(config.app_name, timeout_s, fail_fast=True)
         return ray.get_runtime_context().gcs_address

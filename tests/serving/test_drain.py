@@ -16,15 +16,21 @@ from serving.errors import ShuttingDown
 
 
 class Source:
-    """An engine stream: `n` items `gap_s` apart; records whether its cleanup ran."""
+    """An engine stream: `n` items `gap_s` apart; records whether its cleanup ran. `rewrap`: a
+    cancellation comes out as a fresh CancelledError, as through Serve's response generator."""
 
-    def __init__(self, n: int, gap_s: float):
-        self.n, self.gap_s, self.closed = n, gap_s, False
+    def __init__(self, n: int, gap_s: float, rewrap: bool = False):
+        self.n, self.gap_s, self.closed, self.rewrap = n, gap_s, False, rewrap
 
     async def __call__(self):
         try:
             for i in range(self.n):
-                await asyncio.sleep(self.gap_s)
+                try:
+                    await asyncio.sleep(self.gap_s)
+                except asyncio.CancelledError:
+                    if self.rewrap:
+                        raise asyncio.CancelledError() from None
+                    raise
                 yield i
         finally:
             self.closed = True
@@ -56,7 +62,7 @@ def test_refuse_only_while_draining():
 def test_streams_finish_until_the_deadline_then_end_with_an_error():
     async def go():
         d = Drain()
-        short, long_, stuck = Source(3, 0.01), Source(1000, 0.01), Source(2, 30.0)
+        short, long_, stuck = Source(3, 0.01), Source(1000, 0.01, True), Source(2, 30.0)
         tasks = [asyncio.ensure_future(consume(d.wrap(s()))) for s in (short, long_, stuck)]
         await asyncio.sleep(0.05)
         t0 = time.monotonic()
