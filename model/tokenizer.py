@@ -71,6 +71,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, seqs: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Many decodes in one call into the Rust tokenizer (the engine decodes once per step)."""
+        return self.tok.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions with a prompt")

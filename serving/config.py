@@ -8,13 +8,16 @@ The pydantic objects stop at the deployments: engines get plain keyword argument
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from serving.engine.config import EngineConfig
 from serving.env import env
 
 # The model `indexcache serve` uses when given none: SmolLM2-135M-Instruct with trained indexers
@@ -31,28 +34,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EngineArgs(_Strict):
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="weight and activation dtype"
-    )
-    device: str = Field("cpu", description="torch device of the engine: cpu, cuda, cuda:N")
-    max_num_seqs: int = Field(64, ge=1, description="sequences admitted to a batch at once")
-    max_num_batched_tokens: int = Field(
-        512, ge=1, description="token budget of one step (the chunked-prefill chunk size)"
-    )
-    max_model_len: int | None = Field(
-        None, ge=2, description="prompt + output tokens; None = the model's max_position_embeddings"
-    )
-    num_blocks: int | None = Field(None, ge=1, description="KV pages (overrides kv_memory_bytes)")
-    kv_memory_bytes: int | None = Field(None, ge=1, description="KV pool byte budget")
-    index_fp8: bool = Field(False, description="store indexer keys as FP8 e4m3 + scales")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="share of free GPU memory the default KV budget may take"
+class _EngineArgsBase(_Strict):
+    def engine_kwargs(self) -> dict[str, Any]:
+        """EngineConfig fields for LLMEngine.from_pretrained (the role is added by the caller)."""
+        return self.model_dump()
+
+
+def _engine_args_model() -> type[BaseModel]:
+    """EngineArgs: the pydantic face of serving/engine's EngineConfig, field for field (defaults and
+    descriptions come from there; the role comes from the replica group, not the YAML). The
+    dataclass's own checks run too, so the YAML and the engine refuse exactly the same values."""
+    hints = typing.get_type_hints(EngineConfig)
+    fields = {
+        f.name: (hints[f.name], Field(f.default, description=f.metadata["help"]))
+        for f in dataclasses.fields(EngineConfig)
+        if f.name != "role"
+    }
+
+    def check(self):
+        EngineConfig.from_kwargs(**self.model_dump())
+        return self
+
+    return create_model(
+        "EngineArgs",
+        __base__=_EngineArgsBase,
+        __validators__={"_check": model_validator(mode="after")(check)},
+        **fields,
     )
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for LLMEngine.from_pretrained (dtype stays a string here)."""
-        return self.model_dump()
+
+EngineArgs = _engine_args_model()
 
 
 class AutoscalingArgs(_Strict):

@@ -62,14 +62,13 @@ class _EngineServer:
         self._sync_lock = asyncio.Lock()
 
     def _build(self, pattern: str | None):
-        import torch
-
         from serving.engine import AsyncLLMEngine
 
-        kw = dict(self.spec.engine_kwargs)
-        kw["dtype"] = getattr(torch, kw.get("dtype", "float32"))
         return AsyncLLMEngine.from_pretrained(
-            self.spec.model_path, index_cache=pattern, role=self.spec.role, **kw
+            self.spec.model_path,
+            index_cache=pattern,
+            role=self.spec.role,
+            **self.spec.engine_kwargs,
         )
 
     # -- plans ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,9 +24,12 @@ def act_quant(x: torch.Tensor, block: int, ue8m0: bool):
     return q.reshape(shape), scale
 
 
+@functools.lru_cache(maxsize=16)
 def hadamard(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Orthonormal Walsh-Hadamard matrix (Sylvester order), H @ H.T = I. Applied to both indexer q
-    and k before FP8 so outliers spread across the block; exact dot products are unchanged."""
+    and k before FP8 so outliers spread across the block; exact dot products are unchanged.
+    Cached (callers must not modify it): built on the host, so rebuilding it inside a forward
+    would copy it to the device every F layer, a host sync that also breaks CUDA-graph capture."""
     if n & (n - 1):
         raise ValueError(f"hadamard size must be a power of two, got {n}")
     h = torch.ones(1, 1, dtype=torch.float64)

@@ -19,30 +19,23 @@ import triton
 import triton.language as tl
 
 from kernels._common import cdiv, next_pow2
+from kernels.indexer.plan import (  # noqa: F401  (re-exported: kernels.bench and tests use them)
+    INTERPRET_PREFILL,
+    MAX_ROWS,
+    PREFILL_CONFIGS,
+    SCORE_BUDGET,
+    PrefillTiles,
+    plan_prefill,
+    prefill_config,
+)
 from kernels.topk import triton as topk_tri
 
-# Scratch scores per launch group, and rows per group (which bounds the top-k candidate buffers).
-SCORE_BUDGET = 512 << 20
-MAX_ROWS = 4096
-
-PREFILL_CONFIGS = [
-    {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3},
-    {"BM": 64, "BN": 256, "num_warps": 8, "num_stages": 3},
-    {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3},
-    {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3},
-]
 DECODE_CONFIGS = [
     {"BN": 128, "num_warps": 4, "num_stages": 2},
     {"BN": 256, "num_warps": 8, "num_stages": 2},
     {"BN": 64, "num_warps": 4, "num_stages": 2},
 ]
-# Chosen from the H200 sweeps of kernels/bench.py (benchmarks/README.md): FP8 favours the
-# smaller tile (fp8 MMA is twice as fast, so the per-head relu/weight epilogue weighs more).
-DEFAULT_PREFILL = {torch.float8_e4m3fn: PREFILL_CONFIGS[0]}
-DEFAULT_PREFILL_16 = PREFILL_CONFIGS[1]
 DEFAULT_DECODE = DECODE_CONFIGS[0]
-# Interpreter (CPU tests): small tiles keep per-program numpy work low.
-INTERPRET_PREFILL = {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 1}
 INTERPRET_DECODE = {"BN": 32, "num_warps": 4, "num_stages": 1}
 
 
@@ -178,31 +171,24 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def _tiles(cu: list[int], lens: list[int], bm: int) -> list[tuple[int, int, int, int]]:
-    """(sequence, first row, rows, first position) of each query tile; tiles never span two
-    sequences, since each sequence reads its own block table."""
-    tiles = []
-    for b, n in enumerate(lens):
-        lo, hi = cu[b], cu[b + 1]
-        first = n - (hi - lo)
-        if first < 0:
-            raise ValueError(f"indexer: sequence {b} has {hi - lo} queries but seq_lens {n}")
-        tiles += [(b, r, min(bm, hi - r), first + r - lo) for r in range(lo, hi, bm)]
-    return tiles
-
-
-def _groups(tiles, bn: int, budget: int, max_rows: int):
-    """Consecutive tiles whose scratch scores (rows x padded visible width) fit the budget."""
-    groups, start, rows, width = [], 0, 0, 0
-    for i, (_, _, nr, p0) in enumerate(tiles):
-        w = max(width, cdiv(p0 + nr, bn) * bn)
-        if i > start and ((rows + nr) * w * 4 > budget or rows + nr > max_rows):
-            groups.append((start, i, rows, width))
-            start, rows, w = i, 0, cdiv(p0 + nr, bn) * bn
-        rows, width = rows + nr, w
-    if start < len(tiles):
-        groups.append((start, len(tiles), rows, width))
-    return groups
+def _plan_from_tensors(cu_seqlens_q, seq_lens, cfg: dict, budget: int) -> PrefillTiles:
+    """The plan from device tensors: a host read-back (callers outside the engine, tests)."""
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    tiles, groups = plan_prefill(cu, lens, cfg, budget)
+    dev = cu_seqlens_q.device
+    t = cu[-1]
+    nq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    seq_of = torch.repeat_interleave(torch.arange(len(lens), device=dev), nq, output_size=t)
+    # Visible keys of every row: its position + 1.
+    lengths = (
+        torch.arange(t, device=dev)
+        - cu_seqlens_q.long()[seq_of]
+        + seq_lens.long()[seq_of]
+        - nq[seq_of]
+        + 1
+    ).to(torch.int32)
+    tile_t = torch.tensor(tiles, dtype=torch.int32, device=dev).view(-1, 4)
+    return PrefillTiles(tile_t, tuple(groups), lengths, cfg)
 
 
 def indexer_topk_prefill(
@@ -220,34 +206,26 @@ def indexer_topk_prefill(
     misses: torch.Tensor | None = None,
     topk_config: dict | None = None,
     topk_cap: int | None = None,
+    plan: PrefillTiles | None = None,
 ) -> torch.Tensor:
-    """`select` (for kernels.bench): "radix" (the Triton top-k), "torch" (torch.topk on the same
-    score tiles) or "none" (scores only; the output is left unwritten)."""
+    """`plan`: this forward's tiles (kernels/indexer/plan.py); without one they are computed here,
+    which reads the lengths back to the host. `select` (for kernels.bench): "radix" (the Triton
+    top-k), "torch" (torch.topk on the same score tiles) or "none" (scores only; the output is
+    left unwritten)."""
     _check(q, k_cache, k_scale)
-    interp = _interpreting(q)
-    cfg = config or (
-        INTERPRET_PREFILL if interp else DEFAULT_PREFILL.get(q.dtype, DEFAULT_PREFILL_16)
-    )
-    bm, bn = cfg["BM"], cfg["BN"]
-    t, hi, di = q.shape
+    t = q.shape[0]
     out = torch.empty((t, topk), dtype=torch.int32, device=q.device)
     if t == 0:
         return out
-    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
-    tiles = _tiles(cu, lens, bm)
-    groups = _groups(tiles, bn, score_budget, MAX_ROWS)
-    tile_t = torch.tensor(tiles, dtype=torch.int32, device=q.device).view(-1, 4)
-    # Visible keys of every row: its position + 1.
+    if plan is None:
+        cfg = config or prefill_config(q.dtype, _interpreting(q))
+        plan = _plan_from_tensors(cu_seqlens_q, seq_lens, cfg, score_budget)
+    elif config is not None and config is not plan.config:
+        raise ValueError("indexer (triton): pass either a config or a plan cut for one")
+    cfg, groups, tile_t, lengths = plan.config, plan.groups, plan.tiles, plan.lengths
+    bn = cfg["BN"]
+    hi, di = q.shape[1:]
     dev = q.device
-    nq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    seq_of = torch.repeat_interleave(torch.arange(len(lens), device=dev), nq, output_size=t)
-    lengths = (
-        torch.arange(t, device=dev)
-        - cu_seqlens_q.long()[seq_of]
-        + seq_lens.long()[seq_of]
-        - nq[seq_of]
-        + 1
-    ).to(torch.int32)
     # Scratch sized for the largest group, reused by all.
     max_rows = max(g[2] for g in groups)
     scores_flat = torch.empty(max(g[2] * g[3] for g in groups), dtype=torch.float32, device=dev)
@@ -256,8 +234,7 @@ def indexer_topk_prefill(
     wt = weights.t().contiguous()  # [HI, T]: coalesced per-head weight loads
     ks = k_scale if k_scale is not None else k_cache  # unused pointer when HAS_SCALE is False
     stride_sp = k_scale.stride(0) if k_scale is not None else 0
-    for g0, g1, rows, width in groups:
-        row0 = tiles[g0][1]
+    for g0, g1, rows, width, row0 in groups:
         scores = scores_flat[: rows * width].view(rows, width)
         mx = row_max[:rows].fill_(float("-inf"))
         grid = (width // bn, g1 - g0)
@@ -282,7 +259,7 @@ def indexer_topk_prefill(
             H=hi,
             D=di,
             PS=k_cache.shape[1],
-            BM=bm,
+            BM=cfg["BM"],
             BN=bn,
             HAS_SCALE=k_scale is not None,
             num_warps=cfg["num_warps"],

@@ -70,5 +70,13 @@ class LightningIndexer(nn.Module):
             )
         else:
             ctx.topk = indexer_topk_prefill(
-                q, w, k_cache, k_scale, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, self.topk
+                q,
+                w,
+                k_cache,
+                k_scale,
+                ctx.block_tables,
+                ctx.cu_seqlens_q,
+                ctx.seq_lens,
+                self.topk,
+                plan=ctx.indexer_plan,
             )

@@ -1,6 +1,8 @@
 """Asyncio front of the engine: one background thread owns the LLMEngine and steps it; requests
 and aborts reach it as commands, results come back to each caller's event loop through
-`loop.call_soon_threadsafe`.
+`loop.call_soon_threadsafe`: one callback per event loop per step carrying that step's outputs of
+all its requests (not one per token per request), and a stream that fell behind takes what has
+queued up as one merged delta.
 
 Only the engine thread touches engine state, so the engine needs no locks. Requests are validated
 in the caller first, so bad input raises ValueError there and never reaches the thread. A caller
@@ -141,12 +143,18 @@ class AsyncLLMEngine:
     async def _stream(self, request_id: str, req: _Request) -> AsyncIterator[TokenDelta]:
         try:
             while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+                items = [await req.queue.get()]
+                while not req.queue.empty():
+                    items.append(req.queue.get_nowait())
+                err = next((i for i in items if isinstance(i, BaseException)), None)
+                deltas = [i for i in items if not isinstance(i, BaseException)]
+                if deltas:
+                    merged = merge_deltas(deltas)
+                    yield merged
+                    if merged.finish_reason is not None:
+                        return
+                if err is not None:
+                    raise err
         finally:
             if not req.done:
                 self.abort(request_id)
@@ -172,8 +180,7 @@ class AsyncLLMEngine:
                     self.engine.abort(rid)
                     self._deliver_error(rid, e)
                 outs = []
-            for out in outs:
-                self._deliver(out)
+            self._deliver_all(outs)
             self._stats = self.engine.stats()
         # Shutdown: nothing stays allocated, queued or unanswered.
         with self._lock:
@@ -204,21 +211,32 @@ class AsyncLLMEngine:
         return req
 
     def _deliver(self, out: StepOutput) -> None:
-        req = self._lookup(out.request_id, out.finished or out.prefill is not None)
-        if req is None:
-            return  # the caller went away; its abort is queued
-        if req.future is not None:
-            if out.prefill is not None:
-                item, setter = out.prefill, _set_result
-            else:  # aborted before its first token
-                item, setter = None, _cancel
-        else:
-            item = TokenDelta(out.token_ids, out.text, out.finish_reason, out.logprobs)
-            setter = _put
-        try:
-            req.loop.call_soon_threadsafe(setter, req, item)
-        except RuntimeError:  # the caller's loop is closed
-            self.engine.abort(out.request_id)
+        self._deliver_all([out])
+
+    def _deliver_all(self, outs: list[StepOutput]) -> None:
+        """One callback per caller event loop for the whole step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            req = self._lookup(out.request_id, out.finished or out.prefill is not None)
+            if req is None:
+                continue  # the caller went away; its abort is queued
+            if out.error is not None:
+                item, setter = out.error, _fail
+            elif req.future is not None:
+                if out.prefill is not None:
+                    item, setter = out.prefill, _set_result
+                else:  # aborted before its first token
+                    item, setter = None, _cancel
+            else:
+                item = TokenDelta(out.token_ids, out.text, out.finish_reason, out.logprobs)
+                setter = _put
+            by_loop.setdefault(req.loop, []).append((setter, req, item, out.request_id))
+        for loop, calls in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, calls)
+            except RuntimeError:  # the caller's loop is closed
+                for *_, rid in calls:
+                    self.engine.abort(rid)
 
     def _deliver_error(self, rid: str, err: BaseException) -> None:
         req = self._lookup(rid, True)
@@ -228,6 +246,23 @@ class AsyncLLMEngine:
             req.loop.call_soon_threadsafe(_fail, req, err)
         except RuntimeError:
             pass
+
+
+def merge_deltas(deltas: list[TokenDelta]) -> TokenDelta:
+    if len(deltas) == 1:
+        return deltas[0]
+    lps = [lp for d in deltas for lp in (d.logprobs or [])]
+    return TokenDelta(
+        [t for d in deltas for t in d.token_ids],
+        "".join(d.text for d in deltas),
+        deltas[-1].finish_reason,
+        lps if any(d.logprobs is not None for d in deltas) else None,
+    )
+
+
+def _run_all(calls) -> None:
+    for setter, req, item, _ in calls:
+        setter(req, item)
 
 
 def _put(req: _Request, item) -> None:

@@ -7,6 +7,8 @@ preemption; nothing is ever partially freed, so an empty pool after all requests
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from serving.engine.sequence import Sequence
 
 
@@ -15,10 +17,16 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, page_size: int):
+    def __init__(
+        self,
+        num_blocks: int,
+        page_size: int,
+        on_free: Callable[[str], None] | None = None,
+    ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks, self.page_size = num_blocks, page_size
+        self.on_free = on_free  # told the request id whenever a sequence gives its pages back
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out page 0 first
 
     @property
@@ -48,3 +56,5 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         self._free.extend(reversed(seq.pages))
         seq.pages = []
+        if self.on_free is not None:
+            self.on_free(seq.request_id)

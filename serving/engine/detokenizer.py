@@ -5,6 +5,9 @@ since the last stable point are decoded (vLLM's prefix/read offsets). A byte-lev
 inside a UTF-8 character, which decodes to U+FFFD: such text is held until the character completes.
 Streamed text also withholds the last (longest stop string - 1) characters, which could still turn
 out to start a stop string; they are released when the request finishes.
+
+The engine detokenizes a whole step at once (`add_tokens`): one call into the Rust tokenizer for
+every sequence of the step, not two per token.
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ class Detokenizer:
 
     def add(self, token_id: int) -> bool:
         """Append one generated token; True when a stop string now appears (text is trimmed)."""
+        return add_tokens([self], [token_id])[0]
+
+    def _push(self, token_id: int) -> tuple[list[int], list[int]]:
+        """Append; -> the two id spans whose decoded texts tell what the token added."""
         self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        after = self.tok.decode(self.ids[self.prefix :])
+        return self.ids[self.prefix : self.read], self.ids[self.prefix :]
+
+    def _settle(self, before: str, after: str) -> bool:
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return False  # nothing new yet, or an incomplete UTF-8 character
         start = len(self.text)
@@ -58,3 +66,17 @@ class Detokenizer:
         out = self.text[self.emitted : end]
         self.emitted = end
         return out
+
+
+def add_tokens(detoks: list[Detokenizer], tokens: list[int]) -> list[bool]:
+    """One generated token for each detokenizer, decoded in one batch; -> stop string found."""
+    if not detoks:
+        return []
+    spans = [span for d, t in zip(detoks, tokens, strict=True) for span in d._push(t)]
+    try:
+        texts = detoks[0].tok.decode_batch(spans)
+    except BaseException:
+        for d in detoks:  # undo the pushes, so a retry one by one starts from the same state
+            d.ids.pop()
+        raise
+    return [d._settle(texts[2 * i], texts[2 * i + 1]) for i, d in enumerate(detoks)]

@@ -14,6 +14,7 @@ engine keeps serving the others.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from model.index_cache import IndexCacheConfig
 from model.kv_cache import KVCache
 from model.tokenizer import Tokenizer
 from serving.engine.block_manager import BlockManager
-from serving.engine.config import EngineConfig, resolve_num_blocks
-from serving.engine.detokenizer import Detokenizer
+from serving.engine.config import EngineConfig
+from serving.engine.detokenizer import Detokenizer, add_tokens
+from serving.engine.memory import resolve_num_blocks
 from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
@@ -35,12 +37,19 @@ from serving.engine.sampler import logprobs_of, sample
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
 
+log = logging.getLogger(__name__)
+
 
 class LLMEngine:
     def __init__(self, model: DSAForCausalLM, tokenizer: Tokenizer, config: EngineConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.role = config.role
         mcfg = model.config
+        want = config.torch_device
+        if model.device.type != want.type or want.index not in (None, model.device.index):
+            raise ValueError(
+                f"device: the config says {config.device}, the model is on {model.device}"
+            )
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(
@@ -48,15 +57,18 @@ class LLMEngine:
                 f"max_position_embeddings {mcfg.max_position_embeddings}"
             )
         self.layout = model.kv_layout(config.index_fp8)
-        num_blocks = resolve_num_blocks(config, mcfg, self.layout, self.max_model_len, model.device)
-        self.cache = KVCache(self.layout, num_blocks, model.device)
-        self.block_manager = BlockManager(num_blocks, self.layout.page_size)
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._import
+        self.runner = ModelRunner(model, config)
+        num_blocks = resolve_num_blocks(
+            config, self.layout, self.max_model_len, lambda: self.runner.profile(self.max_model_len)
         )
-        self.runner = ModelRunner(model, self.cache)
+        self.cache = KVCache(self.layout, num_blocks, model.device)
+        self.block_manager = BlockManager(num_blocks, self.layout.page_size, self.runner.release)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.chunk, self._import
+        )
         # A sequence can never outgrow the pool, so the effective limit is the smaller one.
         self.max_len = min(self.max_model_len, self.kv_capacity_tokens)
+        self.runner.bind(self.cache, self.max_len)  # captures the decode CUDA graphs
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(mcfg.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
         self._done: list[StepOutput] = []  # finished without a forward (decode of a done request)
@@ -72,32 +84,14 @@ class LLMEngine:
         cls,
         path: str | Path,
         index_cache: IndexCacheConfig | str | None = None,
-        role: str = "unified",
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        num_blocks: int | None = None,
-        kv_memory_bytes: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
-        max_model_len: int | None = None,
-        index_fp8: bool = False,
-        gpu_memory_utilization: float = 0.9,
+        **settings,
     ) -> LLMEngine:
         """`index_cache` takes load_model's forms (IndexCacheConfig, "FSSF..." or None for the
-        checkpoint's plan); the rest are EngineConfig fields."""
+        checkpoint's plan); `settings` are EngineConfig fields (unknown ones: ValueError)."""
         from model.loader import load_model
 
-        config = EngineConfig(
-            role=role,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            num_blocks=num_blocks,
-            kv_memory_bytes=kv_memory_bytes,
-            index_fp8=index_fp8,
-            gpu_memory_utilization=gpu_memory_utilization,
-        )
-        model = load_model(path, index_cache, dtype=dtype, device=device)
+        config = EngineConfig.from_kwargs(**settings)
+        model = load_model(path, index_cache, dtype=config.torch_dtype, device=config.device)
         return cls(model.eval(), Tokenizer.from_pretrained(path), config)
 
     # -- requests ---------------------------------------------------------------------------
@@ -243,11 +237,18 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """One forward. A failure fails only the requests it belongs to: a forward that raises
+        fails that batch's requests, a sampling or post-processing error only its own request;
+        every other request of the step still gets its output."""
         outputs, self._done = self._done, []
         batch = self.last_batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        logits, sampling = self.runner.run(batch)
+        try:
+            logits, sampling = self.runner.run(batch)
+        except Exception as e:
+            log.exception("forward failed; failing the %d requests of its batch", len(batch.seqs))
+            return outputs + [self._fail(seq, e) for seq in batch.seqs]
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             first_prefill = not seq.completion_token_ids  # recomputation is not counted again
             seq.num_cached += n
@@ -258,6 +259,47 @@ class LLMEngine:
         if logits is None:
             return outputs
         seqs = [batch.seqs[i] for i in sampling]
+        tokens, lps, errors = self._sample(logits, seqs)
+        ok = [i for i in range(len(seqs)) if i not in errors]
+        failed = self._append_tokens(
+            [seqs[i] for i in ok], [tokens[i] for i in ok], [lps[i] for i in ok]
+        )
+        errors.update({ok[j]: e for j, e in failed.items()})
+        for i, seq in enumerate(seqs):
+            if i in errors:
+                outputs.append(self._fail(seq, errors[i]))
+                continue
+            self.generation_tokens_total += 1
+            try:
+                if self.role == "prefill":
+                    outputs.append(self._export(seq))
+                    continue
+                if seq.finish_reason is not None:
+                    self._finish(seq)
+                outputs.append(self._step_output(seq))
+            except Exception as e:
+                log.exception("post-processing %s failed", seq.request_id)
+                outputs.append(self._fail(seq, e))
+        return outputs
+
+    def _sample(self, logits, seqs: list[Sequence]):
+        """-> (token per row, logprobs per row, {row: error}). The batched sampler runs first; if
+        one request's parameters break it, rows are sampled one by one so only that one fails."""
+        try:
+            toks, lps = self._sample_rows(logits, seqs)
+            return toks, lps, {}
+        except Exception:
+            log.warning("batched sampling failed; sampling %d rows one by one", len(seqs))
+        toks, lps, errors = [0] * len(seqs), [None] * len(seqs), {}
+        for i, seq in enumerate(seqs):
+            try:
+                (toks[i],), (lps[i],) = self._sample_rows(logits[i : i + 1], [seq])
+            except Exception as e:
+                errors[i] = e
+        return toks, lps, errors
+
+    @staticmethod
+    def _sample_rows(logits, seqs: list[Sequence]) -> tuple[list[int], list]:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         lps: list = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
@@ -265,30 +307,57 @@ class LLMEngine:
             got = logprobs_of(logits[want], tokens[want], [seqs[i].params.logprobs for i in want])
             for i, lp in zip(want, got, strict=True):
                 lps[i] = lp
-        for seq, tok, lp in zip(seqs, tokens.tolist(), lps, strict=True):
-            self._append_token(seq, tok, lp)
-            self.generation_tokens_total += 1
-            if self.role == "prefill":
-                outputs.append(self._export(seq))
-                continue
-            if seq.finish_reason is not None:
-                self._finish(seq)
-            outputs.append(self._step_output(seq))
-        return outputs
+        return tokens.tolist(), lps
+
+    def _append_tokens(
+        self, seqs: list[Sequence], toks: list[int], lps: list
+    ) -> dict[int, BaseException]:
+        """Append one sampled token to each sequence and decide whether it finishes; the text of
+        the whole step is decoded in one batch. -> {index: error} of sequences that failed."""
+        detok_seqs, detok_toks, where = [], [], []
+        for j, (seq, tok, lp) in enumerate(zip(seqs, toks, lps, strict=True)):
+            seq.token_ids.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            p = seq.params
+            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                seq.finish_reason = "stop"  # the stop token is kept in token_ids, not in the text
+            else:
+                detok_seqs.append(seq)
+                detok_toks.append(tok)
+                where.append(j)
+        errors: dict[int, BaseException] = {}
+        try:
+            stopped = add_tokens([s.detok for s in detok_seqs], detok_toks)
+        except Exception:  # one bad sequence: decode one by one so only it fails
+            stopped = []
+            for j, seq, tok in zip(where, detok_seqs, detok_toks, strict=True):
+                try:
+                    stopped.append(add_tokens([seq.detok], [tok])[0])
+                except Exception as e:
+                    errors[j] = e
+                    stopped.append(False)
+        for seq, hit in zip(detok_seqs, stopped, strict=True):
+            if hit:
+                seq.finish_reason = "stop"
+            elif len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+            elif seq.num_tokens >= self.max_len:
+                seq.finish_reason = "length"
+        return errors
 
     def _append_token(self, seq: Sequence, tok: int, lp) -> None:
-        seq.token_ids.append(tok)
-        if lp is not None:
-            seq.logprobs.append(lp)
-        p = seq.params
-        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-            seq.finish_reason = "stop"  # the stop token is kept in token_ids, not in the text
-        elif seq.detok.add(tok):
-            seq.finish_reason = "stop"
-        elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens:
-            seq.finish_reason = "length"
-        elif seq.num_tokens >= self.max_len:
-            seq.finish_reason = "length"
+        errors = self._append_tokens([seq], [tok], [lp])
+        if errors:
+            raise errors[0]
+
+    def _fail(self, seq: Sequence, err: BaseException) -> StepOutput:
+        """Take a request out with its error; its pages are freed."""
+        if not seq.is_finished:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+        self.seqs.pop(seq.request_id, None)
+        return StepOutput(seq.request_id, [], "", None, error=err)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
