@@ -90,6 +90,18 @@ def pick_config(t: int, topk: int, n_experts: int, device: torch.device) -> dict
     return {"decode": DECODE, "mid": MID, "prefill": PREFILL}[regime(t, topk, n_experts)]
 
 
+def fit(cfg: dict, d: int, inter: int, elt: int) -> dict:
+    """Tiles no wider than the problem (16 at least, for tl.dot), and half-depth K tiles for
+    4-byte inputs, whose pipelined stages would otherwise overflow shared memory."""
+
+    def one(g: dict, n: int, k: int) -> dict:
+        bk = min(g["BK"], max(16, next_pow2(k)))
+        bk = max(16, bk // 2) if elt == 4 else bk
+        return {**g, "BN": min(g["BN"], max(16, next_pow2(n))), "BK": bk}
+
+    return {**cfg, "up": one(cfg["up"], inter, d), "down": one(cfg["down"], d, inter)}
+
+
 def max_blocks(n_pairs: int, n_experts: int, bm: int) -> int:
     """Worst-case BM-row blocks after padding: at most min(E, pairs) experts get a partial block."""
     return cdiv(n_pairs + min(n_experts, n_pairs) * (bm - 1), bm)
@@ -171,7 +183,7 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, bm: int):
     counts, start, rank, total, expert, sorted_ids = (
         meta[o : o + s] for o, s in zip(offs, sizes, strict=False)
     )
-    e_p2 = next_pow2(n_experts)
+    e_p2 = max(16, next_pow2(n_experts))
     small = n <= _ALIGN_CHUNK_SMALL
     _align_kernel[(1,)](
         ids,
@@ -354,7 +366,7 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, config: dict | None 
     out = torch.empty(t, d, dtype=x.dtype, device=x.device)
     if t == 0:
         return out
-    cfg = config or pick_config(t, topk, n_experts, x.device)
+    cfg = fit(config or pick_config(t, topk, n_experts, x.device), d, inter, x.element_size())
     bm, up, down = cfg["BM"], cfg["up"], cfg["down"]
     ids = topk_ids.contiguous()
     sorted_ids, block_expert, total = moe_align(ids, n_experts, bm)
