@@ -133,17 +133,25 @@ def bench_shape(shape, tokens, dtype, device, sweep: bool, out: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def _best(r: dict) -> str:
+    ok = {j: v for j, v in r.get("sweep_ms", {}).items() if isinstance(v, float)}
+    if not ok:
+        return "-"
+    j = min(ok, key=ok.get)
+    return f"{r['regime']}[{j}]: {ok[j]}"
+
+
 def table(results: list[dict]) -> str:
     head = (
         "| shape | T | check | fused ms | torch sort+loop ms | speedup | FLOP floor ms "
-        "| bytes floor ms | x FLOP floor | x bytes floor |"
+        "| bytes floor ms | x FLOP floor | x bytes floor | best sweep (SWEEP index: ms) |"
     )
     lines = [head, "| --- " * (head.count("|") - 1) + "|"]
     for r in results:
         lines.append(
             f"| {r['shape']} | {r['T']} | {r['check']} | {r['fused_ms']} | "
             f"{r['torch_sort_loop_ms']} | {r['speedup_vs_torch']}x | {r['flop_floor_ms']} | "
-            f"{r['bytes_floor_ms']} | {r['x_flop_floor']} | {r['x_bytes_floor']} |"
+            f"{r['bytes_floor_ms']} | {r['x_flop_floor']} | {r['x_bytes_floor']} | {_best(r)} |"
         )
     return "\n".join(lines)
 

@@ -49,7 +49,9 @@ INTERPRET = {
     "up": {"BN": 16, "BK": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
     "down": {"BN": 32, "BK": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1},
 }
-# Candidates for the benchmark's --sweep, per regime (the defaults above are the first of each).
+# The tables above are first guesses (from the usual Hopper GEMM tiles), not yet tuned on an
+# H200: `python -m kernels.bench_moe --sweep` times these candidates per regime (index 0 is the
+# default) so the defaults can be set from measurements.
 SWEEP = {
     "decode": [
         DECODE,
@@ -74,7 +76,7 @@ SWEEP = {
         {**PREFILL, "BM": 64, "up": {**PREFILL["up"], "BN": 128}, "down": MID["down"]},
     ],
 }
-MID_MAX_ROWS_PER_EXPERT = 192  # mean pairs per expert above which 128-row blocks win
+MID_MAX_ROWS_PER_EXPERT = 192  # mean pairs per expert from which 128-row blocks are used
 _ALIGN_CHUNK_SMALL, _ALIGN_CHUNK = 256, 2048
 
 
