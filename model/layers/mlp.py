@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.moe import fused_moe
 from model.config import ModelConfig
 
 
@@ -70,22 +71,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)  # group the (token, slot) pairs by expert
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
-        tokens = order // ids.shape[1]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = order[start : start + n]
-            tok = tokens[start : start + n]
-            start += n
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])
-            out.index_add_(0, tok, (y * w.flatten()[sel, None]).to(out.dtype))
-        return out
+        """x [T, d], routing weights w [T, k] fp32 and expert ids [T, k] -> [T, d]."""
+        return fused_moe(x, self.gate_up_proj, self.down_proj, w, ids)
 
 
 class MoE(nn.Module):

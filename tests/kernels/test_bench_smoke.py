@@ -79,3 +79,27 @@ def test_bench_runs_every_section(monkeypatch, tmp_path, device):
     bench_report.plot_indexer(out, tmp_path / "p.png", bench.PUBLISHED_INDEXER)
     assert "indexer+topk prefill" in readme.read_text() and (tmp_path / "p.png").stat().st_size
     json.dumps(out)
+
+
+@pytest.mark.interpret
+def test_bench_moe_quick(tmp_path, device, monkeypatch):
+    """kernels.bench_moe --quick --sweep: checks, timings, floors, table and JSON all come out,
+    with the fused op really the Triton path (under the interpreter) and correct."""
+    if device.type != "cpu":
+        pytest.skip("the toy run is for the interpreter; the GPU runs the real bench")
+    from kernels import bench_moe
+    from kernels.moe import triton as mtri
+
+    launches = []
+    real = mtri.fused_moe
+    monkeypatch.setattr(mtri, "fused_moe", lambda *a, **k: launches.append(1) or real(*a, **k))
+    out = tmp_path / "moe.json"
+    assert bench_moe.main(["--quick", "--sweep", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert [r["T"] for r in res] == [1, 33]
+    for r in res:
+        assert r["check"] == "ok" and r["rms_rel_err"] < 1e-5, r
+        assert r["fused_ms"] > 0 and r["torch_sort_loop_ms"] > 0 and r["flop_floor_ms"] > 0
+        assert all(isinstance(v, float) for v in r["sweep_ms"].values()), r["sweep_ms"]
+    assert len(launches) >= 2 * 3  # check, warm-up + timed run, sweep: Triton, not the ref
+    assert "torch sort+loop" in bench_moe.table(res)
