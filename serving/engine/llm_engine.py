@@ -41,7 +41,15 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, model: DSAForCausalLM, tokenizer: Tokenizer, config: EngineConfig):
+    def __init__(
+        self,
+        model: DSAForCausalLM,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        cache: KVCache | None = None,
+    ):
+        """`cache`: run over an existing KV pool of this model's layout (KVCache.shared_as) instead
+        of allocating one; benchmarks step two plans on the same pool this way."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.role = config.role
         mcfg = model.config
@@ -58,10 +66,19 @@ class LLMEngine:
             )
         self.layout = model.kv_layout(config.index_fp8)
         self.runner = ModelRunner(model, config)
-        num_blocks = resolve_num_blocks(
-            config, self.layout, self.max_model_len, lambda: self.runner.profile(self.max_model_len)
-        )
-        self.cache = KVCache(self.layout, num_blocks, model.device)
+        if cache is not None:
+            if cache.layout != self.layout:
+                raise ValueError(f"cache: layout {cache.layout} is not the model's {self.layout}")
+            num_blocks = cache.num_blocks
+        else:
+            num_blocks = resolve_num_blocks(
+                config,
+                self.layout,
+                self.max_model_len,
+                lambda: self.runner.profile(self.max_model_len),
+            )
+            cache = KVCache(self.layout, num_blocks, model.device)
+        self.cache = cache
         self.block_manager = BlockManager(num_blocks, self.layout.page_size, self.runner.release)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.chunk, self._import
