@@ -52,6 +52,7 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self.pool_bytes = 0
+        self.replays = 0  # steps served by a graph (tests and metrics read it)
 
     def capture(self) -> None:
         torch.cuda.synchronize()
@@ -94,4 +95,5 @@ class DecodeGraphs:
         b = self.bucket(bs)
         self.inputs.copy_(packed.view(5, self.max_batch))
         self._graphs[b].replay()
+        self.replays += 1
         return self._logits[b][:bs]

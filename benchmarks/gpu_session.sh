@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One call on the GPU machine runs several stages, each under its own time cap, and leaves logs and
+# results under $OUT (the device tool brings that folder back). Stages: tests, moe, e2e, e2e-full,
+# kernels, profile. Usage: benchmarks/gpu_session.sh STAGE[:SECONDS] ...
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TRITON_F32_DEFAULT=ieee
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+
+run_stage() {
+  local name=$1 cap=$2
+  echo "=== $name (cap ${cap}s) $(date +%T)"
+  local t0=$SECONDS
+  case $name in
+    tests) timeout "$cap" python3 -m pytest -m gpu -q -x -p no:cacheprovider \
+             tests/kernels/test_moe.py tests/engine/test_cuda_graphs.py \
+             tests/model/test_model_triton.py 2>&1 | tail -25 ;;
+    moe) timeout "$cap" python3 -m kernels.bench_moe --out "$OUT/moe-h200.json" 2>&1 | tail -30 ;;
+    e2e) timeout "$cap" python3 -m benchmarks.e2e --contexts 16384 65536 --batches 1 16 \
+           --rounds 10 --out "$OUT/e2e-smoke.json" 2>&1 | grep -v "^ \"" | tail -40 ;;
+    e2e-full) timeout "$cap" python3 -m benchmarks.e2e --chunks 4096 8192 16384 \
+                --out "$OUT/e2e-h200.json" 2>&1 | grep -v "^ \"" | tail -60 ;;
+    kernels) timeout "$cap" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/kernels \
+               2>&1 | tail -15 ;;
+    profile) timeout "$cap" python3 -m benchmarks.e2e_profile --out "$OUT" 2>&1 | tail -60 ;;
+    *) echo "unknown stage $name" ;;
+  esac
+  echo "=== $name done in $((SECONDS - t0)) s"
+}
+
+for spec in "$@"; do
+  run_stage "${spec%%:*}" "${spec#*:}"
+done
