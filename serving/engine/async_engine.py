@@ -176,6 +176,7 @@ class AsyncLLMEngine:
                 self._deliver(out)
             self._stats = self.engine.stats()
         # Shutdown: nothing stays allocated, queued or unanswered.
+        self.engine.sampler.shutdown()
         with self._lock:
             cmds, self._commands = self._commands, []
         pending = [c[1] for c in cmds if c[0] in ("add", "import")]
@@ -204,6 +205,9 @@ class AsyncLLMEngine:
         return req
 
     def _deliver(self, out: StepOutput) -> None:
+        if out.error is not None:  # that request failed alone (e.g. its grammar)
+            self._deliver_error(out.request_id, out.error)
+            return
         req = self._lookup(out.request_id, out.finished or out.prefill is not None)
         if req is None:
             return  # the caller went away; its abort is queued

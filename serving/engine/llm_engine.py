@@ -31,7 +31,7 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload, export_rows, import_rows
-from serving.engine.sampler import logprobs_of, sample
+from serving.engine.sampler import Sampler, logprobs_of
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
 
@@ -58,6 +58,7 @@ class LLMEngine:
         # A sequence can never outgrow the pool, so the effective limit is the smaller one.
         self.max_len = min(self.max_model_len, self.kv_capacity_tokens)
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(mcfg.eos_token_id)
+        self.sampler = Sampler(mcfg.vocab_size, model.device, tokenizer, sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
         self._done: list[StepOutput] = []  # finished without a forward (decode of a done request)
         self.last_batch = ScheduledBatch()  # what the latest step ran (benchmarks, metrics)
@@ -176,6 +177,7 @@ class LLMEngine:
         ):
             seq.generator.set_state(payload.rng_state)
         self._append_token(seq, payload.first_token, None)
+        self.sampler.replay(seq.sampling, payload.first_token)  # grammar and penalty state
         seq.num_streamed = 1
         seq.detok.delta(final=False)  # the prefill side already streamed the first token's text
         return seq
@@ -199,7 +201,9 @@ class LLMEngine:
             gen = torch.Generator(self.model.device)
             # Unseeded requests draw a fresh seed without touching torch's global RNG.
             gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        return Sequence(rid, ids, params, Detokenizer(self.tokenizer, params), gen)
+        seq = Sequence(rid, ids, params, Detokenizer(self.tokenizer, params), gen)
+        seq.sampling = self.sampler.init_request(params, ids)
+        return seq
 
     def _enqueue(self, seq: Sequence) -> str:
         self.seqs[seq.request_id] = seq
@@ -258,14 +262,19 @@ class LLMEngine:
         if logits is None:
             return outputs
         seqs = [batch.seqs[i] for i in sampling]
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens, failed = self.sampler.sample(logits, seqs)
         lps: list = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if want:
             got = logprobs_of(logits[want], tokens[want], [seqs[i].params.logprobs for i in want])
             for i, lp in zip(want, got, strict=True):
                 lps[i] = lp
-        for seq, tok, lp in zip(seqs, tokens.tolist(), lps, strict=True):
+        token_list = tokens.tolist()
+        failed.update(self.sampler.advance(seqs, token_list))
+        for i, (seq, tok, lp) in enumerate(zip(seqs, token_list, lps, strict=True)):
+            if i in failed:  # this request's own state failed: it ends, the batch goes on
+                outputs.append(self._fail(seq, failed[i]))
+                continue
             self._append_token(seq, tok, lp)
             self.generation_tokens_total += 1
             if self.role == "prefill":
@@ -294,6 +303,13 @@ class LLMEngine:
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.seqs.pop(seq.request_id, None)
+
+    def _fail(self, seq: Sequence, error: Exception) -> StepOutput:
+        self.scheduler.remove(seq)
+        seq.finish_reason = "abort"
+        seq.status = SequenceStatus.FINISHED
+        self.seqs.pop(seq.request_id, None)
+        return StepOutput(seq.request_id, [], "", "abort", error=error)
 
     def _step_output(self, seq: Sequence) -> StepOutput:
         new = seq.token_ids[seq.num_prompt_tokens + seq.num_streamed :]
