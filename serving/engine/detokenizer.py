@@ -16,6 +16,7 @@ from serving.engine.params import SamplingParams
 class Detokenizer:
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
         self.tok, self.stop = tokenizer, params.stop
+        self.skip_special = params.skip_special_tokens
         self.holdback = params.stop_holdback
         self.ids: list[int] = []
         self.prefix = self.read = 0  # ids[prefix:read] decode to the tail of `text` already
@@ -26,8 +27,8 @@ class Detokenizer:
     def add(self, token_id: int) -> bool:
         """Append one generated token; True when a stop string now appears (text is trimmed)."""
         self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix : self.read])
-        after = self.tok.decode(self.ids[self.prefix :])
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip_special)
+        after = self.tok.decode(self.ids[self.prefix :], self.skip_special)
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return False  # nothing new yet, or an incomplete UTF-8 character
         start = len(self.text)

@@ -32,6 +32,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
     # A serialized llguidance grammar (serving/engine/grammar.py) the output must match.
     grammar: str | None = None
+    skip_special_tokens: bool = True  # False: special tokens (tool-call markers) stay in the text
 
     def __post_init__(self):
         # Lists are accepted for convenience and frozen to tuples so params stay hashable.
