@@ -78,6 +78,12 @@ def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | Com
         err = e.errors()[0]
         loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
         param = ".".join(loc) or None
+        if err["type"] == "extra_forbidden":  # OpenAI's wording for a field it does not define
+            raise BadRequest(
+                f"Unrecognized request argument supplied: {param}",
+                param=param,
+                code="unknown_parameter",
+            ) from e
         raise BadRequest(
             f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value"
         ) from e

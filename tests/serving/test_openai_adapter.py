@@ -63,7 +63,7 @@ def plan_chat(tok, lltok, body: bytes, limits: Limits = LIMITS):
         (chat(seed=2**63), "seed", "invalid_value"),
         (chat(n=129), "n", "invalid_value"),
         (chat(stop=["a", "b", "c", "d", "e"]), "stop", "unsupported_parameter"),
-        (chat(bogus=True), "bogus", "invalid_value"),
+        (chat(bogus=True), "bogus", "unknown_parameter"),
         (chat(audio={"voice": "x", "format": "wav"}), "audio", "unsupported_parameter"),
         (
             chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
