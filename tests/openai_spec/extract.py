@@ -28,9 +28,7 @@ def refs(node, out: set[str]) -> None:
 
 
 def extract(spec: dict) -> dict:
-    paths = {
-        p: {m: spec["paths"][p][m] for m in methods} for p, methods in OPERATIONS.items()
-    }
+    paths = {p: {m: spec["paths"][p][m] for m in methods} for p, methods in OPERATIONS.items()}
     seen: set[str] = set()
     todo: set[str] = set()
     refs(paths, todo)

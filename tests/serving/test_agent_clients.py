@@ -72,12 +72,11 @@ def test_forced_tool_call_round_trip_reaches_the_prompt(app):
     # The answer is held to the tool's result by a schema (the model cannot read); what this
     # shows is that the result went back into the prompt and the answer carries it.
     answer = {"type": "object", "properties": {"temperature_c": {"const": 21}}}
-    answer["required"] = ["temperature_c"]
+    answer |= {"required": ["temperature_c"], "additionalProperties": False}
     r2 = c.chat.completions.create(
         model=app.model,
         messages=messages,
         tools=[WEATHER],
-        tool_choice="none",
         max_tokens=40,
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": answer}},
     )
