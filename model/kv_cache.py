@@ -137,8 +137,13 @@ class KVCache:
         """This pool's memory seen through another plan's layout, no copy: the same attention rows
         and the indexer rows of the other plan's F layers (which must be F layers here too).
         Benchmarks step two plans alternately on one pool this way."""
-        mine = KVLayout(**{**self.layout.to_dict(), "index_layers": layout.index_layers,
-                           "plan_id": layout.plan_id})
+        mine = KVLayout(
+            **{
+                **self.layout.to_dict(),
+                "index_layers": layout.index_layers,
+                "plan_id": layout.plan_id,
+            }
+        )
         if mine != layout:
             raise ValueError(f"layouts differ beyond the plan: {self.layout} vs {layout}")
         missing = set(layout.index_layers) - set(self.layout.index_layers)

@@ -134,6 +134,14 @@ class IngressConfig(_Strict):
     )
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it")
+    max_choices: int = Field(
+        16, ge=1, description="choices per request (n x prompts) a request may ask; 400 above"
+    )
+    tool_call_parser: Literal["auto", "hermes", "glm", "dsml"] = Field(
+        "auto",
+        description="tool-call format of the model: auto picks by model_type (deepseek_v32: "
+        "dsml, glm_moe_dsa: glm, others: hermes)",
+    )
     max_concurrent_requests: int = Field(
         512, ge=1, description="in-flight requests per ingress replica; 429 above"
     )

@@ -136,6 +136,8 @@ class _EngineServer:
             "plan_source": plan.source,
             "plan_ids": self.host.plan_ids,
             "plan_error": self._plan_error,
+            # prompt + output tokens one request can have here (model limit and KV pool)
+            "max_model_len": plan_max_len(self.host),
         }
 
     def check_health(self) -> None:
@@ -153,6 +155,13 @@ class _EngineServer:
     async def __del__(self):
         await self.publisher.stop()
         await self.host.shutdown()
+
+
+def plan_max_len(host: EngineHost) -> int | None:
+    try:
+        return int(host.current.engine.engine.max_len)
+    except Exception:  # still loading
+        return None
 
 
 @serve.deployment

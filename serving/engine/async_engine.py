@@ -183,6 +183,7 @@ class AsyncLLMEngine:
             self._deliver_all(outs)
             self._stats = self.engine.stats()
         # Shutdown: nothing stays allocated, queued or unanswered.
+        self.engine.sampler.shutdown()
         with self._lock:
             cmds, self._commands = self._commands, []
         pending = [c[1] for c in cmds if c[0] in ("add", "import")]

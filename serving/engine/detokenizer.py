@@ -19,6 +19,7 @@ from serving.engine.params import SamplingParams
 class Detokenizer:
     def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
         self.tok, self.stop = tokenizer, params.stop
+        self.skip_special = params.skip_special_tokens
         self.holdback = params.stop_holdback
         self.ids: list[int] = []
         self.prefix = self.read = 0  # ids[prefix:read] decode to the tail of `text` already
@@ -72,11 +73,16 @@ def add_tokens(detoks: list[Detokenizer], tokens: list[int]) -> list[bool]:
     """One generated token for each detokenizer, decoded in one batch; -> stop string found."""
     if not detoks:
         return []
-    spans = [span for d, t in zip(detoks, tokens, strict=True) for span in d._push(t)]
-    try:
-        texts = detoks[0].tok.decode_batch(spans)
-    except BaseException:
-        for d in detoks:  # undo the pushes, so a retry one by one starts from the same state
-            d.ids.pop()
-        raise
-    return [d._settle(texts[2 * i], texts[2 * i + 1]) for i, d in enumerate(detoks)]
+    out: list[bool] = [False] * len(detoks)
+    for skip in {d.skip_special for d in detoks}:  # one decode call per special-token setting
+        idx = [i for i, d in enumerate(detoks) if d.skip_special == skip]
+        spans = [span for i in idx for span in detoks[i]._push(tokens[i])]
+        try:
+            texts = detoks[idx[0]].tok.decode_batch(spans, skip)
+        except BaseException:
+            for i in idx:  # undo the pushes, so a retry one by one starts from the same state
+                detoks[i].ids.pop()
+            raise
+        for j, i in enumerate(idx):
+            out[i] = detoks[i]._settle(texts[2 * j], texts[2 * j + 1])
+    return out

@@ -33,7 +33,7 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload, export_rows, import_rows
-from serving.engine.sampler import logprobs_of, sample
+from serving.engine.sampler import Sampler, logprobs_of
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
 
@@ -87,6 +87,7 @@ class LLMEngine:
         self.max_len = min(self.max_model_len, self.kv_capacity_tokens)
         self.runner.bind(self.cache, self.max_len)  # captures the decode CUDA graphs
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(mcfg.eos_token_id)
+        self.sampler = Sampler(mcfg.vocab_size, model.device, tokenizer, sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
         self._done: list[StepOutput] = []  # finished without a forward (decode of a done request)
         self.last_batch = ScheduledBatch()  # what the latest step ran (benchmarks, metrics)
@@ -187,6 +188,7 @@ class LLMEngine:
         ):
             seq.generator.set_state(payload.rng_state)
         self._append_token(seq, payload.first_token, None)
+        self.sampler.replay(seq.sampling, payload.first_token)  # grammar and penalty state
         seq.num_streamed = 1
         seq.detok.delta(final=False)  # the prefill side already streamed the first token's text
         return seq
@@ -210,7 +212,9 @@ class LLMEngine:
             gen = torch.Generator(self.model.device)
             # Unseeded requests draw a fresh seed without touching torch's global RNG.
             gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        return Sequence(rid, ids, params, Detokenizer(self.tokenizer, params), gen)
+        seq = Sequence(rid, ids, params, Detokenizer(self.tokenizer, params), gen)
+        seq.sampling = self.sampler.init_request(params, ids)
+        return seq
 
     def _enqueue(self, seq: Sequence) -> str:
         self.seqs[seq.request_id] = seq
@@ -278,6 +282,9 @@ class LLMEngine:
         seqs = [batch.seqs[i] for i in sampling]
         tokens, lps, errors = self._sample(logits, seqs)
         ok = [i for i in range(len(seqs)) if i not in errors]
+        advanced = self.sampler.advance([seqs[i] for i in ok], [tokens[i] for i in ok])
+        errors.update({ok[j]: e for j, e in advanced.items()})
+        ok = [i for i in ok if i not in errors]
         failed = self._append_tokens(
             [seqs[i] for i in ok], [tokens[i] for i in ok], [lps[i] for i in ok]
         )
@@ -303,28 +310,29 @@ class LLMEngine:
         """-> (token per row, logprobs per row, {row: error}). The batched sampler runs first; if
         one request's parameters break it, rows are sampled one by one so only that one fails."""
         try:
-            toks, lps = self._sample_rows(logits, seqs)
-            return toks, lps, {}
+            return self._sample_rows(logits, seqs)
         except Exception:
             log.warning("batched sampling failed; sampling %d rows one by one", len(seqs))
         toks, lps, errors = [0] * len(seqs), [None] * len(seqs), {}
         for i, seq in enumerate(seqs):
             try:
-                (toks[i],), (lps[i],) = self._sample_rows(logits[i : i + 1], [seq])
+                (toks[i],), (lps[i],), failed = self._sample_rows(logits[i : i + 1], [seq])
+                if failed:
+                    errors[i] = failed[0]
             except Exception as e:
                 errors[i] = e
         return toks, lps, errors
 
-    @staticmethod
-    def _sample_rows(logits, seqs: list[Sequence]) -> tuple[list[int], list]:
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    def _sample_rows(self, logits, seqs: list[Sequence]):
+        """-> (tokens, logprobs, {row: error} of requests whose own sampler state failed)."""
+        tokens, failed = self.sampler.sample(logits, seqs)
         lps: list = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if want:
             got = logprobs_of(logits[want], tokens[want], [seqs[i].params.logprobs for i in want])
             for i, lp in zip(want, got, strict=True):
                 lps[i] = lp
-        return tokens.tolist(), lps
+        return tokens.tolist(), lps, failed
 
     def _append_tokens(
         self, seqs: list[Sequence], toks: list[int], lps: list
@@ -373,8 +381,9 @@ class LLMEngine:
         if not seq.is_finished:
             self.scheduler.remove(seq)
             seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
         self.seqs.pop(seq.request_id, None)
-        return StepOutput(seq.request_id, [], "", None, error=err)
+        return StepOutput(seq.request_id, [], "", "abort", error=err)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

@@ -52,6 +52,7 @@ class Sequence:
         self.payload: KVPayload | None = None  # decode role: imported on admission, then dropped
         self.num_streamed = 0  # generated tokens already reported (stream deltas)
         self.num_logprobs_streamed = 0
+        self.sampling = None  # the sampler's per-request state (penalties, grammar), if any
 
     @property
     def prompt_token_ids(self) -> list[int]:
