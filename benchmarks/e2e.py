@@ -156,6 +156,7 @@ def engine_for(
     eager: bool,
     max_len: int,
     cache=None,
+    compile: bool = True,
 ):
     from serving.engine import EngineConfig, LLMEngine
 
@@ -169,6 +170,7 @@ def engine_for(
         max_model_len=max_len,
         enforce_eager=eager,
         cuda_graph_max_batch=max(batch, 1),
+        torch_compile=compile,
     )
     return LLMEngine(model, tokenizer(), cfg, cache=cache)
 
@@ -199,6 +201,7 @@ def prefill_rows(models: dict, args, device) -> list[dict]:
             batch=1,
             eager=True,
             max_len=top + 64,
+            compile=not args.no_compile,
         )
         eng.generate([prompts[min(args.contexts)]], sp)  # warm-up: compiles every kernel
         for L in args.contexts:
@@ -241,7 +244,14 @@ def chunk_rows(model, args, device) -> list[dict]:
     prompt = torch.randint(5, model.config.vocab_size, (L,), generator=torch.Generator()).tolist()
     for chunk in args.chunks:
         eng = engine_for(
-            model, device, kv_tokens=L + 128, chunk=chunk, batch=1, eager=True, max_len=L + 64
+            model,
+            device,
+            kv_tokens=L + 128,
+            chunk=chunk,
+            batch=1,
+            eager=True,
+            max_len=L + 64,
+            compile=not args.no_compile,
         )
         eng.generate([prompt[: 2 * chunk]], sp)
         sync(device)
@@ -356,6 +366,7 @@ def decode_rows(models: dict, args, device, weights_bytes: int) -> list[dict]:
         batch=top_batch,
         eager=args.eager,
         max_len=max_len,
+        compile=not args.no_compile,
     )
     fill_random(first.cache)
     engines = {names[0]: first}
@@ -370,6 +381,7 @@ def decode_rows(models: dict, args, device, weights_bytes: int) -> list[dict]:
             eager=args.eager,
             max_len=max_len,
             cache=first.cache.shared_as(m.kv_layout()),
+            compile=not args.no_compile,
         )
     sp = SamplingParams(temperature=0, max_tokens=per_round + 1, ignore_eos=True)
     rows = []
@@ -474,6 +486,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--busy-steps", type=int, default=5)
     p.add_argument("--reserve-gb", type=float, default=8.0, help="GPU memory kept out of the pool")
     p.add_argument("--eager", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile of the glue")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--out", type=Path)
@@ -525,6 +538,9 @@ def main(argv=None) -> dict:
         chunk_sweep=chunk_rows(models["searched-1/4"], args, device) if args.chunks else [],
         decode=[] if args.skip_decode else decode_rows(models, args, device, weights),
     )
+    from model.layers import glue
+
+    report["glue"] = glue.status()  # which glue functions ran compiled (or why not)
     report["summary"] = summarize(report)
     out = args.out or RESULTS / f"e2e-{report['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

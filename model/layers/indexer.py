@@ -6,7 +6,6 @@ Only F layers build this module; S layers reuse `ctx.topk` from the nearest prec
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.fp8 import act_quant, hadamard
@@ -14,7 +13,7 @@ from kernels.indexer import indexer_topk_decode, indexer_topk_prefill
 from kernels.kv_store import store_rows
 from model.config import ModelConfig
 from model.context import ForwardContext
-from model.layers.rotary import apply_rotary
+from model.layers.glue import indexer_project
 
 
 class LightningIndexer(nn.Module):
@@ -33,23 +32,23 @@ class LightningIndexer(nn.Module):
 
     def project(self, x: torch.Tensor, q_in: torch.Tensor, ctx: ForwardContext):
         """-> q [T, HI, DI], k [T, DI] (both rotated), w [T, HI] fp32 with HI^-.5 DI^-.5 folded."""
-        t = x.shape[0]
         cos, sin = ctx.rope[self.rope_dim]
-        q = self.wq_b(q_in).view(t, self.n_heads, self.head_dim)
-        k = F.layer_norm(
-            self.wk(x).float(),
-            (self.head_dim,),
-            self.k_norm.weight.float(),
-            self.k_norm.bias.float(),
+        return indexer_project(
+            x,
+            q_in,
+            self.wq_b.weight,
+            self.wk.weight,
+            self.k_norm.weight,
+            self.k_norm.bias,
             self.k_norm.eps,
-        ).to(x.dtype)
-        # The rotated dims come first in the indexer head (MLA puts them last).
-        r = self.rope_dim
-        q = torch.cat([apply_rotary(q[..., :r], cos, sin, self.interleave), q[..., r:]], -1)
-        k = torch.cat([apply_rotary(k[:, :r], cos, sin, self.interleave), k[:, r:]], -1)
-        w = F.linear(x.float(), self.weights_proj.weight.float())
-        w = w * (self.n_heads**-0.5 * self.head_dim**-0.5)
-        return q, k, w
+            self.weights_proj.weight,
+            cos,
+            sin,
+            self.n_heads,
+            self.head_dim,
+            self.rope_dim,
+            self.interleave,
+        )
 
     def forward(self, x: torch.Tensor, q_in: torch.Tensor, ctx: ForwardContext) -> None:
         q, k, w = self.project(x, q_in, ctx)

@@ -4,11 +4,11 @@ routed scaling, shared experts)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels.moe import fused_moe
 from model.config import ModelConfig
+from model.layers.glue import route, swiglu
 
 
 class MLP(nn.Module):
@@ -19,7 +19,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 class Router(nn.Module):
@@ -44,21 +44,16 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> (weights [T, top_k] fp32, expert ids [T, top_k])."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        biased = scores + self.e_score_correction_bias
-        t, e = biased.shape
-        groups = biased.view(t, self.n_group, e // self.n_group)
-        group_scores = groups.topk(min(2, e // self.n_group), dim=-1).values.sum(-1)
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-        biased = biased.masked_fill(
-            ~keep.repeat_interleave(e // self.n_group, dim=1), float("-inf")
+        return route(
+            x,
+            self.weight,
+            self.e_score_correction_bias,
+            self.n_group,
+            self.topk_group,
+            self.top_k,
+            self.norm,
+            self.scaling,
         )
-        ids = biased.topk(self.top_k, dim=-1).indices
-        w = scores.gather(1, ids)
-        if self.norm:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return w * self.scaling, ids
 
 
 class Experts(nn.Module):

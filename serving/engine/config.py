@@ -54,6 +54,9 @@ class EngineConfig:
         "and KV pool together), as in vLLM",
     )
     enforce_eager: bool = _f(False, "never use CUDA graphs for decode (debugging, profiling)")
+    torch_compile: bool = _f(
+        True, "fuse the PyTorch glue between kernels with torch.compile (CUDA only)"
+    )
     cuda_graph_max_batch: int = _f(
         256, "largest decode batch captured as a CUDA graph; bigger batches run eagerly"
     )
@@ -77,7 +80,7 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
-        for name in ("index_fp8", "enforce_eager"):
+        for name in ("index_fp8", "enforce_eager", "torch_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         u = self.gpu_memory_utilization

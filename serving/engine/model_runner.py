@@ -20,6 +20,7 @@ from kernels.indexer.plan import PrefillTiles, plan_prefill, prefill_config
 from model.context import ForwardContext
 from model.dsa import DSAForCausalLM
 from model.kv_cache import KVCache
+from model.layers import glue
 from serving.engine.config import EngineConfig
 from serving.engine.cuda_graph import DecodeGraphs, pad_rows
 from serving.engine.memory import Profile
@@ -44,8 +45,14 @@ class ModelRunner:
             dt = torch.float8_e4m3fn if config.index_fp8 else model.dtype
             self._tile_cfg = prefill_config(dt, interpret=self.device.type != "cuda")
 
+    def _glue(self) -> None:
+        """This engine's compile choice for the model's glue (a process-wide switch, so it is
+        set before each forward: engines with different choices may share a process)."""
+        glue.set_compile(self.config.torch_compile and self.device.type == "cuda")
+
     def bind(self, cache: KVCache, max_len: int) -> None:
         """Attach the KV pool; on CUDA (unless enforce_eager) capture the decode graphs."""
+        self._glue()
         self.cache = cache
         max_pages = math.ceil(max_len / self.page_size)
         self.tables = BlockTables(self.config.max_num_seqs, max_pages, self.device)
@@ -63,6 +70,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
         """Forward the batch (writing its KV); -> (logits [S, V] of the sampling rows, their
         indices into batch.seqs). Logits are None when no sequence samples this step."""
+        self._glue()
         seqs, num_new = batch.seqs, batch.num_new
         rows, upd_idx, upd_pages = self.tables.rows_and_updates(seqs)
         decode = all(n == 1 for n in num_new)
@@ -142,6 +150,7 @@ class ModelRunner:
     def profile(self, max_model_len: int) -> Profile:
         """Peak memory of the largest eager step (one full chunk) and of the largest graph batch,
         each above the steady state, measured on a scratch cache before the KV pool exists."""
+        self._glue()
         dev = self.device
         chunk = min(self.config.chunk, max_model_len)
         layout = self.model.kv_layout(self.config.index_fp8)
