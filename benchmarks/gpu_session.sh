@@ -18,13 +18,16 @@ run_stage() {
              tests/kernels/test_moe.py tests/engine/test_cuda_graphs.py \
              tests/model/test_model_triton.py 2>&1 | tail -25 ;;
     moe) timeout "$cap" python3 -m kernels.bench_moe --out "$OUT/moe-h200.json" 2>&1 | tail -30 ;;
+    moe-sweep) timeout "$cap" python3 -m kernels.bench_moe --sweep --out "$OUT/moe-sweep.json" \
+                 2>&1 | grep "^|" | tail -12 ;;
     e2e) timeout "$cap" python3 -m benchmarks.e2e --contexts 16384 65536 --batches 1 16 \
-           --rounds 10 --out "$OUT/e2e-smoke.json" 2>&1 | grep -v "^ \"" | tail -40 ;;
+           --rounds 8 --out "$OUT/e2e-smoke.json" 2>&1 | grep -v "^ \"" | tail -40 ;;
     e2e-full) timeout "$cap" python3 -m benchmarks.e2e --chunks 4096 8192 16384 \
                 --out "$OUT/e2e-h200.json" 2>&1 | grep -v "^ \"" | tail -60 ;;
     kernels) timeout "$cap" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/kernels \
                2>&1 | tail -15 ;;
-    profile) timeout "$cap" python3 -m benchmarks.e2e_profile --out "$OUT" 2>&1 | tail -60 ;;
+    profile) timeout "$cap" python3 -m benchmarks.e2e_profile --out "$OUT" --top 18 2>&1 \
+               | tail -90 ;;
     *) echo "unknown stage $name" ;;
   esac
   echo "=== $name done in $((SECONDS - t0)) s"
