@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,11 @@ class EngineConfig:
     kv_memory_bytes: int | None = None  # KV byte budget; None = derived from free memory
     index_fp8: bool = False  # indexer keys in e4m3 + fp32 scale (132 B/token/F layer at DI=128)
     gpu_memory_utilization: float = 0.9  # share of free GPU memory the default budget may take
+    enable_prefix_caching: bool = True  # reuse cached full pages of earlier requests' prefixes
+    # Share of the pool admission keeps free while requests run (at least one page when > 0), so
+    # decoding requests can grow without preempting the request just admitted.
+    kv_watermark: float = 0.01
+    max_queue_bypass: int = 8  # requests admitted ahead of a queue head that does not fit yet
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -39,10 +45,25 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}"
+            )
+        if not isinstance(self.kv_watermark, int | float) or not 0 <= self.kv_watermark < 1:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {self.kv_watermark!r}")
+        if not isinstance(self.max_queue_bypass, int) or self.max_queue_bypass < 0:
+            raise ValueError(
+                f"max_queue_bypass must be an integer >= 0, got {self.max_queue_bypass!r}"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
+
+
+def watermark_pages(cfg: EngineConfig, num_blocks: int) -> int:
+    """Pages admission leaves free while requests run."""
+    return math.ceil(cfg.kv_watermark * num_blocks) if cfg.kv_watermark > 0 else 0
 
 
 def resolve_num_blocks(

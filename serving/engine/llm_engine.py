@@ -7,7 +7,10 @@
 
 Roles share everything: `unified` runs whole requests; `prefill` ends a request after its first
 token and returns a KV payload of the prompt; `decode` imports payloads into fresh pages and
-continues. Bad requests raise ValueError naming the field before anything is allocated, so the
+continues (and prefills a prompt itself when the ingress sends one straight to it). With prefix
+caching (the default) each role reuses the cached full pages of earlier requests' prefixes, and
+a decode engine registers the pages it imports, so the next turn of a conversation can hit there.
+Bad requests raise ValueError naming the field before anything is allocated, so the
 engine keeps serving the others.
 """
 
@@ -25,12 +28,13 @@ from model.index_cache import IndexCacheConfig
 from model.kv_cache import KVCache
 from model.tokenizer import Tokenizer
 from serving.engine.block_manager import BlockManager
-from serving.engine.config import EngineConfig, resolve_num_blocks
+from serving.engine.config import EngineConfig, resolve_num_blocks, watermark_pages
 from serving.engine.detokenizer import Detokenizer
 from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload, export_rows, import_rows
+from serving.engine.prefix_cache import model_fingerprint, root_hash
 from serving.engine.sampler import logprobs_of, sample
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
@@ -50,9 +54,18 @@ class LLMEngine:
         self.layout = model.kv_layout(config.index_fp8)
         num_blocks = resolve_num_blocks(config, mcfg, self.layout, self.max_model_len, model.device)
         self.cache = KVCache(self.layout, num_blocks, model.device)
-        self.block_manager = BlockManager(num_blocks, self.layout.page_size)
+        # Prefix-cache hashes start from the model's identity and the layout (plan id included).
+        root = root_hash(model_fingerprint(model, mcfg), self.layout)
+        self.block_manager = BlockManager(
+            num_blocks, self.layout.page_size, root if config.enable_prefix_caching else None
+        )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._import
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self._import,
+            watermark=watermark_pages(config, num_blocks),
+            max_bypass=config.max_queue_bypass,
         )
         self.runner = ModelRunner(model, self.cache)
         # A sequence can never outgrow the pool, so the effective limit is the smaller one.
@@ -82,6 +95,9 @@ class LLMEngine:
         max_model_len: int | None = None,
         index_fp8: bool = False,
         gpu_memory_utilization: float = 0.9,
+        enable_prefix_caching: bool = True,
+        kv_watermark: float = 0.01,
+        max_queue_bypass: int = 8,
     ) -> LLMEngine:
         """`index_cache` takes load_model's forms (IndexCacheConfig, "FSSF..." or None for the
         checkpoint's plan); the rest are EngineConfig fields."""
@@ -96,6 +112,9 @@ class LLMEngine:
             kv_memory_bytes=kv_memory_bytes,
             index_fp8=index_fp8,
             gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            kv_watermark=kv_watermark,
+            max_queue_bypass=max_queue_bypass,
         )
         model = load_model(path, index_cache, dtype=dtype, device=device)
         return cls(model.eval(), Tokenizer.from_pretrained(path), config)
@@ -143,10 +162,8 @@ class LLMEngine:
     def add_request(
         self, request_id: str | None, prompt: str | list[int], params: SamplingParams
     ) -> str:
-        if self.role == "decode":
-            raise ValueError(
-                "role: a decode engine takes prefilled payloads (import_payload), not prompts"
-            )
+        """Unified and prefill roles; a decode engine takes a prompt too and prefills it itself
+        (selective disaggregation: short uncached parts skip the prefill pool)."""
         return self._enqueue(self._new_seq(request_id, self.tokenize(prompt), params))
 
     def import_payload(
@@ -217,6 +234,10 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
         return True
 
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Prompt tokens a request would find in the prefix cache now (safe from any thread)."""
+        return self.block_manager.probe(token_ids)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._done)
 
@@ -230,6 +251,11 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used,
             kv_usage=bm.num_used / bm.num_blocks,
+            kv_blocks_cached_free=bm.num_cached_free,
+            prefix_cache_pages=bm.num_cached,
+            prefix_cache_queries_total=self.scheduler.prefix.queries,
+            prefix_cache_hits_total=self.scheduler.prefix.hits,
+            prefix_cache_evictions_total=bm.index.num_evictions,
             kv_capacity_tokens=self.kv_capacity_tokens,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
@@ -333,7 +359,7 @@ class LLMEngine:
         return out
 
     def _import(self, seq: Sequence) -> None:
-        import_rows(self.cache, seq.pages, seq.payload)
+        import_rows(self.cache, seq.pages, seq.payload, start=seq.num_cached)
         seq.num_cached = seq.payload.num_tokens
         seq.payload = None  # the CPU copy is no longer needed
 
