@@ -16,6 +16,10 @@ preempted on the next step, its prefill thrown away.
 The queue is FIFO, but a head that does not fit (a long prompt) does not block the requests
 behind it forever: those that fit may go first, at most `max_bypass` of them, and then admission
 waits for the head (pages free up as running requests finish), so the head cannot starve either.
+Nor does a long prompt being prefilled hold the queue for all its chunks: while requests wait,
+running prefill chunks take at most half the step budget (the rest admits them), and whatever
+admission leaves unused is handed back to those chunks, so a prompt alone runs at full speed and
+a crowded one still gets half of every step.
 
 When a running sequence needs a page and none is free, the running sequence with the least
 progress (fewest computed tokens: the least work lost; the newest on ties) among those not yet
@@ -102,11 +106,24 @@ class Scheduler:
         for seq in self.running:  # pages the last step filled can serve other requests now
             self.bm.commit(seq)
         batch, budget = ScheduledBatch(), self.budget
+        # While requests wait, running prefills share half the step, so a long prompt's chunks
+        # leave room to admit the next request; what admission leaves unused goes back to them.
+        prefill_left = self.budget // 2 if self.waiting else self.budget
+        capped: list[tuple[int, Sequence]] = []  # (batch row, sequence) cut short this step
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_pending, budget)
+            if n > 1:  # a prompt chunk (or a recompute), not a decode row
+                if prefill_left <= 0:
+                    capped.append((-1, seq))
+                    i += 1
+                    continue
+                if n > prefill_left:
+                    n = prefill_left
+                    capped.append((len(batch.seqs), seq))
+                prefill_left -= n
             while not self.bm.can_allocate(seq, seq.num_cached + n):
                 victim = min(self.running[i:], key=lambda s: (s.num_cached, -s.arrival))
                 self._preempt(victim)
@@ -120,10 +137,24 @@ class Scheduler:
                 i += 1
         if preempted:
             return batch  # pages are short: admit nothing new this step
-        self._admit(batch, budget)
+        budget = self._admit(batch, budget)
+        for row, seq in capped:  # the budget admission did not use
+            if budget <= 0:
+                break
+            have = batch.num_new[row] if row >= 0 else 0
+            extra = min(seq.num_pending - have, budget)
+            if extra <= 0 or not self.bm.can_allocate(seq, seq.num_cached + have + extra):
+                continue
+            self.bm.allocate(seq, seq.num_cached + have + extra)
+            if row >= 0:
+                batch.num_new[row] += extra
+            else:
+                batch.add(seq, extra)
+            budget -= extra
         return batch
 
-    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit(self, batch: ScheduledBatch, budget: int) -> int:
+        """Admit waiting sequences into `batch`; -> the budget left."""
         k = 0  # queue position tried next; > 0 while the head is being bypassed
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             head = self.waiting[0]
@@ -143,6 +174,7 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
+        return budget
 
     def _try_admit(self, seq: Sequence, budget: int) -> int | None:
         """Pages for a waiting sequence (its cached prefix first); -> tokens it computes this

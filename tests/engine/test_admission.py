@@ -113,3 +113,23 @@ def test_long_head_is_bypassed_boundedly(max_bypass):
     order = ["x", "l", "s1", "s2", "s3", "s4"] if max_bypass == 0 else ["x", "s1", "s2", "l"]
     assert d.admitted[: len(order)] == order
     assert bm.num_free == 4 and sched.num_preemptions == 0
+
+
+def test_long_prefill_shares_the_step_with_waiting_requests():
+    """The old failure: a 640-token prompt in chunks of 64 took every step's whole budget for 10
+    steps, and a 10-token request behind it got its first token only after all of them. Now
+    the long prefill takes half the budget while others wait, plus what admission leaves."""
+    bm = BlockManager(16, PS)
+    sched = Scheduler(bm, 8, 64, importer=None)
+    d = Driver(sched)
+    long, short = seq("l", 640, 2), seq("s", 10, 2)
+    sched.add(long)
+    assert d.step() == [("l", 64)]  # alone: the full budget
+    sched.add(short)
+    assert d.step() == [("l", 54), ("s", 10)]  # 32 while s waits, + the 22 s left unused
+    assert short.completion_token_ids  # s sampled its first token in the step after it came
+    while long.num_cached < 640:
+        d.step()
+    assert d.steps <= 11  # the long prompt lost only what s used
+    d.run()
+    assert bm.num_free == 16
