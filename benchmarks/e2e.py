@@ -171,6 +171,7 @@ def engine_for(
         enforce_eager=eager,
         cuda_graph_max_batch=max(batch, 1),
         torch_compile=compile,
+        enable_prefix_caching=False,  # every prompt is computed: this measures the compute
     )
     return LLMEngine(model, tokenizer(), cfg, cache=cache)
 

@@ -165,6 +165,10 @@ def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.context + args.gen + 1,
         index_fp8=args.index_fp8,
+        # Capacity is the point: no shared pages (decode mode reuses one payload's prompt) and no
+        # admission headroom, so the pool fills with distinct requests.
+        enable_prefix_caching=False,
+        kv_watermark=0,
     )
     engine = LLMEngine(model, Tokenizer(byte_tokenizer(), None, ()), cfg)
     sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True)

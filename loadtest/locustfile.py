@@ -34,7 +34,7 @@ from locust.runners import WorkerRunner
 
 from loadtest import server
 from loadtest.plan import SCENARIOS, build_plan
-from loadtest.workloads import WORKLOADS, make_request
+from loadtest.workloads import WORKLOADS, Conversation, make_request
 
 log = logging.getLogger("loadtest")
 DEFAULT_STOP_TIMEOUT_S = 600  # users finish their request when the run ends: none is cut off
@@ -74,6 +74,7 @@ def _args(parser) -> None:
         default=None,
         help="largest document prompt in tokens (documents draw from [N/2, N])",
     )
+    g.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
     g.add_argument(
         "--oversubscribe",
         type=float,
@@ -129,6 +130,7 @@ def _init(environment, **_kw) -> None:
             oversubscribe=opts.oversubscribe,
             ignore_eos=not opts.no_ignore_eos,
             logprobs=not opts.no_logprobs,
+            turns=opts.turns,
         )
     except (server.ServerError, ValueError) as e:
         raise SystemExit(f"loadtest: {e}") from e
@@ -241,17 +243,20 @@ class OpenAIStreamingUser(HttpUser):
         self.rng = random.Random(seed * 1_000_003 + next(STATE.user_ids))
         key = self.environment.parsed_options.api_key
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        spec = STATE.plan.workload if STATE.plan is not None else None
+        self.chat = Conversation(spec, self.rng) if spec and spec.kind == "multiturn" else None
 
     @task
     def stream(self) -> None:
-        req = make_request(STATE.plan.workload, self.rng)
+        spec = STATE.plan.workload
+        req = self.chat.request() if self.chat is not None else make_request(spec, self.rng)
         STATE.sent += 1
         rec = {"workload": req.workload, "start": time.time()}
         t0 = time.perf_counter()
         try:
-            stamps, usage, error = self._stream(req, t0)
+            stamps, usage, error, text = self._stream(req, t0)
         except Exception as e:  # any client-side failure is the request's failure
-            stamps, usage, error = [], None, f"{type(e).__name__}: {e}"
+            stamps, usage, error, text = [], None, f"{type(e).__name__}: {e}", ""
         end = time.perf_counter()
         rec["e2e_s"] = end - t0
         if error is None:
@@ -260,11 +265,15 @@ class OpenAIStreamingUser(HttpUser):
         else:
             STATE.failed += 1
             rec["error"] = error
+        if self.chat is not None and error is None:
+            self.chat.reply(text)  # the reply joins the history
+        elif self.chat is not None:
+            self.chat.reset()  # a failed turn starts a new conversation
         STATE.log_file.write(json.dumps(rec) + "\n")
 
     def _stream(self, req, t0: float):
         stamps: list[tuple[float, int]] = []  # (time, tokens in the event)
-        usage, done, error = None, False, None
+        usage, done, error, text = None, False, None, []
         with self.client.post(
             "/v1" + req.path,
             json=req.body,
@@ -276,7 +285,7 @@ class OpenAIStreamingUser(HttpUser):
             if resp.status_code != 200:
                 error = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 resp.failure(error)
-                return stamps, usage, error
+                return stamps, usage, error, ""
             for line in resp.iter_lines(decode_unicode=True):
                 if not line or not line.startswith("data: "):
                     continue
@@ -290,6 +299,7 @@ class OpenAIStreamingUser(HttpUser):
                     break
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                text.append(_text_in(chunk))
                 n = _tokens_in(chunk)
                 if n:
                     stamps.append((time.perf_counter(), n))
@@ -301,7 +311,7 @@ class OpenAIStreamingUser(HttpUser):
                 resp.success()
             else:
                 resp.failure(error)
-        return stamps, usage, error
+        return stamps, usage, error, "".join(text)
 
     def _report(self, workload: str, t0: float, end: float, stamps, usage, rec: dict) -> None:
         fire = self.environment.events.request.fire
@@ -338,6 +348,17 @@ class OpenAIStreamingUser(HttpUser):
             output_tokens=out_tokens,
             itl_ms=[round(g * 1000, 3) for g in gaps],
         )
+
+
+def _text_in(chunk: dict) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    c = choices[0]
+    text = c.get("text")
+    if text is None:
+        text = (c.get("delta") or {}).get("content")
+    return text or ""
 
 
 def _tokens_in(chunk: dict) -> int:

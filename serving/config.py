@@ -186,6 +186,59 @@ class KVTransferConfig(_Strict):
         return v
 
 
+class RoutingConfig(_Strict):
+    """Which engine replica takes a request, and (disaggregated) whether it needs a prefill
+    replica at all."""
+
+    prefix_affinity: bool = Field(
+        True,
+        description="route engine calls with Ray Serve's PrefixCacheAffinityRouter over token "
+        "prefixes (serving/routing.py), so requests sharing a prefix reach the replica caching it",
+    )
+    imbalanced_threshold: float | None = Field(
+        None,
+        ge=0,
+        description="queue-length gap between replicas above which routing ignores prefixes "
+        "and balances load; None = never",
+    )
+    match_rate_threshold: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="shortest matched share of a prompt that routes by prefix; below it the "
+        "replica with the fewest cached tokens takes the request",
+    )
+    prefix_tree_max_tokens: int = Field(
+        1_000_000, ge=1, description="router-side prefix tree size at which old prefixes go"
+    )
+    max_local_prefill_tokens: int = Field(
+        0,
+        ge=0,
+        description="disaggregated: a request whose uncached prompt part is at most this many "
+        "tokens is prefilled on the decode replica itself, longer ones on a prefill replica "
+        "(NVIDIA Dynamo's rule); 0 = always a prefill replica",
+    )
+
+    def router_config(self) -> dict[str, Any] | None:
+        """Serve's `request_router_config` of the engine deployments (None: Serve's default)."""
+        if not self.prefix_affinity:
+            return None
+        from serving.routing import ROUTER_PATH
+
+        return {
+            "request_router_class": ROUTER_PATH,
+            "request_router_kwargs": {
+                "imbalanced_threshold": self.imbalanced_threshold
+                if self.imbalanced_threshold is not None
+                else float("inf"),
+                "match_rate_threshold": self.match_rate_threshold,
+                "do_eviction": True,
+                "eviction_threshold_chars": self.prefix_tree_max_tokens,
+                "eviction_target_chars": int(self.prefix_tree_max_tokens * 0.9),
+            },
+        }
+
+
 class PlanConfig(_Strict):
     version: int | Literal["latest", "checkpoint"] = Field(
         "latest",
@@ -223,6 +276,7 @@ class ServingConfig(_Strict):
     decode: ReplicaGroupConfig = Field(default_factory=ReplicaGroupConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     plans: PlanConfig = Field(default_factory=PlanConfig)
     metrics_interval_s: float = Field(
         1.0, gt=0, description="how often replicas publish metric snapshots to the app's /metrics"

@@ -25,7 +25,13 @@ from ray import serve
 from serving import metrics
 from serving.engine_host import EngineHost, PlanInfo
 from serving.metrics_hub import MetricsPublisher
-from serving.protocol import DecodeRequest, GenerateRequest, KVReceived, PrefillResponse
+from serving.protocol import (
+    DecodeRequest,
+    GenerateRequest,
+    KVReceived,
+    PrefillResponse,
+    PrefillRoute,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class EngineSpec:
     tensor_transport: str = "nixl"
     kv_timeout_s: float = 30.0
     metrics_interval_s: float = 1.0
+    max_local_prefill_tokens: int = 0  # decode: prefill locally when this few tokens are uncached
 
 
 class _EngineServer:
@@ -228,6 +235,23 @@ class DecodeServer(_EngineServer):
         from serving.kv_transfer import make_transport
 
         self.transport = make_transport(spec.kv_backend, spec.tensor_transport)
+        for local in (True, False):  # exported from the start, at 0
+            self.recorder.count_prefill_route(local, 0)
+
+    async def generate_or_defer(self, req: GenerateRequest):
+        """Selective disaggregation (NVIDIA Dynamo's rule): prefill here when the part of the
+        prompt this replica's prefix cache lacks is at most `max_local_prefill_tokens`
+        (typically a conversation's next turn, routed here by prefix); otherwise yield only
+        the route and end, and the ingress goes through a prefill replica."""
+        ids = list(req.prompt_token_ids)
+        async with self.host.acquire() as engine:
+            cached = await engine.cached_prefix_tokens(ids)
+            local = len(ids) - cached <= self.spec.max_local_prefill_tokens
+            self.recorder.count_prefill_route(local)
+            yield PrefillRoute(local, cached, len(ids))
+            if local:
+                async for delta in engine.generate(req.request_id, ids, req.params):
+                    yield delta
 
     async def decode(self, req: DecodeRequest):
         start = time.monotonic()

@@ -51,7 +51,7 @@ from serving.openai_schema import (
     ModelList,
     Usage,
 )
-from serving.orchestrator import run_disaggregated, run_unified
+from serving.orchestrator import run_disaggregated, run_selective, run_unified
 from serving.protocol import GenerateRequest, PrefillResponse
 from serving.streaming import RequestTimer, collect, merge, sse, sse_events
 
@@ -144,6 +144,9 @@ class OpenAIIngress:
     def decode(self, req):
         return _cancel_on_exit(self._decode.options(stream=True).decode.remote(req))
 
+    def generate_or_defer(self, req: GenerateRequest):
+        return _cancel_on_exit(self._decode.options(stream=True).generate_or_defer.remote(req))
+
     def _tool_setup(self, parser: str) -> None:
         from serving.engine.grammar import ll_tokenizer
         from serving.tool_calls import tool_format
@@ -222,7 +225,8 @@ class OpenAIIngress:
             return TokenDelta([resp.first_token], resp.text, resp.finish_reason, resp.logprobs)
 
         # KV transfer time and bytes are recorded where they happen, on the decode replica.
-        return run_disaggregated(
+        run = run_selective if self.config.routing.max_local_prefill_tokens else run_disaggregated
+        return run(
             req, self, self, kv_timeout_s=self.config.kv_transfer.timeout_s, make_delta=first
         )
 

@@ -2,7 +2,10 @@
 
 Disaggregated: prefill (first token + KV handle) -> the first token is streamed at once (TTFT
 ends here) -> decode takes the payload (acknowledged with `KVReceived`, under a timeout) ->
-decode streams the rest. Unified: one engine streams everything.
+decode streams the rest. Unified: one engine streams everything. Selective (disaggregated with a
+local-prefill threshold): the decode replica the router picks first looks the prompt up in its
+prefix cache and, when the uncached part is short, prefills it itself and streams everything;
+otherwise it answers so at once and the request takes the disaggregated path.
 
 Whatever ends the request early (client disconnect, task cancelled, an error at any step), the
 `finally` blocks close the downstream streams, which cancels the remote calls and makes the
@@ -17,7 +20,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from serving.errors import InternalError, KVTransferError
-from serving.protocol import DecodeRequest, GenerateRequest, KVReceived, PrefillResponse
+from serving.protocol import (
+    DecodeRequest,
+    GenerateRequest,
+    KVReceived,
+    PrefillResponse,
+    PrefillRoute,
+)
 
 
 class EngineClient(Protocol):
@@ -30,6 +39,10 @@ class PrefillClient(Protocol):
 
 class DecodeClient(Protocol):
     def decode(self, req: DecodeRequest) -> AsyncIterator[Any]: ...
+
+
+class LocalDecodeClient(DecodeClient, Protocol):
+    def generate_or_defer(self, req: GenerateRequest) -> AsyncIterator[Any]: ...
 
 
 async def _aclose(stream: Any) -> None:
@@ -65,7 +78,7 @@ async def run_disaggregated(
             return
         if kv is None:
             raise InternalError("prefill returned neither a finish reason nor a KV payload")
-        stream = decode.decode(DecodeRequest(req.request_id, kv, req.params))
+        stream = decode.decode(DecodeRequest(req.request_id, kv, req.params, req.prompt_token_ids))
         try:
             ack = await asyncio.wait_for(anext(stream), kv_timeout_s)
         except TimeoutError as e:
@@ -92,3 +105,31 @@ async def run_disaggregated(
             kv.release()
         if stream is not None:
             await _aclose(stream)
+
+
+async def run_selective(
+    req: GenerateRequest,
+    prefill: PrefillClient,
+    decode: LocalDecodeClient,
+    **disaggregated: Any,
+) -> AsyncIterator[Any]:
+    """Ask a decode replica to prefill locally; fall back to `run_disaggregated` when it
+    defers (keyword arguments are run_disaggregated's)."""
+    stream = decode.generate_or_defer(req)
+    try:
+        try:
+            route = await anext(stream)
+        except StopAsyncIteration as e:
+            raise InternalError("the decode replica ended the stream without a route") from e
+        if not isinstance(route, PrefillRoute):
+            raise InternalError(
+                f"decode stream must start with PrefillRoute, got {type(route).__name__}"
+            )
+        if route.local:
+            async for delta in stream:
+                yield delta
+            return
+    finally:
+        await _aclose(stream)
+    async for delta in run_disaggregated(req, prefill, decode, **disaggregated):
+        yield delta

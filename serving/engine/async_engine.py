@@ -59,8 +59,8 @@ class AsyncLLMEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int] | str, params: SamplingParams
     ) -> AsyncIterator[TokenDelta]:
-        """Unified role: stream a request's tokens."""
-        self._need_role("generate", ("unified",))
+        """Unified role (or decode, prefilling locally): stream a request's tokens."""
+        self._need_role("generate", ("unified", "decode"))
         ids = self.engine.tokenize(prompt_token_ids)
         self.engine.validate(ids, params, request_id)
         req = self._register(request_id, stream=True)
@@ -97,6 +97,11 @@ class AsyncLLMEngine:
         async with aclosing(self._stream(request_id, req)) as deltas:
             async for delta in deltas:
                 yield delta
+
+    async def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
+        """Prompt tokens the prefix cache holds now (an estimate: it may change before the
+        request is admitted). Hashing a long prompt takes milliseconds: off the event loop."""
+        return await asyncio.to_thread(self.engine.cached_prefix_tokens, prompt_token_ids)
 
     def abort(self, request_id: str) -> None:
         """Idempotent; frees the request's pages whatever its phase (from any thread)."""

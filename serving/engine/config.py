@@ -10,6 +10,7 @@ CPU-sized one.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -60,6 +61,17 @@ class EngineConfig:
     cuda_graph_max_batch: int = _f(
         256, "largest decode batch captured as a CUDA graph; bigger batches run eagerly"
     )
+    enable_prefix_caching: bool = _f(
+        True, "reuse cached full pages of earlier requests' prefixes (indexer keys included)"
+    )
+    kv_watermark: float = _f(
+        0.01,
+        "share of the pool admission keeps free while requests run (at least one page when > 0), "
+        "so decoding requests can grow without preempting the request just admitted",
+    )
+    max_queue_bypass: int = _f(
+        8, "requests admitted ahead of a queue head that does not fit yet, before it waits"
+    )
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):  # accepted for convenience, stored by name
@@ -80,12 +92,19 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
-        for name in ("index_fp8", "enforce_eager", "torch_compile"):
+        for name in ("index_fp8", "enforce_eager", "torch_compile", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, int | float) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        w = self.kv_watermark
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < 1:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {w!r}")
+        if not _is_int(self.max_queue_bypass) or self.max_queue_bypass < 0:
+            raise ValueError(
+                f"max_queue_bypass must be an integer >= 0, got {self.max_queue_bypass!r}"
+            )
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -122,3 +141,8 @@ class EngineConfig:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def watermark_pages(cfg: EngineConfig, num_blocks: int) -> int:
+    """Pages admission leaves free while requests run."""
+    return math.ceil(cfg.kv_watermark * num_blocks) if cfg.kv_watermark > 0 else 0

@@ -7,7 +7,10 @@
 
 Roles share everything: `unified` runs whole requests; `prefill` ends a request after its first
 token and returns a KV payload of the prompt; `decode` imports payloads into fresh pages and
-continues. Bad requests raise ValueError naming the field before anything is allocated, so the
+continues (and prefills a prompt itself when the ingress sends one straight to it). With prefix
+caching (the default) each role reuses the cached full pages of earlier requests' prefixes, and
+a decode engine registers the pages it imports, so the next turn of a conversation can hit there.
+Bad requests raise ValueError naming the field before anything is allocated, so the
 engine keeps serving the others.
 """
 
@@ -26,13 +29,14 @@ from model.index_cache import IndexCacheConfig
 from model.kv_cache import KVCache
 from model.tokenizer import Tokenizer
 from serving.engine.block_manager import BlockManager
-from serving.engine.config import EngineConfig
+from serving.engine.config import EngineConfig, watermark_pages
 from serving.engine.detokenizer import Detokenizer, add_tokens
 from serving.engine.memory import resolve_num_blocks
 from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload, export_rows, import_rows
+from serving.engine.prefix_cache import model_fingerprint, root_hash
 from serving.engine.sampler import Sampler, logprobs_of
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
@@ -79,9 +83,21 @@ class LLMEngine:
             )
             cache = KVCache(self.layout, num_blocks, model.device)
         self.cache = cache
-        self.block_manager = BlockManager(num_blocks, self.layout.page_size, self.runner.release)
+        # Prefix-cache hashes start from the model's identity and the layout (plan id included).
+        root = root_hash(model_fingerprint(model, mcfg), self.layout)
+        self.block_manager = BlockManager(
+            num_blocks,
+            self.layout.page_size,
+            root if config.enable_prefix_caching else None,
+            on_free=self.runner.release,
+        )
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.chunk, self._import
+            self.block_manager,
+            config.max_num_seqs,
+            config.chunk,
+            self._import,
+            watermark=watermark_pages(config, num_blocks),
+            max_bypass=config.max_queue_bypass,
         )
         # A sequence can never outgrow the pool, so the effective limit is the smaller one.
         self.max_len = min(self.max_model_len, self.kv_capacity_tokens)
@@ -155,10 +171,8 @@ class LLMEngine:
     def add_request(
         self, request_id: str | None, prompt: str | list[int], params: SamplingParams
     ) -> str:
-        if self.role == "decode":
-            raise ValueError(
-                "role: a decode engine takes prefilled payloads (import_payload), not prompts"
-            )
+        """Unified and prefill roles; a decode engine takes a prompt too and prefills it itself
+        (selective disaggregation: short uncached parts skip the prefill pool)."""
         return self._enqueue(self._new_seq(request_id, self.tokenize(prompt), params))
 
     def import_payload(
@@ -232,6 +246,10 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
         return True
 
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Prompt tokens a request would find in the prefix cache now (safe from any thread)."""
+        return self.block_manager.probe(token_ids)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._done)
 
@@ -245,6 +263,11 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used,
             kv_usage=bm.num_used / bm.num_blocks,
+            kv_blocks_cached_free=bm.num_cached_free,
+            prefix_cache_pages=bm.num_cached,
+            prefix_cache_queries_total=self.scheduler.prefix.queries,
+            prefix_cache_hits_total=self.scheduler.prefix.hits,
+            prefix_cache_evictions_total=bm.index.num_evictions,
             kv_capacity_tokens=self.kv_capacity_tokens,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
@@ -428,7 +451,7 @@ class LLMEngine:
         return out
 
     def _import(self, seq: Sequence) -> None:
-        import_rows(self.cache, seq.pages, seq.payload)
+        import_rows(self.cache, seq.pages, seq.payload, start=seq.num_cached)
         seq.num_cached = seq.payload.num_tokens
         seq.payload = None  # the CPU copy is no longer needed
 
