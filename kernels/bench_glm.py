@@ -17,6 +17,22 @@ from kernels import bench_baselines as base
 GLM = "GLM-4.7-Flash"
 
 
+def _graph_sweep(out: dict, name: str, variants: list[dict], fn, *args, **kwargs) -> None:
+    """CUDA-graph replay ms of fn(*args, config=v minus "splits", splits=v["splits"], **kwargs)
+    per variant, into out["sweeps"][name] (failures recorded): what the defaults are chosen from."""
+    times = {}
+    for v in variants:
+        key = ",".join(f"{k}={x}" for k, x in v.items())
+        cfg = {k: x for k, x in v.items() if k != "splits"}
+        try:
+            t = B.bench_graph_ms(fn, *args, config=cfg, splits=v["splits"], **kwargs)
+            times[key] = round(t, 4)
+        except Exception as e:  # noqa: BLE001 - a variant that fails is data
+            times[key] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+        print(f"  sweep {name} {key}: {times[key]}", flush=True)
+    out["sweeps"][name] = times
+
+
 def _inputs_1seq(sh, n, dtype):
     from kernels.testing import indexer_inputs
 
@@ -95,6 +111,14 @@ def _topk_decode(sh, out: dict, b: int, n: int) -> None:
     lengths = torch.full((b,), n, dtype=torch.int32, device=dev)
     ms = B.bench_ms(ttri.topk_rows, scores, lengths, topk)
     graph_ms = B.bench_graph_ms(ttri.topk_rows, scores, lengths, topk)
+    s0 = split.splits_for(b, n, scores.device)
+    if b in (1, max(sh.glm_dec_batches)):
+        splits = sorted({max(1, s0 // 2), max(1, s0), 2 * s0, 1})
+        variants = [dict(c, splits=x) for c in split.SPLIT_CONFIGS for x in splits if x > 1]
+        variants += [dict(c, splits=1) for c in ttri.CONFIGS[:2]]  # one program per row
+        _graph_sweep(
+            out, f"glm_topk_decode_B{b}_L{n}", variants, ttri.topk_rows, scores, lengths, topk
+        )
     base_ms = B.bench_ms(torch.topk, scores, topk, dim=-1)
     got = ttri.topk_rows(scores, lengths, topk).sort(1).values
     same = torch.equal(got, tref.topk_rows(scores, lengths, topk).sort(1).values)
@@ -109,7 +133,7 @@ def _topk_decode(sh, out: dict, b: int, n: int) -> None:
             target="<= 0.06 ms" if b == 1 else None,
             model=GLM,
             cuda_graph_ms=round(graph_ms, 4),
-            splits=split.splits_for(b, n, scores.device),
+            splits=s0,
             check="ok, exact set" if same else "FAILED: sets differ from the reference",
         )
     )
@@ -135,6 +159,16 @@ def _indexer_decode(sh, out: dict, lens: list[int], dtype, ragged: bool = False)
     inp = indexer_inputs([1] * b, lens, h, d, dtype, sh.device)
     inp.pop("cu_seqlens_q")
     run = itri.indexer_topk_decode
+    if dtype == torch.float8_e4m3fn and not ragged and b in (1, max(sh.glm_dec_batches)):
+        from kernels.indexer import decode
+
+        s0 = decode.decode_splits(b, max(lens), inp["q"].device)
+        variants = [
+            dict(c, splits=x)
+            for c in itri.DECODE_CONFIGS
+            for x in sorted({max(1, s0 // 2), s0, 2 * s0})
+        ]
+        _graph_sweep(out, f"glm_indexer_decode_fp8_B{b}", variants, run, **inp, topk=topk)
     ms = B.bench_ms(run, **inp, topk=topk)
     graph_ms = B.bench_graph_ms(run, **inp, topk=topk)
     scores_ms = B.bench_graph_ms(run, **inp, topk=topk, select="none")

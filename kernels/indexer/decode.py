@@ -3,16 +3,18 @@
 One query per sequence. Sequence b's keys are cut into S parts from its own length n on the
 device (part s: keys [s*C, (s+1)*C), C = cdiv(n, S) rounded up to BN), so the work follows each
 row's length and nothing depends on the block table's width (inside CUDA graphs the engine passes
-the full max-model-length width). Grid (S, B), S from the shape only (kernels/topk/split.py
-splits_for), every buffer sized by (B, S, CAP): no host sync, graph-safe.
+the full max-model-length width). Grid (S, B), S from the shape only (decode_splits), every
+buffer sized by (B, S, CAP): no host sync, graph-safe.
 
 Program (s, b) scores its part BN keys at a time (the HI heads of the query form the MMA's M side:
 [BH, D] x [D, BN]) and appends (key, column) of every key that can still be in the part's top-k to
-its buffer of CAP entries. When the buffer would overflow it keeps only its best topk (exact radix
-threshold, stable in-place compaction, ties to the lower column) and from then on rejects keys not
-better than the topk-th: a rejected key has topk better ones in its own part, so it is not in the
-row's top-k. With CAP >= the longest part no compaction ever runs (batch 1 at 200K keys: 128 parts
-of ~1.6K keys). Sequences with at most topk keys select all of them and are not scored.
+its buffer of CAP entries, in runs of tiles that cannot overflow it (a loop without branches, so
+Triton pipelines the key loads). When the buffer has no room for a tile it keeps only its best
+topk (exact radix threshold, stable in-place compaction, ties to the lower column) and from then
+on rejects keys not better than the topk-th: a rejected key has topk better ones in its own part,
+so it is not in the row's top-k. With CAP >= the longest part no compaction ever runs (batch 1 at
+200K keys: 128 parts of ~1.6K keys). Sequences with at most topk keys select all of them and are
+not scored.
 
 The parts are then merged by the split radix select (kernels/topk/split.py topk_parts), which
 writes each row's columns in ascending order.
@@ -24,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import cdiv, next_pow2
+from kernels._common import cdiv, next_pow2, num_sms
 from kernels.topk import split
 from kernels.topk.keys import KEY_MAX, score_key
 from kernels.topk.triton import threshold
@@ -37,6 +39,11 @@ DECODE_CONFIGS = [
 DEFAULT_DECODE = DECODE_CONFIGS[0]
 INTERPRET_DECODE = {"BN": 32, "num_warps": 4, "num_stages": 1}
 CAP_TOPK = 2  # buffer entries per part, in topk: the most a long part keeps before compacting
+# Parts per sequence: about OVERSUB programs per SM (loads in flight hide the gather latency), at
+# least MIN_PART keys each, at most MAX_PARTS (the merge gathers one count per part).
+OVERSUB = 4
+MIN_PART = 512
+MAX_PARTS = 256
 CBLOCK = 1024  # compaction block (keys)
 INTERPRET_CBLOCK = 64
 
@@ -117,32 +124,38 @@ def _decode_parts_kernel(
         m = n * 0  # entries in the buffer
         thr = KEY_MAX + m  # after the first compaction: the part's topk-th best key
         full = m  # 1 once a compaction has run (thr is a real key)
-        for start in range(lo, hi, BN):
-            offs_n = start + tl.arange(0, BN)
-            kmask = offs_n < hi
-            page = tl.load(bt_ptr + b * stride_bt + offs_n // PS, mask=kmask, other=0).to(tl.int64)
-            k_off = page * stride_kp + (offs_n % PS) * stride_ks
-            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-            sc = tl.sum(tl.maximum(tl.dot(q, tl.trans(k)), 0.0) * w[:, None], 0)  # [BN]
-            if HAS_SCALE:
-                sc = sc * tl.load(ks_ptr + page * stride_sp + offs_n % PS, mask=kmask, other=0.0)
-            key = score_key(sc)
-            keep = kmask & ((key < thr) | (full == 0))
-            n_keep = tl.sum(keep.to(tl.int32), 0)
-            if m + n_keep > cap:
+        start = lo
+        while start < hi:
+            if cap - m < BN:
                 # -- keep the part's best topk so far; later keys must beat the topk-th --
                 tl.debug_barrier()  # the buffer was written by other threads
                 thr, k1 = threshold(pk_ptr, pk_ptr, pc_ptr, m, topk, False, CBLOCK)
                 m = _compact(pk_ptr, pc_ptr, m, thr, k1, CBLOCK)
                 full = m * 0 + 1
-                keep = kmask & (key < thr)
-                n_keep = tl.sum(keep.to(tl.int32), 0)
                 tl.debug_barrier()
-            k32 = keep.to(tl.int32)
-            slot = m + tl.cumsum(k32, 0) - 1
-            tl.store(pk_ptr + slot, key, mask=keep)
-            tl.store(pc_ptr + slot, offs_n, mask=keep)
-            m += n_keep
+            # -- a run of tiles that cannot overflow the buffer (no branch: software-pipelined) --
+            end = tl.minimum(hi, start + (cap - m) // BN * BN)
+            for t0 in range(start, end, BN):
+                offs_n = t0 + tl.arange(0, BN)
+                kmask = offs_n < hi
+                page = tl.load(bt_ptr + b * stride_bt + offs_n // PS, mask=kmask, other=0)
+                page = page.to(tl.int64)
+                k_off = page * stride_kp + (offs_n % PS) * stride_ks
+                k = tl.load(
+                    k_ptr + k_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0
+                )
+                sc = tl.sum(tl.maximum(tl.dot(q, tl.trans(k)), 0.0) * w[:, None], 0)  # [BN]
+                if HAS_SCALE:
+                    ks = tl.load(ks_ptr + page * stride_sp + offs_n % PS, mask=kmask, other=0.0)
+                    sc = sc * ks
+                key = score_key(sc)
+                keep = kmask & ((key < thr) | (full == 0))
+                k32 = keep.to(tl.int32)
+                slot = m + tl.cumsum(k32, 0) - 1
+                tl.store(pk_ptr + slot, key, mask=keep)
+                tl.store(pc_ptr + slot, offs_n, mask=keep)
+                m += tl.sum(k32, 0)
+            start = end
         tl.store(cnt_ptr + part, m)
 
 
@@ -154,6 +167,11 @@ def check(q, k_cache, k_scale) -> None:
         raise ValueError("indexer (triton): q and k_cache need a contiguous last dimension")
     if k_scale is not None and k_scale.stride(1) != 1:
         raise ValueError("indexer (triton): k_scale needs a contiguous last dimension")
+
+
+def decode_splits(b: int, width: int, device: torch.device) -> int:
+    """Parts per sequence from the shape alone (graph-safe)."""
+    return max(1, min(MAX_PARTS, OVERSUB * num_sms(device) // max(b, 1), cdiv(width, MIN_PART)))
 
 
 def part_cap(topk: int, width: int, splits: int, bn: int) -> int:
@@ -189,7 +207,7 @@ def indexer_topk_decode(
     if b == 0:
         return out
     width = block_tables.shape[1] * k_cache.shape[1]
-    splits = splits or max(1, split.splits_for(b, width, q.device))
+    splits = splits or decode_splits(b, width, q.device)
     cap = cap or part_cap(topk, width, splits, bn)
     if cap < topk + bn:
         raise ValueError(f"indexer decode: part cap {cap} < topk + BN = {topk + bn}")

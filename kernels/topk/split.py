@@ -8,12 +8,14 @@ For few rows (decode: batch 1 to ~64) one program per row leaves the GPU idle wh
     column) buffer per part, columns ascending within a part and from part to part.
 Keys: kernels/topk/keys.py. Launches (grid (S, R) each, no host sync, sizes from shapes only):
   level 1..4: each program histograms one digit of its part's keys that match the digits found
-      so far; from level 2 on it first sums the previous level's per-part histograms (every
-      program redundantly: S x 256 loads from L2, no inter-program sync) to find that digit;
+      so far, adds it into the row's histogram of that digit (integer atomics: the sums do not
+      depend on the order) and keeps its own cumulative histogram; from level 2 on it first
+      reads the row's previous histogram (256 bins) to find that digit, as every program of the
+      row does, with no inter-program sync;
   write: the last digit gives the exact threshold key and how many of its ties to take; each
-      program's output offset is the number of selected keys in earlier parts (from the
-      histograms), so every program writes its own selected columns, in column order, with
-      ties going to the lowest columns, exactly the reference's set.
+      program's output offset is the number of selected keys in earlier parts (from their
+      cumulative histograms), so every program writes its own selected columns, in column
+      order, with ties going to the lowest columns: exactly the reference's set.
 No sample and no miss path: every row costs five passes over its keys (L2-resident after the
 first), which for few rows beats one program's single pass.
 """
@@ -27,12 +29,11 @@ import triton.language as tl
 from kernels._common import cdiv, next_pow2, num_sms
 from kernels.topk.keys import SIGN, digit, in_prefix, pick_digit, score_key
 
-MAX_SPLITS = 128  # each program re-reads S x 256 histogram bins per level
+MAX_SPLITS = 128  # the write kernel gathers S cumulative counts per program
 OVERSUB = 2  # programs per SM aimed at
 MIN_PART = 1024  # fewer keys per program is all launch overhead
 MIN_WIDTH = 8192  # narrower rows stay on the one-program path
 GRAIN = 64  # part boundaries on whole 256-byte runs of scores
-SB = 16  # part histograms summed per step
 SPLIT_CONFIGS = [
     {"BLOCK": 1024, "num_warps": 4},
     {"BLOCK": 2048, "num_warps": 8},
@@ -82,8 +83,8 @@ def _part_load(
 
 
 @triton.jit
-def _resolve(h_ptr, st_ptr, r, S, topk, SLOT: tl.constexpr, SB: tl.constexpr):
-    """Sum the parts' histograms of digit SLOT + 1 (SLOT digits known, from `st`): the prefix
+def _resolve(h_ptr, st_ptr, r, topk, SLOT: tl.constexpr):
+    """From the row's histogram of digit SLOT + 1 (SLOT digits known, from `st`): the prefix
     with that digit appended, the rank left within it, and the digit."""
     if SLOT == 0:
         prefix = r * 0
@@ -91,17 +92,15 @@ def _resolve(h_ptr, st_ptr, r, S, topk, SLOT: tl.constexpr, SB: tl.constexpr):
     else:
         prefix = tl.load(st_ptr + r * 8 + SLOT * 2)
         k = tl.load(st_ptr + r * 8 + SLOT * 2 + 1)
-    bins = tl.arange(0, 256)
-    rows = tl.arange(0, SB)
-    hist = tl.zeros((256,), tl.int32)
-    for s0 in range(0, S, SB):
-        p = (r * S + s0 + rows).to(tl.int64)
-        tile = tl.load(
-            h_ptr + p[:, None] * 256 + bins[None, :], mask=(s0 + rows < S)[:, None], other=0
-        )
-        hist += tl.sum(tile, 0)
+    hist = tl.load(h_ptr + r * 256 + tl.arange(0, 256))
     d, k = pick_digit(hist, k)
     return (prefix << 8) | d, k, d
+
+
+@triton.jit
+def _below(cum_ptr, part, d):
+    """Keys of the part whose digit is below d, from its cumulative histogram."""
+    return tl.where(d > 0, tl.load(cum_ptr + part * 256 + d - 1, mask=d > 0, other=0), 0)
 
 
 # grid: (S, R); program (s, r): histogram of one digit over part s of row r.
@@ -114,6 +113,8 @@ def _level_kernel(
     len_ptr,
     hin_ptr,
     hout_ptr,
+    cin_ptr,
+    cout_ptr,
     below_ptr,
     st_ptr,
     stride_s,
@@ -123,7 +124,6 @@ def _level_kernel(
     SHIFT: tl.constexpr,
     FROM_PARTS: tl.constexpr,
     GRAIN: tl.constexpr,
-    SB: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     s = tl.program_id(0)
@@ -135,11 +135,10 @@ def _level_kernel(
         if SHIFT == 24:
             prefix = r * 0
         else:
-            # -- the previous digit, from every part's histogram --
+            # -- the previous digit, from the row's histogram --
             slot: tl.constexpr = (16 - SHIFT) // 8
-            prefix, k, d = _resolve(hin_ptr, st_ptr, r, S, topk, slot, SB)
-            own = tl.load(hin_ptr + part * 256 + bins)
-            below = tl.sum(tl.where(bins < d, own, 0), 0)
+            prefix, k, d = _resolve(hin_ptr, st_ptr, r, topk, slot)
+            below = _below(cin_ptr, part, d)
             if SHIFT != 16:
                 below += tl.load(below_ptr + part)
             tl.store(below_ptr + part, below)  # this part's keys below the threshold so far
@@ -154,7 +153,8 @@ def _level_kernel(
             )
             m = m & in_prefix(key, prefix, SHIFT)
             hist += tl.histogram(digit(key, SHIFT), 256, mask=m)
-        tl.store(hout_ptr + part * 256 + bins, hist)
+        tl.atomic_add(hout_ptr + r * 256 + bins, hist, mask=hist != 0, sem="relaxed")
+        tl.store(cout_ptr + part * 256 + bins, tl.cumsum(hist, 0))
 
 
 # grid: (S, R); program (s, r): the selected columns of part s, at their place in row r's output.
@@ -166,6 +166,7 @@ def _write_kernel(
     cnt_ptr,
     len_ptr,
     h_ptr,
+    cum_ptr,
     below_ptr,
     st_ptr,
     out_ptr,
@@ -176,7 +177,6 @@ def _write_kernel(
     S,
     FROM_PARTS: tl.constexpr,
     GRAIN: tl.constexpr,
-    SB: tl.constexpr,
     SP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -194,21 +194,17 @@ def _write_kernel(
             offs = start + ar
             tl.store(out_ptr + offs, tl.where(offs < n, offs, -1), mask=offs < o1)
     else:
-        thr_u, k1, d = _resolve(h_ptr, st_ptr, r, S, topk, 3, SB)
+        thr_u, k1, d = _resolve(h_ptr, st_ptr, r, topk, 3)
         thr = thr_u ^ SIGN
         # -- selected keys and ties in the parts before this one --
         sp = tl.arange(0, SP)
-        before = tl.sum(tl.load(below_ptr + r * S + sp, mask=sp < s, other=0), 0)
-        ties = r * 0
-        bins = tl.arange(0, 256)
-        rows = tl.arange(0, SB)
-        for s0 in range(0, s, SB):
-            p = (r * S + s0 + rows).to(tl.int64)
-            tile = tl.load(
-                h_ptr + p[:, None] * 256 + bins[None, :], mask=(s0 + rows < s)[:, None], other=0
-            )
-            before += tl.sum(tl.sum(tl.where(bins[None, :] < d, tile, 0), 1), 0)
-            ties += tl.sum(tl.sum(tl.where(bins[None, :] == d, tile, 0), 1), 0)
+        earlier = sp < s
+        parts = r.to(tl.int64) * S + sp
+        below = tl.load(below_ptr + parts, mask=earlier, other=0)
+        upto = tl.load(cum_ptr + parts * 256 + d, mask=earlier, other=0)
+        under = tl.load(cum_ptr + parts * 256 + d - 1, mask=earlier & (d > 0), other=0)
+        before = tl.sum(below + under, 0)
+        ties = tl.sum(upto - under, 0)
         n_out = before + tl.minimum(ties, k1)
         # -- this part's keys below the threshold, and its share of the first k1 ties --
         for start in range(lo, hi, BLOCK):
@@ -227,7 +223,10 @@ def _run(out, lengths, topk, splits, config, scores=None, parts=None):
     r = out.shape[0]
     dev = out.device
     cfg = config or (DEFAULT_SPLIT if dev.type == "cuda" else INTERPRET_SPLIT)
-    hist = torch.empty((2, r * splits, 256), dtype=torch.int32, device=dev)
+    # Per digit level: the rows' histograms (summed by atomics, so zeroed) and the parts'
+    # cumulative histograms.
+    hist = torch.zeros((4, r, 256), dtype=torch.int32, device=dev)
+    cum = torch.empty((4, r * splits, 256), dtype=torch.int32, device=dev)
     below = torch.empty(r * splits, dtype=torch.int32, device=dev)
     state = torch.empty((r, 4, 2), dtype=torch.int32, device=dev)
     if parts is not None:
@@ -237,17 +236,22 @@ def _run(out, lengths, topk, splits, config, scores=None, parts=None):
     else:
         src = (scores, scores, scores, lengths)  # unused pointers where FROM_PARTS is False
         stride_s, stride_p = scores.stride(0), 0
-    from_parts = parts is not None
     grid = (splits, r)
     common = dict(
-        FROM_PARTS=from_parts, GRAIN=GRAIN, SB=SB, BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"]
+        FROM_PARTS=parts is not None,
+        GRAIN=GRAIN,
+        BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
     )
     for level, shift in enumerate((24, 16, 8, 0)):
+        prev = max(level - 1, 0)
         _level_kernel[grid](
             *src,
             lengths,
-            hist[(level + 1) % 2],
-            hist[level % 2],
+            hist[prev],
+            hist[level],
+            cum[prev],
+            cum[level],
             below,
             state,
             stride_s,
@@ -260,7 +264,8 @@ def _run(out, lengths, topk, splits, config, scores=None, parts=None):
     _write_kernel[grid](
         *src,
         lengths,
-        hist[1],
+        hist[3],
+        cum[3],
         below,
         state,
         out,
