@@ -13,8 +13,8 @@ Triton pipelines the key loads). When the buffer has no room for a tile it keeps
 topk (exact radix threshold, stable in-place compaction, ties to the lower column) and from then
 on rejects keys not better than the topk-th: a rejected key has topk better ones in its own part,
 so it is not in the row's top-k. With CAP >= the longest part no compaction ever runs (batch 1 at
-200K keys: 128 parts of ~1.6K keys). Sequences with at most topk keys select all of them and are
-not scored.
+200K keys: 256 parts of ~800 keys; batch 64: 8 parts of 25K keys, compacting a few times each).
+Sequences with at most topk keys select all of them and are not scored.
 
 The parts are then merged by the split radix select (kernels/topk/split.py topk_parts), which
 writes each row's columns in ascending order.
