@@ -121,7 +121,9 @@ DECODE_PARTS = [
 @pytest.mark.parametrize("lens, splits, cap, extra_pages", DECODE_PARTS)
 def test_decode_parts(lens, splits, cap, extra_pages, device):
     inp = decode_inputs(lens, 4, 32, torch.float32, device, extra_pages)
-    out = itri.indexer_topk_decode(**inp, topk=16, splits=splits, cap=cap)
+    # 32-key tiles on the GPU too, so a 48-entry buffer (>= topk + BN) is allowed there as well
+    cfg = itri.INTERPRET_DECODE
+    out = itri.indexer_topk_decode(**inp, topk=16, splits=splits, cap=cap, config=cfg)
     _check_decode(inp, 16, out)
     # fp32 scores of the same sums: the very same set as the reference, in column order
     ref = indexer_topk_decode(**inp, topk=16, impl="ref")
@@ -162,7 +164,8 @@ def test_decode_ties_prefer_lower_positions(device):
     zeros = [p for p in range(n) if p not in pos][: topk - len(pos)]
     assert sorted(ref[0].tolist()) == sorted(pos + zeros)
     for splits, cap in ((1, 48), (3, None)):
-        out = itri.indexer_topk_decode(q, w, *args, lens, topk, splits=splits, cap=cap)
+        cfg = itri.INTERPRET_DECODE  # 32-key tiles: a 48-entry buffer is allowed on the GPU too
+        out = itri.indexer_topk_decode(q, w, *args, lens, topk, splits=splits, cap=cap, config=cfg)
         assert torch.equal(out.cpu(), ref.cpu().sort(1).values), (splits, cap)
 
 
