@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fp8 import act_quant, hadamard
+from kernels.index_fp8 import quant_index_queries, store_index_keys
 from kernels.indexer import indexer_topk_decode, indexer_topk_prefill
 from kernels.kv_store import store_rows
 from model.config import ModelConfig
@@ -57,12 +57,11 @@ class LightningIndexer(nn.Module):
         if cache.layout.index_fp8:
             # Hadamard on both sides spreads outliers before e4m3 (dot products unchanged), then
             # one scale per key and per (query, head); the query scale folds into the weights.
-            hm = hadamard(self.head_dim, q.device, torch.float32)
-            q, q_scale = act_quant(q.float() @ hm, block=self.head_dim)
-            k, k_s = act_quant(k.float() @ hm, block=self.head_dim)
-            w = w * q_scale[..., 0]
-            store_rows(k_scale, k_s[:, 0], ctx.slot_mapping)
-        store_rows(k_cache, k, ctx.slot_mapping)
+            # One pass each: the keys straight into the cache, the queries with the weights.
+            q, w = quant_index_queries(q, w)
+            store_index_keys(k, k_cache, k_scale, ctx.slot_mapping)
+        else:
+            store_rows(k_cache, k, ctx.slot_mapping)
         if ctx.is_decode:
             ctx.topk = indexer_topk_decode(
                 q, w, k_cache, k_scale, ctx.block_tables, ctx.seq_lens, self.topk
