@@ -14,9 +14,8 @@ run_stage() {
   echo "=== $name (cap ${cap}s) $(date +%T)"
   local t0=$SECONDS
   case $name in
-    tests) timeout "$cap" python3 -m pytest -m gpu -q -x -p no:cacheprovider \
-             tests/kernels/test_moe.py tests/engine/test_cuda_graphs.py \
-             tests/model/test_model_triton.py 2>&1 | tail -25 ;;
+    tests) timeout "$cap" python3 -m pytest -m gpu -q -p no:cacheprovider \
+             tests/kernels tests/engine/test_cuda_graphs.py tests/model 2>&1 | tail -25 ;;
     moe) timeout "$cap" python3 -m kernels.bench_moe --out "$OUT/moe-h200.json" 2>&1 | tail -30 ;;
     moe-sweep) timeout "$cap" python3 -m kernels.bench_moe --sweep --out "$OUT/moe-sweep.json" \
                  2>&1 | grep "^|" | tail -12 ;;
@@ -24,8 +23,7 @@ run_stage() {
            --rounds 8 --out "$OUT/e2e-smoke.json" 2>&1 | grep -v "^ \"" | tail -40 ;;
     e2e-full) timeout "$cap" python3 -m benchmarks.e2e --chunks 4096 8192 16384 \
                 --out "$OUT/e2e-h200.json" 2>&1 | grep -v "^ \"" | tail -60 ;;
-    kernels) timeout "$cap" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/kernels \
-               2>&1 | tail -15 ;;
+    glm-decode) timeout "$cap" python3 -m kernels.bench --sections glm_decode 2>&1 | tail -30 ;;
     profile) timeout "$cap" python3 -m benchmarks.e2e_profile --out "$OUT" --top 18 2>&1 \
                | tail -90 ;;
     *) echo "unknown stage $name" ;;
