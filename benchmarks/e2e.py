@@ -298,21 +298,29 @@ def fill_random(cache) -> None:
                 t.uniform_(0.5, 1.5)
 
 
-def busy_share(engine, steps: int, device) -> float | None:
-    """Device time of the kernels of `steps` steps (union of their intervals) per step."""
+def busy_share(engine, steps: int, device) -> tuple[float | None, list[dict]]:
+    """Device time of the kernels of `steps` steps (union of their intervals) per step, and the
+    kernels by device time per step (the top 15)."""
     if device.type != "cuda":
-        return None
+        return None, []
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
         sync(device)
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    )
+    cuda = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in cuda)
+    by_name: dict[str, list[float]] = {}
+    for e in cuda:
+        agg = by_name.setdefault(e.name[:80], [0, 0.0])
+        agg[0] += 1
+        agg[1] += e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+    kernels = [
+        dict(kernel=k, per_step=c / steps, us_per_step=round(t / steps, 1)) for k, (c, t) in top
+    ]
+    kernels.append(dict(kernel="(all)", per_step=len(cuda) / steps))
     busy, end = 0.0, -math.inf
     for s, e in spans:
         if s > end:
@@ -321,7 +329,7 @@ def busy_share(engine, steps: int, device) -> float | None:
         elif e > end:
             busy += e - end
             end = e
-    return busy / 1e6 / steps  # seconds per step
+    return busy / 1e6 / steps, kernels  # seconds per step
 
 
 def decode_rows(models: dict, args, device, weights_bytes: int) -> list[dict]:
@@ -404,7 +412,8 @@ def decode_rows(models: dict, args, device, weights_bytes: int) -> list[dict]:
                 e.step()
                 sync(device)
                 times[n].append(time.perf_counter() - t0)
-        busy = {n: busy_share(e, args.busy_steps, device) for n, e in engines.items()}
+        prof = {n: busy_share(e, args.busy_steps, device) for n, e in engines.items()}
+        busy = {n: p[0] for n, p in prof.items()}
         ref = statistics.median(times[names[0]])
         for n in engines:
             med = statistics.median(times[n])
