@@ -85,17 +85,24 @@ def build_model(
     plan = IndexCacheConfig.from_pattern(pattern, cfg.num_hidden_layers)
     with torch.device("meta"):
         model = DSAForCausalLM(cfg, plan)
-    model.to_empty(device=device)
     g = torch.Generator(device).manual_seed(seed)
+    # Each weight is allocated in its final dtype on the device: a model built in fp32 first
+    # would need twice its bf16 size (120 GB for GLM-4.7-Flash's 30B parameters).
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias") or name.endswith("e_score_correction_bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-            p.data = p.data.to(torch.float32 if FP32_PARAMS.search(name) else dtype)
+        for prefix, mod in model.named_modules():
+            for pname, meta in list(mod._parameters.items()):
+                if meta is None:
+                    continue
+                name = f"{prefix}.{pname}" if prefix else pname
+                dt = torch.float32 if FP32_PARAMS.search(name) else dtype
+                p = torch.empty(meta.shape, dtype=dt, device=device)
+                if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias") or name.endswith("e_score_correction_bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+                mod._parameters[pname] = torch.nn.Parameter(p, requires_grad=False)
     return model.eval()
 
 
@@ -152,11 +159,16 @@ def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -
     role = "decode" if args.mode == "decode" else "unified"
     cfg = EngineConfig(
         role=role,
+        device=str(device),
         kv_memory_bytes=budget,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.context + args.gen + 1,
         index_fp8=args.index_fp8,
+        # Capacity is the point: no shared pages (decode mode reuses one payload's prompt) and no
+        # admission headroom, so the pool fills with distinct requests.
+        enable_prefix_caching=False,
+        kv_watermark=0,
     )
     engine = LLMEngine(model, Tokenizer(byte_tokenizer(), None, ()), cfg)
     sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True)

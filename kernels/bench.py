@@ -44,6 +44,12 @@ class Shapes:
     dec_heads: tuple[int, ...] = (64, 16, 128)
     store_tokens: int = 65536
     quant_tokens: int = 16384
+    # GLM-4.7-Flash (kernels/bench_glm.py)
+    glm_index_heads: int = 32
+    glm_mla_heads: int = 20
+    glm_lengths: tuple[int, ...] = (65536, 131072, 200000)
+    glm_dec_batches: tuple[int, ...] = (1, 16, 64)
+    glm_dec_len: int = 200000
     device: str = "cuda"
     half: str = "bfloat16"  # the 16-bit dtype (the CPU smoke test uses float16)
 
@@ -57,6 +63,20 @@ def bench_ms(fn, *args, **kwargs) -> float:
             lambda: fn(*args, **kwargs), warmup=25, rep=100, return_mode="median"
         )
     )
+
+
+def bench_graph_ms(fn, *args, **kwargs) -> float:
+    """Median ms of one CUDA-graph replay of fn(*args, **kwargs), as the engine runs decode (no
+    launch overhead), the L2 flushed between replays as in bench_ms. Without CUDA (the smoke
+    test's interpreter run): bench_ms."""
+    if not torch.cuda.is_available():
+        return bench_ms(fn, *args, **kwargs)
+    fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(*args, **kwargs)
+    return bench_ms(g.replay)
 
 
 def sweep(name: str, configs: list[dict], fn, *args, **kwargs) -> tuple[dict, dict]:
@@ -254,10 +274,12 @@ def indexer_decode(sh: Shapes, out: dict) -> None:
                 )
                 out["sweeps"][f"indexer_decode_fp8_B{b}_L{n}"] = times
             ms = bench_ms(itri.indexer_topk_decode, **inp, topk=topk, config=cfg)
+            graph_ms = bench_graph_ms(itri.indexer_topk_decode, **inp, topk=topk, config=cfg)
             scores_ms = bench_ms(
                 itri.indexer_topk_decode, **inp, topk=topk, config=cfg, select="none"
             )
-            base_ms = base.time_slow(indexer_topk_decode, **inp, topk=topk, impl="ref")
+            base_ms = bench_ms(base.indexer_decode_batched, inp, topk)
+            ref_ms = base.time_slow(indexer_topk_decode, **inp, topk=topk, impl="ref")
             per_token = sh.dim + 4 if dtype == torch.float8_e4m3fn else sh.dim * 2
             published = PUBLISHED_INDEXER_DECODE.get(b) if dtype == torch.float8_e4m3fn else None
             out["results"].append(
@@ -270,7 +292,9 @@ def indexer_decode(sh: Shapes, out: dict) -> None:
                     base_ms=base_ms,
                     published=published if n == 65536 else None,
                     config=cfg,
-                    scores_only_ms=round(scores_ms, 4),
+                    cuda_graph_ms=round(graph_ms, 4),
+                    scores_filter_ms=round(scores_ms, 4),
+                    ref_loop_ms=round(ref_ms, 3),
                 )
             )
             inp = None
@@ -343,7 +367,8 @@ def sparse_decode(sh: Shapes, out: dict) -> None:
             splits = best.pop("splits")
             cfg = best
         ms = bench_ms(stri.sparse_attn_decode, **inp, scale=0.07, config=cfg, splits=splits)
-        base_ms = base.time_slow(sparse_attn_decode, **inp, scale=0.07, impl="ref")
+        base_ms = bench_ms(base.sparse_decode_batched, inp, 0.07)
+        ref_ms = base.time_slow(sparse_attn_decode, **inp, scale=0.07, impl="ref")
         # Bytes it must read: the selected rows (the value is the same row) and indices, q; out.
         nbytes = b * topk * (dk * 2 + 4) + b * h * (dk + dv) * 2
         target = ">= 60% of 4.25 TB/s" if i == 0 else None
@@ -359,6 +384,7 @@ def sparse_decode(sh: Shapes, out: dict) -> None:
                 tflops=round(2 * h * (dk + dv) * topk * b / ms / 1e9, 1),
                 config=cfg,
                 splits=splits,
+                ref_loop_ms=round(ref_ms, 3),
             )
         )
         inp = None
@@ -405,12 +431,32 @@ def small_ops(sh: Shapes, out: dict) -> None:
     )
 
 
+def _glm_sections() -> dict:
+    from kernels import bench_glm
+
+    return {
+        "glm_indexer": bench_glm.glm_indexer,
+        "glm_sparse": bench_glm.glm_sparse,
+        "glm_decode": bench_glm.glm_decode,
+    }
+
+
 SECTIONS = {
     "indexer": indexer_prefill,
     "indexer_decode": indexer_decode,
     "sparse": sparse_prefill,
     "sparse_decode": sparse_decode,
     "small": small_ops,
+    **_glm_sections(),
+}
+# Sections of rows written before rows carried their section (for merging old results files).
+_OLD_ROW_SECTIONS = {
+    "indexer+topk prefill": "indexer",
+    "indexer+topk decode": "indexer_decode",
+    "sparse attn prefill": "sparse",
+    "sparse attn decode": "sparse_decode",
+    "kv store": "small",
+    "act_quant fp8": "small",
 }
 
 
@@ -437,20 +483,47 @@ def run(sh: Shapes, sections: list[str], after_each=None) -> dict:
     torch.manual_seed(0)
     for name in sections:
         print(f"== {name}", flush=True)
+        first = len(out["results"])
         try:
             SECTIONS[name](sh, out)
         except Exception as e:  # noqa: BLE001 - keep the other sections' numbers
             out["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  section {name} failed: {out['errors'][name]}", flush=True)
+        for r in out["results"][first:]:
+            r["section"] = name
         _free()
         if after_each is not None:
             after_each(out)
     return out
 
 
+def merge(old: dict, new: dict, sections: list[str]) -> dict:
+    """`new` plus the rows, sweeps and errors of `old` from sections this run did not redo, so
+    sections run one command at a time add up to one results file."""
+    keep = [
+        r
+        for r in old.get("results", [])
+        if r.get("section", _OLD_ROW_SECTIONS.get(r["op"])) not in sections
+    ]
+    out = dict(new, results=keep + new["results"])
+    for key in ("sweeps", "resources"):
+        out[key] = {**old.get(key, {}), **new[key]}
+    out["errors"] = {
+        **{k: v for k, v in old.get("errors", {}).items() if k not in sections},
+        **new["errors"],
+    }
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__)
-    ap.add_argument("--sections", default="indexer,sparse,sparse_decode,indexer_decode,small")
+    ap.add_argument(
+        "--sections",
+        default="indexer,sparse,sparse_decode,indexer_decode,small,glm_indexer,glm_sparse,glm_decode",
+    )
+    ap.add_argument(
+        "--fresh", action="store_true", help="replace the results file instead of merging into it"
+    )
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536")
     ap.add_argument("--results-dir", default="benchmarks/results")
     ap.add_argument("--readme", default="benchmarks/README.md")
@@ -464,15 +537,21 @@ def main(argv=None) -> None:
     res = Path(args.results_dir)
     res.mkdir(parents=True, exist_ok=True)
 
+    path = res / "kernels-h200.json"
+    old = {} if args.fresh or not path.exists() else json.loads(path.read_text())
+    sections = args.sections.split(",")
+
     def save(out: dict) -> None:  # after every section, so a cut-off run keeps its numbers
-        (res / "kernels-h200.json").write_text(json.dumps(out, indent=1))
+        out = merge(old, out, sections)
+        path.write_text(json.dumps(out, indent=1))
         bench_report.plot_indexer(out, res / "kernels-h200-indexer.png", PUBLISHED_INDEXER)
+        bench_report.plot_indexer(out, res / "kernels-h200-glm.png", {}, model="GLM-4.7-Flash")
         bench_report.write_readme(
             Path(args.readme), out, bench_report.table(out), MARK_START, MARK_END
         )
 
-    out = run(sh, args.sections.split(","), after_each=save)
-    print(bench_report.table(out))
+    out = run(sh, sections, after_each=save)
+    print(bench_report.table(merge(old, out, sections)))
 
 
 if __name__ == "__main__":

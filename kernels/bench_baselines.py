@@ -32,11 +32,12 @@ def indexer_prep(inp: dict):
     return inp["q"].to(torch.bfloat16), inp["weights"], k.to(torch.bfloat16)
 
 
-def indexer_plain(prep, topk: int, chunk: int = 2048) -> torch.Tensor:
+def indexer_plain(prep, topk: int, chunk: int | None = None) -> torch.Tensor:
     """What h200-anchor.md timed: einsum + relu + weighted head sum + masked topk, 2048
     queries at a time, bf16."""
     q, w, k = prep
     n = q.shape[0]
+    chunk = chunk or indexer_chunk(q.shape[1], n)
     wb = w.to(torch.bfloat16)
     out = torch.full((n, topk), -1, dtype=torch.int64, device=q.device)
     for c in range(0, n, chunk):
@@ -49,11 +50,12 @@ def indexer_plain(prep, topk: int, chunk: int = 2048) -> torch.Tensor:
     return out
 
 
-def indexer(prep, topk: int, chunk: int = 2048) -> torch.Tensor:
+def indexer(prep, topk: int, chunk: int | None = None) -> torch.Tensor:
     """A tuned PyTorch version: the head sum as a batched matmul (bf16 tensor cores) instead of
     a broadcast multiply and reduction; otherwise as indexer_plain."""
     q, w, k = prep
     n, h, _ = q.shape
+    chunk = chunk or indexer_chunk(h, n)
     out = torch.full((n, topk), -1, dtype=torch.int64, device=q.device)
     for c in range(0, n, chunk):
         e = min(c + chunk, n)
@@ -63,6 +65,53 @@ def indexer(prep, topk: int, chunk: int = 2048) -> torch.Tensor:
         sc.masked_fill_(cols[None, :] > torch.arange(c, e, device=q.device)[:, None], float("-inf"))
         out[c:e, : min(topk, e)] = sc.topk(min(topk, e), dim=-1).indices
     return out
+
+
+def indexer_chunk(heads: int, n: int, budget: int = 16 << 30) -> int:
+    """Query rows per step of the prefill baselines: their bf16 [rows, heads, n] scores within
+    `budget` bytes (2048 rows up to 64 heads x 64K, as measured before; 1024 at 32 x 200K)."""
+    rows = max(16, budget // (heads * n * 2))
+    return min(2048, 1 << (rows.bit_length() - 1))
+
+
+def indexer_decode_batched(inp: dict, topk: int, budget: int = 4 << 30) -> torch.Tensor:
+    """The best batched bf16 PyTorch decode indexer: every sequence's keys gathered through its
+    block table (padded to the table's width), one batched matmul for q.k over all heads, ReLU,
+    one batched matmul for the weighted head sum (x the key scale for FP8 keys, which bf16 holds
+    exactly), the invisible columns masked, torch.topk. Sequences in groups whose gathered keys
+    and scores fit `budget` bytes."""
+    q, w, kc, ks = inp["q"], inp["weights"], inp["k_cache"], inp["k_scale"]
+    bt, lens = inp["block_tables"].long(), inp["seq_lens"]
+    b, h, d = q.shape
+    width = bt.shape[1] * kc.shape[1]
+    qb, wb = q.to(torch.bfloat16), w.to(torch.bfloat16)[:, None, :]
+    cols = torch.arange(width, device=q.device)
+    out = torch.empty((b, min(topk, width)), dtype=torch.int64, device=q.device)
+    group = max(1, budget // (width * (d + h) * 2))
+    for c in range(0, b, group):
+        e = min(c + group, b)
+        k = kc[bt[c:e]].reshape(e - c, width, d).to(torch.bfloat16)
+        s = torch.matmul(qb[c:e], k.transpose(1, 2)).relu_()  # [g, H, width]
+        sc = torch.matmul(wb[c:e], s).squeeze(1).float()
+        if ks is not None:
+            sc *= ks[bt[c:e]].reshape(e - c, width)
+        sc.masked_fill_(cols[None, :] >= lens[c:e, None], float("-inf"))
+        out[c:e] = sc.topk(out.shape[1], dim=-1).indices
+    return out
+
+
+def sparse_decode_batched(inp: dict, scale: float) -> torch.Tensor:
+    """The best batched bf16 PyTorch MLA decode: the selected latent rows of every sequence
+    gathered through its block table at once, batched matmuls, fp32 softmax."""
+    q, kc, idx, bt = inp["q"], inp["k_cache"], inp["indices"], inp["block_tables"].long()
+    ps, dk = kc.shape[1], kc.shape[-1]
+    dv = inp["v_cache"].shape[-1]
+    i = idx.clamp(min=0).long()
+    kv = kc.view(-1, dk)[bt.gather(1, i // ps) * ps + i % ps]  # [B, topk, Dk]
+    logits = torch.matmul(q, kv.transpose(1, 2)).float() * scale  # [B, H, topk]
+    logits.masked_fill_((idx < 0)[:, None, :], float("-inf"))
+    p = torch.softmax(logits, -1).to(q.dtype)
+    return torch.matmul(p, kv[..., :dv])
 
 
 def indexer_recall(inp: dict, out: torch.Tensor, topk: int, rows: int = 64) -> str:

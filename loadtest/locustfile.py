@@ -36,7 +36,7 @@ from locust.runners import WorkerRunner
 
 from loadtest import server
 from loadtest.plan import SCENARIOS, build_plan
-from loadtest.workloads import WORKLOADS, make_request
+from loadtest.workloads import WORKLOADS, Conversation, make_request
 
 log = logging.getLogger("loadtest")
 DEFAULT_STOP_TIMEOUT_S = 600  # users finish their request when the run ends: none is cut off
@@ -76,6 +76,7 @@ def _args(parser) -> None:
         default=None,
         help="largest document prompt in tokens (documents draw from [N/2, N])",
     )
+    g.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
     g.add_argument(
         "--oversubscribe",
         type=float,
@@ -131,6 +132,7 @@ def _init(environment, **_kw) -> None:
             oversubscribe=opts.oversubscribe,
             ignore_eos=not opts.no_ignore_eos,
             logprobs=not opts.no_logprobs,
+            turns=opts.turns,
         )
     except (server.ServerError, ValueError) as e:
         raise SystemExit(f"loadtest: {e}") from e
@@ -245,17 +247,20 @@ class OpenAIStreamingUser(HttpUser):
         self.rng = random.Random(seed * 1_000_003 + next(STATE.user_ids))
         key = self.environment.parsed_options.api_key
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        spec = STATE.plan.workload if STATE.plan is not None else None
+        self.chat = Conversation(spec, self.rng) if spec and spec.kind == "multiturn" else None
 
     @task
     def stream(self) -> None:
-        req = make_request(STATE.plan.workload, self.rng)
+        spec = STATE.plan.workload
+        req = self.chat.request() if self.chat is not None else make_request(spec, self.rng)
         STATE.sent += 1
         rec = {"workload": req.workload, "start": time.time()}
         t0 = time.perf_counter()
         try:
-            stamps, usage, error, clean = self._stream(req, t0)
+            stamps, usage, error, clean, text = self._stream(req, t0)
         except Exception as e:  # any client-side failure is the request's failure
-            stamps, usage, error, clean = [], None, f"{type(e).__name__}: {e}", False
+            stamps, usage, error, clean, text = [], None, f"{type(e).__name__}: {e}", False, ""
         end = time.perf_counter()
         rec["e2e_s"] = end - t0
         if error is None:
@@ -266,12 +271,17 @@ class OpenAIStreamingUser(HttpUser):
             STATE.failed_clean += clean
             rec["error"] = error
             rec["failure"] = "clean" if clean else "broken"
+        if self.chat is not None and error is None:
+            self.chat.reply(text)  # the reply joins the history
+        elif self.chat is not None:
+            self.chat.reset()  # a failed turn starts a new conversation
         STATE.log_file.write(json.dumps(rec) + "\n")
 
     def _stream(self, req, t0: float):
-        """(token stamps, usage, error or None, whether a failure was reported cleanly)."""
+        """(token stamps, usage, error or None, whether a failure was reported cleanly, the
+        completion's text)."""
         stamps: list[tuple[float, int]] = []  # (time, tokens in the event)
-        usage, done, error, clean = None, False, None, False
+        usage, done, error, clean, text = None, False, None, False, []
         with self.client.post(
             "/v1" + req.path,
             json=req.body,
@@ -283,7 +293,7 @@ class OpenAIStreamingUser(HttpUser):
             if resp.status_code != 200:
                 error = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 resp.failure(error)
-                return stamps, usage, error, _is_error_json(resp.text)
+                return stamps, usage, error, _is_error_json(resp.text), ""
             for line in resp.iter_lines(decode_unicode=True):
                 if not line or not line.startswith("data: "):
                     continue
@@ -298,6 +308,7 @@ class OpenAIStreamingUser(HttpUser):
                     break
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                text.append(_text_in(chunk))
                 n = _tokens_in(chunk)
                 if n:
                     stamps.append((time.perf_counter(), n))
@@ -309,7 +320,7 @@ class OpenAIStreamingUser(HttpUser):
                 resp.success()
             else:
                 resp.failure(error)
-        return stamps, usage, error, clean
+        return stamps, usage, error, clean, "".join(text)
 
     def _report(self, workload: str, t0: float, end: float, stamps, usage, rec: dict) -> None:
         fire = self.environment.events.request.fire
@@ -353,6 +364,17 @@ def _is_error_json(text: str) -> bool:
         return isinstance(json.loads(text).get("error"), dict)
     except (ValueError, AttributeError):
         return False
+
+
+def _text_in(chunk: dict) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    c = choices[0]
+    text = c.get("text")
+    if text is None:
+        text = (c.get("delta") or {}).get("content")
+    return text or ""
 
 
 def _tokens_in(chunk: dict) -> int:

@@ -11,6 +11,10 @@ chaos     short chat at a constant 32 users (`--users`: set it above what the en
           once, to saturate them) while loadtest/chaos.py kills a decode and a prefill replica
           and rolls out a plan; the report counts requests completed, migrated, retried,
           cleanly failed and lost, and the run passes only with none lost.
+multiturn chats of `turns` turns (default 4): a document and a question, then follow-ups that
+          resend the whole history; documents leave room for every later turn. Its report shows
+          the prefix-cache hit rate and the TTFT of first turns and follow-ups apart; run it
+          against a server with and without `enable_prefix_caching` to see what the cache buys.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from loadtest.workloads import WorkloadSpec, max_doc_tokens
+from loadtest.workloads import FOLLOWUP_TOKENS, WorkloadSpec, max_doc_tokens
 
-SCENARIOS = ("smoke", "saturate", "long", "chaos")
+SCENARIOS = ("smoke", "saturate", "long", "chaos", "multiturn")
 DEFAULTS = {  # scenario -> (workload, users, max_tokens)
     "smoke": ("chat", 4, 32),
     "long": ("docs", 2, 64),
     "saturate": ("docs", None, 64),  # users derived from the KV capacity
     "chaos": ("chat", 32, 32),
+    "multiturn": ("multiturn", 4, 32),
 }
+MULTITURN_DOC_TOKENS = 2048  # multiturn: default largest first-turn document
 SATURATE_FIT = 8  # saturate: documents sized so that about this many fill one replica's pool
 
 
@@ -97,6 +103,7 @@ def build_plan(
     oversubscribe: float = 1.5,
     ignore_eos: bool = True,
     logprobs: bool = True,
+    turns: int = 4,
 ) -> RunPlan:
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
@@ -107,8 +114,17 @@ def build_plan(
     kind, default_users, default_max = DEFAULTS[scenario]
     max_tokens = max_tokens or default_max
     longest = max_doc_tokens(max_model_len, int(capacity_per_replica) or None, max_tokens)
+    if (workload or kind) == "multiturn":  # the last turn holds the document and every reply
+        longest -= (turns - 1) * (max_tokens + FOLLOWUP_TOKENS)
+        if longest < 16:
+            raise ValueError(
+                f"{turns} turns of {max_tokens} output tokens leave no room for a document "
+                f"within {max_model_len} tokens: use fewer --turns or --max-tokens"
+            )
     if doc_tokens is None:
         doc_tokens = longest
+        if scenario == "multiturn":
+            doc_tokens = min(longest, MULTITURN_DOC_TOKENS)
         if scenario == "saturate":
             per_req = capacity_per_replica / SATURATE_FIT - max_tokens
             doc_tokens = max(16, min(longest, int(per_req / 0.75)))  # mean is 3/4 of the top
@@ -126,6 +142,7 @@ def build_plan(
         chars_per_token,
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        turns=turns,
     )
     if scenario == "saturate" and users is None:
         stages, fit = saturation_stages(

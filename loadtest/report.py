@@ -149,6 +149,15 @@ def _failover(run: Run) -> dict:
     }
 
 
+def _prefix(metrics: list[dict]) -> dict:
+    """Prompt tokens looked up in the engines' prefix caches during the run, and the share hit."""
+    if len(metrics) < 2 or "prefix_queries" not in metrics[0]:
+        return {"queries": None, "hits": None, "hit_rate": None}
+    q = metrics[-1]["prefix_queries"] - metrics[0]["prefix_queries"]
+    h = metrics[-1]["prefix_hits"] - metrics[0]["prefix_hits"]
+    return {"queries": q, "hits": h, "hit_rate": h / q if q else None}
+
+
 def summarize(run: Run, slo: SLO) -> dict:
     m = run.meta
     start, stop = m.get("load_started") or 0.0, m.get("load_stopped") or 0.0
@@ -181,9 +190,19 @@ def summarize(run: Run, slo: SLO) -> dict:
         "by_workload": per,
         "errors": dict(Counter(r["error"][:160] for r in run.requests if "error" in r)),
         "kv": _kv(run.metrics, start, stop, m["plan"].get("saturated_from_s")),
+        "prefix_cache": _prefix(run.metrics),
         "drain": m.get("drain"),
         "failover": _failover(run),
     }
+
+
+def _prefix_line(p: dict) -> str:
+    if p.get("hit_rate") is None:
+        return "- prefix cache: no lookups recorded"
+    return (
+        f"- prefix cache: {p['hit_rate'] * 100:.1f}% of looked-up prompt tokens hit "
+        f"({p['hits']:,.0f} of {p['queries']:,.0f})"
+    )
 
 
 def _f(v, digits=0) -> str:
@@ -206,7 +225,8 @@ def markdown(s: dict) -> str:
             ""
             if w["kind"] == "chat"
             else f", documents of {w['doc_tokens'][0]}-{w['doc_tokens'][1]} prompt tokens"
-        ),
+        )
+        + (f", {w.get('turns')} turns per conversation" if w["kind"] == "multiturn" else ""),
         f"- server: max_model_len {s['max_model_len']}, KV capacity "
         f"{s['kv_capacity_tokens']:.0f} tokens"
         + (f" (~{s['requests_fit']:.1f} requests)" if s.get("requests_fit") else ""),
@@ -214,6 +234,7 @@ def markdown(s: dict) -> str:
         f"{req['lost']} lost; server finished {_f(s['server_requests_finished'])}; Locust POSTs "
         f"{s['locust_posts']} ({s['locust_failures']} failed)",
         f"- SLOs for goodput: {slo}",
+        _prefix_line(s.get("prefix_cache") or {}),
         "",
         "| workload | requests | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms "
         "| E2E p50/p90/p99 ms | output tok/s | req/s | goodput req/s (share) |",

@@ -10,16 +10,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.indexer import PrefillTiles
 from model.kv_cache import KVCache
 
 
 @dataclass
 class ForwardContext:
-    positions: torch.Tensor  # [T] int64 absolute position of each query token
+    positions: torch.Tensor  # [T] int32/int64 absolute position of each query token
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     seq_lens: torch.Tensor  # [B] int32 keys per sequence after this step (cached + new)
     block_tables: torch.Tensor  # [B, max_pages] int32
-    slot_mapping: torch.Tensor  # [T] int64 cache slot of each new token (-1: do not store)
+    slot_mapping: torch.Tensor  # [T] int32/int64 cache slot of each new token (-1: do not store)
     cache: KVCache
     is_decode: bool = False  # every sequence has exactly one query: decode kernels apply
     logits_indices: torch.Tensor | None = None  # rows to compute logits for (None: all)
@@ -29,6 +30,9 @@ class ForwardContext:
     # F layers that act as S layers for this forward (their indexer is not called, they reuse
     # ctx.topk): lets calibration score any F/S plan on one all-F model without rebuilding it.
     skip_indexer: frozenset[int] = frozenset()
+    # The prefill indexer's launch plan for this forward, made once by the engine for all F
+    # layers (None: each layer derives it, reading the lengths back to the host).
+    indexer_plan: PrefillTiles | None = None
 
     @classmethod
     def for_batch(
@@ -39,27 +43,23 @@ class ForwardContext:
         cache: KVCache,
         logits_indices: torch.Tensor | None = None,
     ) -> ForwardContext:
-        """Build the tensors from per-sequence (new, cached) token counts and page tables."""
+        """Build the tensors from per-sequence (new, cached) token counts and page tables, for
+        one-shot use (calibration, scratch forwards); the engine builds its own from flat lists
+        (serving/engine/model_runner.py)."""
         device = block_tables.device
         ps = cache.layout.page_size
-        positions, slots = [], []
-        for b, (n_new, n_cached) in enumerate(zip(seqs_new, seqs_cached, strict=True)):
-            pos = torch.arange(n_cached, n_cached + n_new, device=device)
-            positions.append(pos)
-            slots.append(block_tables[b, pos // ps].long() * ps + pos % ps)
-        cu = torch.zeros(len(seqs_new) + 1, dtype=torch.int32, device=device)
-        cu[1:] = torch.tensor(seqs_new, device=device).cumsum(0)
-        seq_lens = torch.tensor(
-            [a + b for a, b in zip(seqs_new, seqs_cached, strict=True)],
-            dtype=torch.int32,
-            device=device,
-        )
+        pairs = list(zip(seqs_new, seqs_cached, strict=True))
+        pos = torch.cat([torch.arange(c, c + n) for n, c in pairs]) if pairs else torch.zeros(0)
+        seq = torch.repeat_interleave(torch.arange(len(pairs)), torch.tensor(seqs_new))
+        pos, seq = pos.long().to(device), seq.to(device)
+        cu = torch.zeros(len(pairs) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(seqs_new, dtype=torch.int32).cumsum(0)
         return cls(
-            positions=torch.cat(positions),
-            cu_seqlens_q=cu,
-            seq_lens=seq_lens,
+            positions=pos,
+            cu_seqlens_q=cu.to(device),
+            seq_lens=torch.tensor([n + c for n, c in pairs], dtype=torch.int32, device=device),
             block_tables=block_tables.to(torch.int32),
-            slot_mapping=torch.cat(slots),
+            slot_mapping=block_tables[seq, pos // ps].long() * ps + pos % ps,
             cache=cache,
             is_decode=all(n == 1 for n in seqs_new),
             logits_indices=logits_indices,

@@ -16,6 +16,7 @@ from model.context import ForwardContext
 from model.index_cache import IndexCacheConfig
 from model.kv_cache import KVCache, KVLayout
 from model.layers.attention import GQAttention, MLAttention
+from model.layers.glue import add_rms_norm
 from model.layers.mlp import MLP, MoE
 from model.layers.norm import RMSNorm
 from model.layers.rotary import Rotary
@@ -33,8 +34,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        n = self.post_attention_layernorm
+        h, x = add_rms_norm(h, self.self_attn(self.input_layernorm(h), ctx), n.weight, n.eps)
+        return h + self.mlp(x)
 
 
 class DSAModel(nn.Module):

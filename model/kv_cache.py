@@ -133,6 +133,30 @@ class KVCache:
             if layout.index_fp8:
                 self.index_scale[i] = torch.ones(p, ps, dtype=torch.float32, device=device)
 
+    def shared_as(self, layout: KVLayout) -> KVCache:
+        """This pool's memory seen through another plan's layout, no copy: the same attention rows
+        and the indexer rows of the other plan's F layers (which must be F layers here too).
+        Benchmarks step two plans alternately on one pool this way."""
+        mine = KVLayout(
+            **{
+                **self.layout.to_dict(),
+                "index_layers": layout.index_layers,
+                "plan_id": layout.plan_id,
+            }
+        )
+        if mine != layout:
+            raise ValueError(f"layouts differ beyond the plan: {self.layout} vs {layout}")
+        missing = set(layout.index_layers) - set(self.layout.index_layers)
+        if missing:
+            raise ValueError(f"layers {sorted(missing)} hold no indexer rows in this pool")
+        view = object.__new__(KVCache)
+        view.layout, view.num_blocks = layout, self.num_blocks
+        view.k, view.v = self.k, self.v
+        keep = set(layout.index_layers)
+        view.index_k = [t if i in keep else None for i, t in enumerate(self.index_k)]
+        view.index_scale = [t if i in keep else None for i, t in enumerate(self.index_scale)]
+        return view
+
     def tensors(self) -> list[torch.Tensor]:
         """Every distinct storage tensor (v views of MLA rows excluded)."""
         out = list(self.k)

@@ -71,7 +71,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def decode_batch(self, seqs: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Many decodes in one call into the Rust tokenizer (the engine decodes once per step)."""
+        return self.tok.decode_batch(seqs, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **variables
+    ) -> str:
+        """`variables` reach the template as transformers passes them (e.g. `tools`)."""
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions with a prompt")
         return self._template.render(
@@ -79,7 +86,13 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **variables,
         )
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Added special tokens: text -> id."""
+        return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
 
 def _raise(msg: str):

@@ -3,6 +3,11 @@
 unified:        OpenAIIngress -> UnifiedServer
 disaggregated:  OpenAIIngress -> PrefillServer (first token + KV handle)
                               -> DecodeServer  (takes the KV payload, streams the rest)
+                or, when the uncached prompt part is short (routing.max_local_prefill_tokens),
+                OpenAIIngress -> DecodeServer  (prefills locally, streams everything)
+
+Engine deployments route by prompt prefix (Serve's PrefixCacheAffinityRouter over token ids,
+serving/routing.py), so a conversation's turns reach the replica whose prefix cache holds them.
 
 Pools with `autoscaling` get Serve autoscaling configs driven by autoscale/ray_policy.py; the
 others a fixed replica count. Engine deployments carry the plan settings as Serve `user_config`,
@@ -44,6 +49,7 @@ def engine_spec(config: ServingConfig, role: str) -> EngineSpec:
         tensor_transport=config.kv_transfer.tensor_transport,
         kv_timeout_s=config.kv_transfer.timeout_s,
         metrics_interval_s=config.metrics_interval_s,
+        max_local_prefill_tokens=config.routing.max_local_prefill_tokens,
     )
 
 
@@ -81,6 +87,9 @@ def deployment_options(config: ServingConfig, role: str) -> dict[str, Any]:
         # In-flight requests get this long to finish when a replica is scaled down.
         "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
     }
+    router = config.routing.router_config()
+    if router is not None:
+        opts["request_router_config"] = router
     if g.autoscaling is not None:
         opts["autoscaling_config"] = autoscaling_config(role, g.autoscaling)
     else:

@@ -8,13 +8,16 @@ The pydantic objects stop at the deployments: engines get plain keyword argument
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from serving.engine.config import EngineConfig
 from serving.env import env
 
 # The model `indexcache serve` uses when given none: SmolLM2-135M-Instruct with trained indexers
@@ -31,28 +34,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EngineArgs(_Strict):
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="weight and activation dtype"
-    )
-    device: str = Field("cpu", description="torch device of the engine: cpu, cuda, cuda:N")
-    max_num_seqs: int = Field(64, ge=1, description="sequences admitted to a batch at once")
-    max_num_batched_tokens: int = Field(
-        512, ge=1, description="token budget of one step (the chunked-prefill chunk size)"
-    )
-    max_model_len: int | None = Field(
-        None, ge=2, description="prompt + output tokens; None = the model's max_position_embeddings"
-    )
-    num_blocks: int | None = Field(None, ge=1, description="KV pages (overrides kv_memory_bytes)")
-    kv_memory_bytes: int | None = Field(None, ge=1, description="KV pool byte budget")
-    index_fp8: bool = Field(False, description="store indexer keys as FP8 e4m3 + scales")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="share of free GPU memory the default KV budget may take"
+class _EngineArgsBase(_Strict):
+    def engine_kwargs(self) -> dict[str, Any]:
+        """EngineConfig fields for LLMEngine.from_pretrained (the role is added by the caller)."""
+        return self.model_dump()
+
+
+def _engine_args_model() -> type[BaseModel]:
+    """EngineArgs: the pydantic face of serving/engine's EngineConfig, field for field (defaults and
+    descriptions come from there; the role comes from the replica group, not the YAML). The
+    dataclass's own checks run too, so the YAML and the engine refuse exactly the same values."""
+    hints = typing.get_type_hints(EngineConfig)
+    fields = {
+        f.name: (hints[f.name], Field(f.default, description=f.metadata["help"]))
+        for f in dataclasses.fields(EngineConfig)
+        if f.name != "role"
+    }
+
+    def check(self):
+        EngineConfig.from_kwargs(**self.model_dump())
+        return self
+
+    return create_model(
+        "EngineArgs",
+        __base__=_EngineArgsBase,
+        __validators__={"_check": model_validator(mode="after")(check)},
+        **fields,
     )
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for LLMEngine.from_pretrained (dtype stays a string here)."""
-        return self.model_dump()
+
+EngineArgs = _engine_args_model()
 
 
 class AutoscalingArgs(_Strict):
@@ -123,6 +134,14 @@ class IngressConfig(_Strict):
     )
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request omits it")
+    max_choices: int = Field(
+        16, ge=1, description="choices per request (n x prompts) a request may ask; 400 above"
+    )
+    tool_call_parser: Literal["auto", "hermes", "glm", "dsml"] = Field(
+        "auto",
+        description="tool-call format of the model: auto picks by model_type (deepseek_v32: "
+        "dsml, glm_moe_dsa: glm, others: hermes)",
+    )
     max_concurrent_requests: int = Field(
         512, ge=1, description="in-flight requests per ingress replica; 429 above"
     )
@@ -167,6 +186,59 @@ class KVTransferConfig(_Strict):
         return v
 
 
+class RoutingConfig(_Strict):
+    """Which engine replica takes a request, and (disaggregated) whether it needs a prefill
+    replica at all."""
+
+    prefix_affinity: bool = Field(
+        True,
+        description="route engine calls with Ray Serve's PrefixCacheAffinityRouter over token "
+        "prefixes (serving/routing.py), so requests sharing a prefix reach the replica caching it",
+    )
+    imbalanced_threshold: float | None = Field(
+        None,
+        ge=0,
+        description="queue-length gap between replicas above which routing ignores prefixes "
+        "and balances load; None = never",
+    )
+    match_rate_threshold: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="shortest matched share of a prompt that routes by prefix; below it the "
+        "replica with the fewest cached tokens takes the request",
+    )
+    prefix_tree_max_tokens: int = Field(
+        1_000_000, ge=1, description="router-side prefix tree size at which old prefixes go"
+    )
+    max_local_prefill_tokens: int = Field(
+        0,
+        ge=0,
+        description="disaggregated: a request whose uncached prompt part is at most this many "
+        "tokens is prefilled on the decode replica itself, longer ones on a prefill replica "
+        "(NVIDIA Dynamo's rule); 0 = always a prefill replica",
+    )
+
+    def router_config(self) -> dict[str, Any] | None:
+        """Serve's `request_router_config` of the engine deployments (None: Serve's default)."""
+        if not self.prefix_affinity:
+            return None
+        from serving.routing import ROUTER_PATH
+
+        return {
+            "request_router_class": ROUTER_PATH,
+            "request_router_kwargs": {
+                "imbalanced_threshold": self.imbalanced_threshold
+                if self.imbalanced_threshold is not None
+                else float("inf"),
+                "match_rate_threshold": self.match_rate_threshold,
+                "do_eviction": True,
+                "eviction_threshold_chars": self.prefix_tree_max_tokens,
+                "eviction_target_chars": int(self.prefix_tree_max_tokens * 0.9),
+            },
+        }
+
+
 class PlanConfig(_Strict):
     version: int | Literal["latest", "checkpoint"] = Field(
         "latest",
@@ -204,6 +276,7 @@ class ServingConfig(_Strict):
     decode: ReplicaGroupConfig = Field(default_factory=ReplicaGroupConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     plans: PlanConfig = Field(default_factory=PlanConfig)
     metrics_interval_s: float = Field(
         1.0, gt=0, description="how often replicas publish metric snapshots to the app's /metrics"

@@ -26,7 +26,13 @@ from serving.engine_host import EngineHost, layout_pattern
 from serving.errors import KVTransferError
 from serving.metrics_hub import MetricsPublisher
 from serving.plan_follower import PlanFollower
-from serving.protocol import DecodeRequest, GenerateRequest, KVReceived, PrefillResponse
+from serving.protocol import (
+    DecodeRequest,
+    GenerateRequest,
+    KVReceived,
+    PrefillResponse,
+    PrefillRoute,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ class EngineSpec:
     tensor_transport: str = "nixl"
     kv_timeout_s: float = 30.0
     metrics_interval_s: float = 1.0
+    max_local_prefill_tokens: int = 0  # decode: prefill locally when this few tokens are uncached
 
 
 class _EngineServer:
@@ -61,18 +68,18 @@ class _EngineServer:
         )
 
     def _build(self, pattern: str | None, kv_pool_bytes: int | None):
-        import torch
-
         from serving.engine import AsyncLLMEngine
 
         kw = dict(self.spec.engine_kwargs)
-        kw["dtype"] = getattr(torch, kw.get("dtype", "float32"))
         if kv_pool_bytes is not None and kw.get("num_blocks") is None:
             # A plan swap: the new pool gets the old one's bytes, not a share of what is free
             # while the old engine still holds its pool.
             kw["kv_memory_bytes"] = kv_pool_bytes
         return AsyncLLMEngine.from_pretrained(
-            self.spec.model_path, index_cache=pattern, role=self.spec.role, **kw
+            self.spec.model_path,
+            index_cache=pattern,
+            role=self.spec.role,
+            **kw,
         )
 
     # -- plans (serving/plan_follower.py) -------------------------------------------------------
@@ -100,6 +107,8 @@ class _EngineServer:
             "plan_source": plan.source,
             "plan_ids": self.host.plan_ids,
             "plan_error": self.plans.error,
+            # prompt + output tokens one request can have here (model limit and KV pool)
+            "max_model_len": plan_max_len(self.host),
         }
 
     def check_health(self) -> None:
@@ -118,6 +127,13 @@ class _EngineServer:
         self.plans.stop()
         await self.publisher.stop()
         await self.host.shutdown()
+
+
+def plan_max_len(host: EngineHost) -> int | None:
+    try:
+        return int(host.current.engine.engine.max_len)
+    except Exception:  # still loading
+        return None
 
 
 @serve.deployment
@@ -186,6 +202,25 @@ class DecodeServer(_EngineServer):
         from serving.kv_transfer import make_transport
 
         self.transport = make_transport(spec.kv_backend, spec.tensor_transport)
+        for local in (True, False):  # exported from the start, at 0
+            self.recorder.count_prefill_route(local, 0)
+
+    async def generate_or_defer(self, req: GenerateRequest):
+        """Selective disaggregation (NVIDIA Dynamo's rule): prefill here when the part of the
+        prompt this replica's prefix cache lacks is at most `max_local_prefill_tokens`
+        (typically a conversation's next turn, routed here by prefix); otherwise yield only
+        the route and end, and the ingress goes through a prefill replica. A resumed request
+        (failover) prefills its resumed tokens too, so they count as prompt here."""
+        ids = list(req.prompt_token_ids)
+        full = ids + list(req.resume.token_ids) if req.resume is not None else ids
+        async with self.host.acquire() as engine:
+            cached = await engine.cached_prefix_tokens(full)
+            local = len(full) - cached <= self.spec.max_local_prefill_tokens
+            self.recorder.count_prefill_route(local)
+            yield PrefillRoute(local, cached, len(full))
+            if local:
+                async for delta in engine.generate(req.request_id, ids, req.params, req.resume):
+                    yield delta
 
     async def decode(self, req: DecodeRequest):
         start = time.monotonic()

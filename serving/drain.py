@@ -90,6 +90,10 @@ class Drain:
                     raise self._ended() from None
                 finally:
                     self._waiting.discard(task)
+                    # A cancellation's traceback holds this frame and the task keeps that
+                    # exception: without this the stream would live on in a reference cycle
+                    # (and count as in flight) until the garbage collector runs.
+                    del task
                 yield item
         finally:
             await deltas.aclose()

@@ -37,6 +37,9 @@ COUNTERS = (
     "num_preemptions",
     "indexer_layers_run_total",
     "indexer_layers_skipped_total",
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
+    "prefix_cache_evictions_total",
 )
 
 
@@ -223,6 +226,8 @@ class EngineHost:
         out["num_waiting"] = sum(s.num_waiting for s in live)
         total = sum(s.kv_blocks_total for s in live)
         out["kv_usage"] = sum(s.kv_blocks_used for s in live) / total if total else 0.0
+        out["kv_cached"] = sum(s.kv_blocks_cached_free for s in live) / total if total else 0.0
+        out["prefix_cache_pages"] = sum(s.prefix_cache_pages for s in live)
         out["kv_capacity_tokens"] = sum(s.kv_capacity_tokens for s in live)
         if live:
             out["f_layer_ratio"] = live[-1].f_layer_ratio

@@ -14,11 +14,14 @@ and free its KV pages. An engine replica that dies under a request is failed ove
 # No `from __future__ import annotations` here: FastAPI reads route parameter types at runtime,
 # and string annotations on Serve-wrapped methods do not resolve (every route then answers 422).
 import asyncio
+import dataclasses
 import hmac
+import json
 import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,27 +46,29 @@ from serving.errors import (
 )
 from serving.failover import FailoverPolicy
 from serving.metrics_hub import MetricsPublisher
-from serving.openai_adapter import (
-    Limits,
-    ResponseBuilder,
-    check_model,
-    parse,
-    sampling_kwargs,
-    tokenize,
-)
+from serving.openai_adapter import Limits, check_model, parse, plan
+from serving.openai_response import ChoiceResult, ResponseBuilder
 from serving.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
+    Usage,
 )
-from serving.orchestrator import run_disaggregated, run_unified
+from serving.orchestrator import run_disaggregated, run_selective, run_unified
 from serving.protocol import GenerateRequest, PrefillResponse
-from serving.streaming import RequestTimer, collect, sse_events
+from serving.routing import own_request_id
+from serving.streaming import RequestTimer, collect, merge, sse, sse_events
 
 log = logging.getLogger(__name__)
 
 app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url=None)
+LIMITS_TTL_S = 30.0  # how long the engines' reported context length is trusted
+LIMITS_TIMEOUT_S = 10.0  # how long a limits refresh waits for each engine role
+LIMITS_RETRY_S = 1.0  # after a refresh that got no answer
+# /health waits this long for each engine role: it must answer within a second, also (503)
+# while a role has no replica that can answer.
+HEALTH_TIMEOUT_S = 0.8
 
 
 class _DisconnectOnCancelledReceive:
@@ -94,14 +99,10 @@ class _DisconnectOnCancelledReceive:
 app.add_middleware(_DisconnectOnCancelledReceive)
 
 
-# /health waits this long for each engine role: it must answer within a second, also (503)
-# while a role has no replica that can answer.
-HEALTH_TIMEOUT_S = 0.8
-
-
-def _error(e: OpenAIError) -> JSONResponse:
+def _error(e: OpenAIError, headers: dict | None = None) -> JSONResponse:
     retry = getattr(e, "retry_after_s", None)
-    headers = {"Retry-After": str(retry)} if retry is not None else None
+    if retry is not None:
+        headers = {**(headers or {}), "Retry-After": str(retry)}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -115,7 +116,9 @@ async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONRespo
     cls = NotFound if e.status_code == 404 else OpenAIError
     err = cls(str(e.detail))
     err.status = e.status_code
-    return _error(err)
+    if e.status_code == 405:
+        err.type = "invalid_request_error"
+    return _error(err, getattr(e, "headers", None))  # 405 keeps its Allow header
 
 
 @app.exception_handler(Exception)
@@ -150,6 +153,11 @@ class OpenAIIngress:
             ic.max_tokens_limit,
             ic.default_max_tokens,
         )
+        self.limits = dataclasses.replace(self.limits, max_choices=ic.max_choices)
+        self._config_max_len = self.limits.max_model_len
+        self._limits_at = float("-inf")
+        self._limits_lock = asyncio.Lock()
+        self._tool_setup(ic.tool_call_parser)
         self._keys = tuple(k.encode() for k in ic.api_keys)
         self._unified, self._prefill, self._decode = unified, prefill, decode
         # Requests in flight = live orchestrator streams. A weak set, not a counter: a stream
@@ -166,9 +174,11 @@ class OpenAIIngress:
 
     # -- clients of the engine deployments (orchestrator protocols) ------------------------------
     def generate(self, req: GenerateRequest):
+        own_request_id()
         return _cancel_on_exit(self._unified.options(stream=True).generate.remote(req))
 
     async def prefill(self, req: GenerateRequest) -> PrefillResponse:
+        own_request_id()
         resp = self._prefill.prefill.remote(req)
         try:
             return await resp
@@ -177,7 +187,50 @@ class OpenAIIngress:
             raise
 
     def decode(self, req):
+        own_request_id()
         return _cancel_on_exit(self._decode.options(stream=True).decode.remote(req))
+
+    def generate_or_defer(self, req: GenerateRequest):
+        own_request_id()
+        return _cancel_on_exit(self._decode.options(stream=True).generate_or_defer.remote(req))
+
+    def _tool_setup(self, parser: str) -> None:
+        from serving.engine.grammar import ll_tokenizer
+        from serving.tool_calls import tool_format
+
+        cfg = json.loads((Path(self.config.model) / "config.json").read_text())
+        eos = cfg.get("eos_token_id")
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos |= set(self.tokenizer.eos_token_ids)
+        specials = self.tokenizer.special_tokens
+        self.tool_format = tool_format(parser, cfg.get("model_type"), specials)
+        # The engine's own view of the vocabulary: grammars are checked against it here.
+        self.lltok = ll_tokenizer(self.tokenizer, cfg.get("vocab_size"), sorted(eos))
+        self.hidden_ids = frozenset(specials.values()) | frozenset(eos)
+
+    async def _limits_now(self) -> Limits:
+        """Limits with the context length the deployed engines hold for one request (the model's
+        limit or the KV pool, whichever is smaller), refreshed every LIMITS_TTL_S."""
+        if time.monotonic() - self._limits_at < LIMITS_TTL_S:
+            return self.limits
+        async with self._limits_lock:
+            if time.monotonic() - self._limits_at < LIMITS_TTL_S:
+                return self.limits
+            handles = [h for h in (self._unified, self._prefill, self._decode) if h is not None]
+            checks = await asyncio.gather(*(self._check(h, LIMITS_TIMEOUT_S) for h in handles))
+            lens = [c.get("max_model_len") if isinstance(c, dict) else None for c in checks]
+            if all(lens):
+                self.limits = dataclasses.replace(
+                    self.limits, max_model_len=min(self._config_max_len, *lens)
+                )
+                self._limits_at = time.monotonic()
+            else:  # engines still starting, or a role without a replica: the limit known so far
+                pairs = zip(checks, lens, strict=True)
+                why = [c if isinstance(c, str) else "loading" for c, n in pairs if not n]
+                log.warning("engines did not report their context length: %s", why)
+                # Ask again soon, not on every request (each would wait for the answer).
+                self._limits_at = time.monotonic() - LIMITS_TTL_S + LIMITS_RETRY_S
+        return self.limits
 
     # -- plumbing ------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -220,7 +273,8 @@ class OpenAIIngress:
             return TokenDelta([resp.first_token], resp.text, resp.finish_reason, resp.logprobs)
 
         # KV transfer time and bytes are recorded where they happen, on the decode replica.
-        return run_disaggregated(
+        run = run_selective if self.config.routing.max_local_prefill_tokens else run_disaggregated
+        return run(
             req,
             self,
             self,
@@ -235,15 +289,19 @@ class OpenAIIngress:
         self.drain_state.refuse()
         self._auth(request)
         body = await self._body(request)
-        req = parse(body, cls, self.limits)
+        limits = await self._limits_now()
+        req = parse(body, cls, limits)
         check_model(req, self.model_name)
-        # Off the event loop: long prompts take milliseconds to template and tokenize, and the
-        # Rust tokenizer releases the GIL.
-        ids = await asyncio.to_thread(tokenize, req, self.tokenizer)
+        chat = isinstance(req, ChatCompletionRequest)
+        # Off the event loop: long prompts take milliseconds to template and tokenize (the Rust
+        # tokenizer releases the GIL), and grammars compile here.
+        p = await asyncio.to_thread(
+            plan, req, self.tokenizer, limits, self.tool_format if chat else None, self.lltok
+        )
         from serving.engine import SamplingParams
 
         try:
-            params = SamplingParams(**sampling_kwargs(req, len(ids), self.limits))
+            params = [SamplingParams(**c.params) for c in p.choices]
         except ValueError as e:
             raise from_exception(e) from e
         if len(self._live) >= self.config.ingress.max_concurrent_requests:
@@ -252,35 +310,61 @@ class OpenAIIngress:
                 "in flight on this ingress replica; retry later",
                 code="rate_limit_exceeded",
             )
-        echo = ""
-        if isinstance(req, CompletionRequest) and req.echo:
-            p = req.single_prompt()
-            echo = p if isinstance(p, str) else self.tokenizer.decode(p)
         builder = ResponseBuilder(
-            isinstance(req, ChatCompletionRequest), self.model_name, self.tokenizer, echo
+            chat, self.model_name, self.tokenizer, self.lltok, self.hidden_ids
         )
-        greq = GenerateRequest(builder.id, tuple(ids), params)
         timer = RequestTimer(self.recorder, start)
-        deltas = self.drain_state.wrap(self._deltas(greq))
-        self._live.add(deltas)
-        try:
-            first = await anext(deltas)  # errors before the first token keep their HTTP status
-        except BaseException as e:
-            await deltas.aclose()
+        if p.no_engine:  # max_tokens 0: nothing to generate
+            return self._empty(req, p, builder)
+        streams = [
+            self.drain_state.wrap(
+                self._deltas(GenerateRequest(f"{builder.id}-{c.index}", tuple(c.prompt_ids), sp))
+            )
+            for c, sp in zip(p.choices, params, strict=True)
+        ]
+        for s in streams:
+            self._live.add(s)
+        # Every choice's first delta before the status line: errors keep their HTTP status.
+        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        failed = [f for f in firsts if isinstance(f, BaseException)]
+        if failed:
+            for s in streams:
+                await s.aclose()
+            e = failed[0]
             if isinstance(e, StopAsyncIteration):
                 raise InternalError("the engine returned no output") from e
             if isinstance(e, Exception):
                 raise from_exception(e) from e
-            raise
+            raise e
+        merged = merge(list(firsts), streams)
+        fmt = p.tool_format
         if req.stream:
             return StreamingResponse(
-                sse_events(first, deltas, builder, len(ids), req.include_usage, timer),
+                sse_events(
+                    merged, builder, p.num_prompt_tokens, req.include_usage, timer, p.choices, fmt
+                ),
                 media_type="text/event-stream",
             )
         try:
-            return JSONResponse(await collect(first, deltas, builder, len(ids), timer))
+            body = await collect(merged, builder, p.num_prompt_tokens, timer, p.choices, fmt)
+            return JSONResponse(body)
         finally:
-            await deltas.aclose()
+            await merged.aclose()
+
+    def _empty(self, req, p, builder: ResponseBuilder) -> Response:
+        results = [ChoiceResult(c.index, "", "length", echo=c.echo) for c in p.choices]
+        usage = Usage.of(p.num_prompt_tokens, 0)
+        if not req.stream:
+            return JSONResponse(builder.full(results, usage))
+
+        async def events():
+            for r in results:
+                yield sse(builder.chunk(r.index, "", "length", echo=r.echo))
+            if req.include_usage:
+                yield sse(builder.usage_chunk(usage))
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     # -- routes --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -294,6 +378,7 @@ class OpenAIIngress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._auth(request)
+        await self._limits_now()
         card = ModelCard(
             id=self.model_name, root=self.config.model, max_model_len=self.limits.max_model_len
         )
@@ -306,6 +391,7 @@ class OpenAIIngress:
             raise NotFound(
                 f"The model `{model}` does not exist", param="model", code="model_not_found"
             )
+        await self._limits_now()
         return ModelCard(
             id=self.model_name, root=self.config.model, max_model_len=self.limits.max_model_len
         ).model_dump()
@@ -332,15 +418,15 @@ class OpenAIIngress:
         }
 
     @staticmethod
-    async def _check(handle) -> dict[str, Any] | str:
+    async def _check(handle, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, Any] | str:
         """One replica's check() of a role, or why none answered."""
         resp = handle.check.remote()
         try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 return await resp
         except TimeoutError:
             resp.cancel()  # else it waits in Serve's queue for a replica to come up
-            return f"no replica answered within {HEALTH_TIMEOUT_S:.1f}s"
+            return f"no replica answered within {timeout_s:.1f}s"
         except Exception as e:
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 

@@ -139,7 +139,35 @@ INDEXER_LAYERS_SKIPPED = _counter(
 )
 NUM_REQUESTS_RUNNING = _gauge("num_requests_running", "Requests in the engine's running batch")
 NUM_REQUESTS_WAITING = _gauge("num_requests_waiting", "Requests queued in the engine")
-KV_CACHE_USAGE_RATIO = _gauge("kv_cache_usage_ratio", "Share of KV pages in use (0..1)")
+KV_CACHE_USAGE_RATIO = _gauge(
+    "kv_cache_usage_ratio", "Share of KV pages referenced by requests (0..1; cached-free excluded)"
+)
+KV_CACHE_CACHED_RATIO = _gauge(
+    "kv_cache_cached_ratio",
+    "Share of KV pages no request references that still hold a cached prefix (reusable; "
+    "evicted first when pages run out)",
+)
+# vLLM's prefix_cache_queries / prefix_cache_hits, in tokens.
+PREFIX_CACHE_QUERIES = _counter(
+    "prefix_cache_queries", "Prompt tokens looked up in the prefix cache on admission"
+)
+PREFIX_CACHE_HITS = _counter(
+    "prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed)"
+)
+PREFIX_CACHE_EVICTIONS = _counter(
+    "prefix_cache_evictions", "Cached KV pages reclaimed for new allocations"
+)
+PREFIX_CACHE_PAGES = _gauge(
+    "prefix_cache_pages", "KV pages registered in the prefix cache, referenced or not"
+)
+LOCAL_PREFILL_REQUESTS = _counter(
+    "local_prefill_requests",
+    "Disaggregated: requests a decode replica prefilled itself (short uncached prompt part)",
+)
+REMOTE_PREFILL_REQUESTS = _counter(
+    "remote_prefill_requests",
+    "Disaggregated: requests a decode replica sent on through a prefill replica",
+)
 # Load tests size their concurrency from it (loadtest/, the saturate scenario).
 KV_CACHE_CAPACITY_TOKENS = _gauge(
     "kv_cache_capacity_tokens", "Token slots in the replica's KV pool (pages x page size)"
@@ -180,6 +208,13 @@ METRIC_NAMES: tuple[str, ...] = tuple(
         NUM_REQUESTS_RUNNING,
         NUM_REQUESTS_WAITING,
         KV_CACHE_USAGE_RATIO,
+        KV_CACHE_CACHED_RATIO,
+        PREFIX_CACHE_QUERIES,
+        PREFIX_CACHE_HITS,
+        PREFIX_CACHE_EVICTIONS,
+        PREFIX_CACHE_PAGES,
+        LOCAL_PREFILL_REQUESTS,
+        REMOTE_PREFILL_REQUESTS,
         KV_CACHE_CAPACITY_TOKENS,
         F_LAYER_RATIO,
         PLAN_VERSION,
@@ -196,11 +231,16 @@ _ENGINE_COUNTERS = {
     "num_preemptions": NUM_PREEMPTIONS,
     "indexer_layers_run_total": INDEXER_LAYERS_RUN,
     "indexer_layers_skipped_total": INDEXER_LAYERS_SKIPPED,
+    "prefix_cache_queries_total": PREFIX_CACHE_QUERIES,
+    "prefix_cache_hits_total": PREFIX_CACHE_HITS,
+    "prefix_cache_evictions_total": PREFIX_CACHE_EVICTIONS,
 }
 _ENGINE_GAUGES = {
     "num_running": NUM_REQUESTS_RUNNING,
     "num_waiting": NUM_REQUESTS_WAITING,
     "kv_usage": KV_CACHE_USAGE_RATIO,
+    "kv_cached": KV_CACHE_CACHED_RATIO,
+    "prefix_cache_pages": PREFIX_CACHE_PAGES,
     "kv_capacity_tokens": KV_CACHE_CAPACITY_TOKENS,
     "f_layer_ratio": F_LAYER_RATIO,
     "plan_version": PLAN_VERSION,
@@ -235,6 +275,10 @@ class Recorder:
 
     def count_failover(self, migrated: bool) -> None:
         (REQUEST_MIGRATIONS if migrated else REQUEST_RETRIES).labels(**self.labels).inc()
+
+    def count_prefill_route(self, local: bool, n: int = 1) -> None:
+        """A decode replica's selective-disaggregation choice (n=0 exports both at zero)."""
+        (LOCAL_PREFILL_REQUESTS if local else REMOTE_PREFILL_REQUESTS).labels(**self.labels).inc(n)
 
     def update_engine(self, values: Mapping[str, float]) -> None:
         """Engine statistics: cumulative totals become counter increments, the rest gauges."""

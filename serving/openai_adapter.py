@@ -1,31 +1,58 @@
-"""OpenAI requests in, engine requests out; engine deltas in, OpenAI responses and SSE out.
+"""OpenAI requests in, engine requests out: parse and validate, template and tokenize once, apply
+every limit, and plan the choices (n per prompt) with their sampling parameters.
 
-No Ray and no FastAPI: the ingress calls these, tests call them directly. The prompt is
-tokenized here, once; every limit is checked before any engine sees the request.
+No Ray and no FastAPI: the ingress calls these, tests call them directly. Every limit is checked
+before any engine sees the request; the errors use OpenAI's (and vLLM's) wording and fields, so
+client libraries that parse them (litellm's context-window fallbacks) react as they do there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
 from pydantic import ValidationError
 
 from serving.errors import BadRequest, NotFound, PayloadTooLarge, Unprocessable
-from serving.openai_schema import ChatCompletionRequest, CompletionRequest, Usage
+from serving.openai_schema import ChatCompletionRequest, CompletionRequest
+from serving.structured import check as check_grammar
+from serving.structured import request_grammar, tool_plan
+from serving.tool_calls import ToolFormat
+
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int
     max_prompt_tokens: int
-    max_model_len: int
+    max_model_len: int  # what the deployed engines hold for one request (prompt + output)
     max_tokens_limit: int
     default_max_tokens: int
+    max_choices: int = 16  # n x prompts
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    params: dict[str, Any]  # SamplingParams keyword arguments
+    echo: str = ""
+
+
+@dataclass
+class Plan:
+    """What the ingress runs for one request."""
+
+    choices: list[Choice]
+    num_prompt_tokens: int  # each distinct prompt once, as OpenAI counts usage
+    tool_format: ToolFormat | None = None  # parse tool calls out of the output
+    tools_forced: bool = False
+    no_engine: bool = False  # max_tokens 0: the answer is the (echoed) prompt alone
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | CompletionRequest:
@@ -38,13 +65,25 @@ def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | Com
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not valid JSON: {e}", code="invalid_json") from e
+    except RecursionError as e:
+        raise BadRequest(
+            f"request body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json"
+        ) from e
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
+    check_json(data)
     try:
         req = cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+        param = ".".join(loc) or None
+        if err["type"] == "extra_forbidden":  # OpenAI's wording for a field it does not define
+            raise BadRequest(
+                f"Unrecognized request argument supplied: {param}",
+                param=param,
+                code="unknown_parameter",
+            ) from e
         raise BadRequest(
             f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value"
         ) from e
@@ -52,6 +91,49 @@ def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | Com
     if unsupported is not None:
         raise BadRequest(unsupported[1], param=unsupported[0], code="unsupported_parameter")
     return req
+
+
+def _is_union_tag(p) -> bool:
+    # pydantic puts the union member it tried in the location ("str", "list[int]", ...)
+    return isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p)
+
+
+def check_json(data: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Depth and text encoding of a parsed body: 400 naming the field, before anything recurses
+    over it or encodes its strings (a lone surrogate such as \\ud800 is valid JSON, not UTF-8)."""
+    stack = [(data, (), 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > max_depth:
+            raise BadRequest(
+                f"{_path(path)}: JSON is nested more than {max_depth} levels deep",
+                param=_path(path),
+                code="invalid_value",
+            )
+        if isinstance(node, dict):
+            for k, v in node.items():
+                _utf8(k, path)
+                stack.append((v, (*path, k), depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, (*path, i), depth + 1) for i, v in enumerate(node))
+        elif isinstance(node, str):
+            _utf8(node, path)
+
+
+def _utf8(s: str, path: tuple) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(
+            f"{_path(path) or 'body'}: text is not valid Unicode ({e.reason} at {e.start})",
+            param=_path(path) or None,
+            code="invalid_value",
+        ) from e
+
+
+def _path(path: tuple) -> str:
+    parts = [str(p) for p in path]
+    return ".".join(parts if len(parts) <= 8 else [*parts[:8], "..."])
 
 
 def check_model(req: ChatCompletionRequest | CompletionRequest, served: str) -> None:
@@ -63,178 +145,240 @@ def check_model(req: ChatCompletionRequest | CompletionRequest, served: str) -> 
         )
 
 
-def tokenize(req: ChatCompletionRequest | CompletionRequest, tokenizer) -> list[int]:
-    if isinstance(req, ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        if tokenizer.chat_template is None:
-            raise Unprocessable(
-                "this model has no chat template; use /v1/completions",
-                param="messages",
-                code="no_chat_template",
-            )
-        try:
-            text = tokenizer.apply_chat_template(messages)
-        except jinja2.TemplateError as e:
-            raise BadRequest(
-                f"messages rejected by the chat template: {e}", param="messages"
-            ) from e
-        return tokenizer.encode(text)
-    prompt = req.single_prompt()
+# -- prompts ------------------------------------------------------------------------------------
+def chat_messages(req: ChatCompletionRequest, fmt: ToolFormat | None, tools, native: bool):
+    """Messages for the chat template: `developer` is `system`, `function` is `tool`; tool calls
+    of earlier turns as the template expects them, or (templates without tool support) as text
+    in the model's format, with the tool list in a system message."""
+    out = []
+    for m in req.messages:
+        role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
+        msg: dict[str, Any] = {"role": role, "content": m.text()}
+        calls = [c.function for c in m.tool_calls or () if c.function] + (
+            [m.function_call] if m.function_call else []
+        )
+        if calls and native:
+            msg["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": _args(c.arguments)}}
+                for c in calls
+            ]
+        elif calls and fmt is not None:
+            text = "\n".join(fmt.render_call(c.name, _args(c.arguments)) for c in calls)
+            msg["content"] = (msg["content"] + "\n" + text).strip()
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    if tools and fmt is not None and not native:
+        prompt = fmt.system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def _args(arguments: str) -> Any:
+    try:
+        return json.loads(arguments) if arguments else {}
+    except ValueError:
+        return arguments
+
+
+def tokenize_chat(req: ChatCompletionRequest, tokenizer, fmt, tools) -> list[int]:
+    if tokenizer.chat_template is None:
+        raise Unprocessable(
+            "this model has no chat template; use /v1/completions",
+            param="messages",
+            code="no_chat_template",
+        )
+    native = "tools" in tokenizer.chat_template
+    messages = chat_messages(req, fmt, tools, native)
+    extra = {"tools": [{"type": "function", "function": t.model_dump()} for t in tools]}
+    try:
+        text = tokenizer.apply_chat_template(messages, **(extra if native and tools else {}))
+    except jinja2.TemplateError as e:
+        raise BadRequest(f"messages rejected by the chat template: {e}", param="messages") from e
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise BadRequest(f"messages rejected by the chat template: {e}", param="messages") from e
+    return tokenizer.encode(text)
+
+
+def tokenize_prompt(prompt: str | list[int], tokenizer, index: int, multi: bool) -> list[int]:
+    param = f"prompt.{index}" if multi else "prompt"
     if isinstance(prompt, str):
+        if not prompt:  # the document start, as OpenAI's default prompt <|endoftext|>
+            start = tokenizer.bos_token or tokenizer.eos_token
+            tid = tokenizer.tok.token_to_id(start) if start else None
+            if tid is None:
+                raise BadRequest("the prompt is empty", param=param, code="invalid_value")
+            return [tid]
         return tokenizer.encode(prompt)
     vocab = tokenizer.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise BadRequest(
             f"prompt token ids must be in [0, {vocab}), got {bad[:5]}",
-            param="prompt",
+            param=param,
             code="invalid_value",
         )
+    if not prompt:
+        raise BadRequest("the prompt is empty", param=param, code="invalid_value")
     return list(prompt)
 
 
-def sampling_kwargs(
-    req: ChatCompletionRequest | CompletionRequest, num_prompt: int, limits: Limits
-) -> dict[str, Any]:
-    """Keyword arguments for the engine's SamplingParams, after every length limit."""
-    param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-    if num_prompt == 0:
-        raise BadRequest("the prompt is empty", param=param, code="invalid_value")
-    if num_prompt > limits.max_prompt_tokens:
-        raise BadRequest(
-            f"the prompt has {num_prompt} tokens; the limit is {limits.max_prompt_tokens}",
-            param=param,
-            code="context_length_exceeded",
-        )
-    room = limits.max_model_len - num_prompt
-    max_tokens = req.requested_max_tokens
-    mt_param = (
-        "max_completion_tokens"
-        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens
-        else "max_tokens"
-    )
+# -- limits and sampling ------------------------------------------------------------------------
+def context_error(limit: int, n_prompt: int, max_tokens: int | None, param: str) -> BadRequest:
+    """vLLM's and OpenAI's wording (client libraries match on it), code context_length_exceeded."""
+    what = "messages" if param == "messages" else "prompt"
     if max_tokens is None:
-        max_tokens = min(limits.default_max_tokens, room)
-    elif max_tokens > limits.max_tokens_limit:
+        msg = (
+            f"This model's maximum context length is {limit} tokens. However, your {what} "
+            f"resulted in {n_prompt} tokens. Please reduce the length of the {what}."
+        )
+    else:
+        msg = (
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the {what}, {max_tokens} in the "
+            f"completion). Please reduce the length of the {what} or completion."
+        )
+    return BadRequest(msg, param=param, code="context_length_exceeded")
+
+
+def max_tokens_for(
+    req: ChatCompletionRequest | CompletionRequest, n_prompt: int, limits: Limits, param: str
+) -> int:
+    limit = limits.max_model_len
+    if n_prompt > min(limits.max_prompt_tokens, limit - 1):
+        err = context_error(limit, n_prompt, None, param)
+        if limits.max_prompt_tokens < limit - 1:
+            err.message += f" This server accepts at most {limits.max_prompt_tokens} prompt tokens."
+        raise err
+    room = limit - n_prompt
+    asked = req.requested_max_tokens
+    if asked is None:
+        return min(limits.default_max_tokens, room)
+    lowest = 0 if isinstance(req, CompletionRequest) else 1
+    if asked < lowest:
         raise BadRequest(
-            f"{mt_param} is {max_tokens}; the limit is {limits.max_tokens_limit}",
-            param=mt_param,
+            f"{req.max_tokens_param} must be >= {lowest}, got {asked}",
+            param=req.max_tokens_param,
             code="invalid_value",
         )
-    if max_tokens > room:
+    if asked > limits.max_tokens_limit:
         raise BadRequest(
-            f"the prompt ({num_prompt} tokens) plus {mt_param} ({max_tokens}) "
-            f"exceeds the context length {limits.max_model_len}",
-            param=mt_param,
-            code="context_length_exceeded",
+            f"{req.max_tokens_param} is {asked}; the limit is {limits.max_tokens_limit}",
+            param=req.max_tokens_param,
+            code="invalid_value",
+        )
+    if asked > room:
+        raise context_error(limit, n_prompt, asked, param)
+    return asked
+
+
+def base_params(req: ChatCompletionRequest | CompletionRequest, vocab: int) -> dict[str, Any]:
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if top_p == 0:  # the smallest nucleus is the most likely token
+        temperature, top_p = 0.0, 1.0
+    bias = {}
+    for k, v in (req.logit_bias or {}).items():
+        if not k.lstrip("-").isdigit() or not 0 <= int(k) < vocab:
+            raise BadRequest(
+                f"logit_bias keys must be token ids in [0, {vocab}), got {k!r}",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        if not -100 <= v <= 100:
+            raise BadRequest(
+                f"logit_bias values must be in [-100, 100], got {v!r} for token {k}",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        bias[int(k)] = float(v)
+    stop_ids = tuple(req.stop_token_ids or ())
+    if any(not 0 <= t < vocab for t in stop_ids):
+        raise BadRequest(
+            f"stop_token_ids must be token ids in [0, {vocab})",
+            param="stop_token_ids",
+            code="invalid_value",
         )
     return {
-        "max_tokens": max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "top_k": req.top_k,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": -1 if req.top_k is None else req.top_k,
         "seed": req.seed,
         "stop": req.stop_list,
-        "stop_token_ids": tuple(req.stop_token_ids or ()),
-        "ignore_eos": req.ignore_eos,
+        "stop_token_ids": stop_ids,
+        "ignore_eos": bool(req.ignore_eos),
         "logprobs": req.logprobs_k,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "repetition_penalty": req.repetition_penalty or 1.0,
+        "logit_bias": tuple(sorted(bias.items())),
     }
 
 
-# -- responses ----------------------------------------------------------------------------------
-class ResponseBuilder:
-    """OpenAI JSON for one request: whole responses, stream chunks, the usage chunk."""
-
-    def __init__(self, chat: bool, model: str, tokenizer, echo: str = ""):
-        self.chat, self.model, self.tokenizer = chat, model, tokenizer
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.object = "chat.completion" if chat else "text_completion"
-        self.echo = echo
-        self._offset = 0  # completions logprobs: text_offset of the next token
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def full(
-        self, text: str, finish_reason: str | None, usage: Usage, logprobs: list | None
-    ) -> dict[str, Any]:
-        lp = self.logprobs(logprobs) if logprobs is not None else None
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": lp,
-                "finish_reason": finish_reason,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": self.echo + text,
-                "logprobs": lp,
-                "finish_reason": finish_reason,
-            }
-        return {**self._base(self.object), "choices": [choice], "usage": usage.model_dump()}
-
-    def chunk(
-        self,
-        text: str,
-        finish_reason: str | None = None,
-        logprobs: list | None = None,
-        first: bool = False,
-    ) -> dict[str, Any]:
-        lp = self.logprobs(logprobs) if logprobs else None
-        if self.chat:
-            delta: dict[str, Any] = (
-                {"role": "assistant", "content": text}
-                if first
-                else ({"content": text} if text or finish_reason is None else {})
-            )
-            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        text = (self.echo + text) if first else text
-        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
-        return {**self._base("text_completion"), "choices": [choice]}
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._base(obj), "choices": [], "usage": usage.model_dump()}
-
-    def logprobs(self, items: list) -> dict[str, Any]:
-        """Engine `Logprob`s -> OpenAI's chat or completions logprobs object."""
-        tok = self.tokenizer
-        if self.chat:
-
-            def entry(tid: int, lp: float) -> dict[str, Any]:
-                s = tok.decode([tid], skip_special_tokens=False)
-                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-
-            return {
-                "content": [
-                    {
-                        **entry(x.token_id, x.logprob),
-                        "top_logprobs": [entry(t, lp) for t, lp in x.top],
-                    }
-                    for x in items
-                ]
-            }
-        out: dict[str, list] = {
-            "tokens": [],
-            "token_logprobs": [],
-            "top_logprobs": [],
-            "text_offset": [],
-        }
-        for x in items:
-            s = tok.decode([x.token_id], skip_special_tokens=False)
-            out["tokens"].append(s)
-            out["token_logprobs"].append(x.logprob)
-            out["top_logprobs"].append(
-                {tok.decode([t], skip_special_tokens=False): lp for t, lp in x.top}
-            )
-            out["text_offset"].append(self._offset)
-            self._offset += len(s)
-        return out
+def _seeded(params: dict[str, Any], i: int) -> dict[str, Any]:
+    """Choice i of n: its own seed (seed + i), so choices differ and each reproduces."""
+    if params["seed"] is None or i == 0:
+        return params
+    seed = params["seed"] + i
+    if seed >= 2**63:
+        seed -= 2**64
+    return {**params, "seed": seed}
 
 
-def sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+def plan(
+    req: ChatCompletionRequest | CompletionRequest,
+    tokenizer,
+    limits: Limits,
+    tool_format: ToolFormat | None,
+    lltok=None,
+) -> Plan:
+    """Tokenize, apply the limits, and lay out the choices (blocking: run it off the loop)."""
+    vocab = tokenizer.vocab_size
+    params = base_params(req, vocab)
+    if isinstance(req, ChatCompletionRequest):
+        tools, mode, _ = tool_plan(req)
+        offered = tools if mode != "none" else []
+        ids = tokenize_chat(req, tokenizer, tool_format, offered)
+        grammar, gparam = request_grammar(req, tool_format, tools, mode)
+        if grammar is not None:
+            if lltok is not None:
+                check_grammar(grammar, gparam, lltok)
+            params["grammar"] = grammar
+        if offered:  # markers of the format (special tokens included) must reach the parser
+            params["skip_special_tokens"] = False
+        prompts, echoes, param = [ids], [""], "messages"
+        fmt = tool_format if offered else None
+    else:
+        raw = req.prompts()
+        multi = len(raw) > 1
+        prompts = [tokenize_prompt(p, tokenizer, i, multi) for i, p in enumerate(raw)]
+        echoes = [
+            (p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in raw
+        ]
+        param, fmt, mode = "prompt", None, "none"
+    n = req.n_choices
+    if n * len(prompts) > limits.max_choices:
+        raise BadRequest(
+            f"n ({n}) x prompts ({len(prompts)}) is more than this server's limit of "
+            f"{limits.max_choices} choices per request",
+            param="n",
+            code="unsupported_parameter",
+        )
+    choices, n_prompt = [], 0
+    for pi, ids in enumerate(prompts):
+        mt = max_tokens_for(req, len(ids), limits, param)
+        n_prompt += len(ids)
+        for j in range(n):
+            kw = {**_seeded(params, j), "max_tokens": max(mt, 1)}
+            choices.append(Choice(pi * n + j, ids, kw, echoes[pi]))
+    no_engine = req.requested_max_tokens == 0
+    return Plan(choices, n_prompt, fmt, mode in ("required", "named"), no_engine)
+
+
+def replace_params(choice: Choice, **kw) -> Choice:
+    return dataclasses.replace(choice, params={**choice.params, **kw})

@@ -1,9 +1,12 @@
-"""OpenAI API shapes we serve (the subset of /v1/chat/completions, /v1/completions, /v1/models).
+"""OpenAI API shapes we serve: /v1/chat/completions, /v1/completions, /v1/models.
 
-Requests reject unknown fields, as every config edge here does; fields OpenAI clients commonly
-send that do not change generation (`user`, `metadata`, ...) are accepted and ignored. Extra
-sampling fields follow vLLM's names (`top_k`, `ignore_eos`, `stop_token_ids`), which clients
-send through `extra_body`.
+Requests follow the official OpenAPI spec (a pinned copy lives in tests/openai_spec/): every field
+it defines is accepted, explicit `null` means the default (SDKs and agents send nulls), and ranges
+are the spec's. Unknown fields are rejected. A field we accept but cannot honour is refused with
+400 `unsupported_parameter` naming it (UNSUPPORTED lists them; /openapi.json publishes them), never
+ignored; fields that do not change generation (`user`, `metadata`, `store`, ...) are accepted and
+have no effect. Extra sampling fields follow vLLM's names (`top_k`, `repetition_penalty`,
+`ignore_eos`, `stop_token_ids`), which clients send through `extra_body`.
 """
 
 from __future__ import annotations
@@ -11,157 +14,224 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64 = 2**63
+# Fields of the spec this server refuses (400 unsupported_parameter) when set to a value that
+# would need them; documented in /openapi.json and checked by the schemathesis run.
+UNSUPPORTED = {
+    "audio": "audio output is not supported",
+    "modalities": "only the text modality is supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "moderation": "moderation is not supported",
+    "suffix": "suffix (insertion) is not supported",
+    "best_of": "best_of other than n is not supported",
+    "messages.content": "only text content parts are supported (no image, audio or file input)",
+    "tools.custom": "custom (free-form) tools are not supported; use function tools",
+    "tool_choice.custom": "custom tool choices are not supported",
+}
 
 
-class _Request(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    # vLLM-style extras
-    top_k: int = Field(-1, ge=-1)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    # accepted, no effect on generation
-    user: str | None = None
-    metadata: dict[str, Any] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
 
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int) -> int:
-        if v == 0:
-            raise ValueError("top_k must be -1 (off) or >= 1")
-        return v
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return v
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """(param, message) of a valid OpenAI value this server does not implement, else None.
-        Reported as 400 naming the field, never silently ignored."""
-        if self.n != 1:
-            return "n", "only n=1 is supported"
-        if self.presence_penalty or self.frequency_penalty:
-            return (
-                "presence_penalty" if self.presence_penalty else "frequency_penalty",
-                "presence and frequency penalties are not supported",
-            )
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
-        if self.stream_options is not None and not self.stream:
-            return "stream_options", "stream_options needs stream=true"
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function", "custom"] = "function"
+    function: FunctionCallIn | None = None
+    custom: dict[str, Any] | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    refusal: str | None = None  # assistant
+    audio: dict[str, Any] | None = None  # assistant: a previous audio answer
+    function_call: FunctionCallIn | None = None  # assistant, deprecated
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.get("text") or p.get("refusal") or "" for p in self.content)
+        return self.content or ""
+
+    def unsupported_part(self) -> str | None:
+        for p in self.content if isinstance(self.content, list) else ():
+            if p.get("type") not in ("text", "refusal") or not isinstance(
+                p.get("text", p.get("refusal")), str
+            ):
+                return str(p.get("type"))
         return None
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function", "custom"]
+    function: FunctionDef | None = None
+    custom: dict[str, Any] | None = None
+
+
+class _Request(_Strict):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM-style extras
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+
+    @property
+    def n_choices(self) -> int:
+        return self.n or 1
 
     @property
     def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(s for s in stops if s)  # an empty stop string cannot mean anything
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
+    def common_unsupported(self) -> tuple[str, str] | None:
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            return "stop", "at most 4 stop sequences"
+        if self.top_k == 0:
+            return "top_k", "top_k must be -1 (off) or >= 1"
+        return None
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = Field(None, min_length=1, max_length=128)
+    function_call: str | dict[str, Any] | None = None
+    # accepted, no effect on generation
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    safety_identifier: str | None = Field(None, max_length=64)
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    # refused when set (UNSUPPORTED)
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: Any = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tool calling is not supported"
-        if self.response_format and self.response_format.get("type") != "text":
-            return "response_format", "only response_format type 'text' is supported"
+        for name in ("audio", "prediction", "web_search_options", "moderation"):
+            if getattr(self, name) is not None:
+                return name, UNSUPPORTED[name]
+        if self.modalities and "audio" in self.modalities:
+            return "modalities", UNSUPPORTED["modalities"]
+        for i, m in enumerate(self.messages):
+            part = m.unsupported_part()
+            if part is not None:
+                return f"messages.{i}.content", f"{UNSUPPORTED['messages.content']}: {part!r}"
+        for i, t in enumerate(self.tools or ()):
+            if t.type != "function" or t.function is None:
+                return f"tools.{i}", UNSUPPORTED["tools.custom"]
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs=true"
-        return super().unsupported()
+        return self.common_unsupported()
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @property
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def function_tools(self) -> list[FunctionDef]:
+        """Tools as function definitions (the deprecated `functions` included)."""
+        return [t.function for t in self.tools or () if t.function] + list(self.functions or ())
+
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
-            return "suffix", "suffix is not supported"
-        if self.best_of not in (None, 1):
-            return "best_of", "only best_of=1 is supported"
-        p = self.prompt
-        if isinstance(p, list) and not p:
-            return "prompt", "prompt is empty"
-        if isinstance(p, list) and isinstance(p[0], str | list) and len(p) != 1:
-            return "prompt", "one prompt per request is supported"
-        return super().unsupported()
+            return "suffix", UNSUPPORTED["suffix"]
+        if self.best_of not in (None, 0, 1, self.n_choices):
+            return "best_of", UNSUPPORTED["best_of"]
+        return self.common_unsupported()
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one or several; an absent or empty one is the document start ('')."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], str | list):
-            return p[0]
-        return p
+        if p is None or p == []:
+            return [""]
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
 
     @property
     def logprobs_k(self) -> int | None:
@@ -204,8 +274,3 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-_Request.model_rebuild()
-ChatCompletionRequest.model_rebuild()
-CompletionRequest.model_rebuild()

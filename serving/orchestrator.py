@@ -2,7 +2,10 @@
 
 Disaggregated: prefill (first token + KV handle) -> the first token is streamed at once (TTFT
 ends here) -> decode takes the payload (acknowledged with `KVReceived`, under a timeout) ->
-decode streams the rest. Unified: one engine streams everything.
+decode streams the rest. Unified: one engine streams everything. Selective (disaggregated with a
+local-prefill threshold): the decode replica the router picks first looks the prompt up in its
+prefix cache and, when the uncached part is short, prefills it itself and streams everything;
+otherwise it answers so at once and the request takes the disaggregated path.
 
 Whatever ends the request early (client disconnect, task cancelled, an error at any step), the
 `finally` blocks close the downstream streams, which cancels the remote calls and makes the
@@ -21,7 +24,13 @@ from typing import Any, Protocol
 
 from serving.errors import InternalError, KVTransferError
 from serving.failover import FailoverPolicy, with_failover
-from serving.protocol import DecodeRequest, GenerateRequest, KVReceived, PrefillResponse
+from serving.protocol import (
+    DecodeRequest,
+    GenerateRequest,
+    KVReceived,
+    PrefillResponse,
+    PrefillRoute,
+)
 
 
 class EngineClient(Protocol):
@@ -34,6 +43,10 @@ class PrefillClient(Protocol):
 
 class DecodeClient(Protocol):
     def decode(self, req: DecodeRequest) -> AsyncIterator[Any]: ...
+
+
+class LocalDecodeClient(DecodeClient, Protocol):
+    def generate_or_defer(self, req: GenerateRequest) -> AsyncIterator[Any]: ...
 
 
 async def _aclose(stream: Any) -> None:
@@ -100,7 +113,9 @@ async def _disaggregated_once(
             return
         if kv is None:
             raise InternalError("prefill returned neither a finish reason nor a KV payload")
-        stream = decode.decode(DecodeRequest(req.request_id, kv, req.params, req.resume))
+        stream = decode.decode(
+            DecodeRequest(req.request_id, kv, req.params, req.prompt_token_ids, req.resume)
+        )
         try:
             async with asyncio.timeout(kv_timeout_s):  # not wait_for: see kv_transfer.py
                 ack = await anext(stream)
@@ -128,3 +143,58 @@ async def _disaggregated_once(
             kv.release()
         if stream is not None:
             await _aclose(stream)
+
+
+def run_selective(
+    req: GenerateRequest,
+    prefill: PrefillClient,
+    decode: LocalDecodeClient,
+    *,
+    kv_timeout_s: float,
+    on_kv_received: Callable[[KVReceived], None] | None = None,
+    make_delta: Callable[[PrefillResponse], Any],
+    failover: FailoverPolicy | None = None,
+    on_restart: Callable[[bool], None] | None = None,
+) -> AsyncIterator[Any]:
+    """Ask a decode replica to prefill locally; fall back to the disaggregated flow when it
+    defers (keyword arguments are run_disaggregated's). With failover, a new attempt asks a
+    decode replica again (the resumed tokens count as uncached prompt)."""
+
+    def once(r: GenerateRequest) -> AsyncIterator[Any]:
+        return _selective_once(r, prefill, decode, kv_timeout_s, on_kv_received, make_delta)
+
+    if failover is None:
+        return once(req)
+    return with_failover(req, once, failover, on_restart)
+
+
+async def _selective_once(
+    req: GenerateRequest,
+    prefill: PrefillClient,
+    decode: LocalDecodeClient,
+    kv_timeout_s: float,
+    on_kv_received: Callable[[KVReceived], None] | None,
+    make_delta: Callable[[PrefillResponse], Any],
+) -> AsyncIterator[Any]:
+    stream = decode.generate_or_defer(req)
+    try:
+        try:
+            route = await anext(stream)
+        except StopAsyncIteration as e:
+            raise InternalError("the decode replica ended the stream without a route") from e
+        if not isinstance(route, PrefillRoute):
+            raise InternalError(
+                f"decode stream must start with PrefillRoute, got {type(route).__name__}"
+            )
+        if route.local:
+            async for delta in stream:
+                yield delta
+            return
+    finally:
+        await _aclose(stream)
+    flow = _disaggregated_once(req, prefill, decode, kv_timeout_s, on_kv_received, make_delta)
+    try:
+        async for delta in flow:
+            yield delta
+    finally:
+        await flow.aclose()

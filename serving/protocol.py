@@ -44,7 +44,19 @@ class DecodeRequest:
     request_id: str
     kv: KVHandle
     params: SamplingParams
+    prompt_token_ids: tuple[int, ...] = ()  # the routing key: the replica caching this prefix
     resume: Resume | None = None  # the payload was re-prefilled with these tokens (failover)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRoute:
+    """First item of a decode replica's `generate_or_defer` stream: whether it prefills the
+    request itself (its deltas follow) or the ingress must go through a prefill replica (the
+    stream ends here)."""
+
+    local: bool
+    num_cached_tokens: int  # prompt tokens this replica's prefix cache holds
+    num_prompt_tokens: int
 
 
 @dataclass(frozen=True, slots=True)

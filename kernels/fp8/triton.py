@@ -13,6 +13,22 @@ from kernels.fp8.ref import FP8_MAX
 ROWS = 16
 
 
+@triton.jit
+def quantize(x, UE8M0: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
+    """Rows of fp32 x [R, B] -> (e4m3-range fp32 values [R, B], scale [R]), exactly as
+    kernels/fp8/ref.py act_quant; the caller casts the values to float8_e4m3fn."""
+    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-4)
+    scale = amax * INV_FMAX  # as the reference: the fp32 reciprocal, one rounding
+    if UE8M0:
+        # 2^ceil(log2(scale)) from the bits: exact, unlike an approximate log2.
+        bits = scale.to(tl.int32, bitcast=True)
+        up = (bits & 0x7FFFFF) != 0
+        bits = ((bits >> 23) + up.to(tl.int32)) << 23
+        scale = bits.to(tl.float32, bitcast=True)
+    y = tl.math.div_rn(x, scale[:, None])
+    return tl.minimum(tl.maximum(y, -FMAX), FMAX), scale
+
+
 # grid: (cdiv(M, ROWS), D // block); each program: ROWS rows x one quantisation block.
 @triton.jit(do_not_specialize=["m"])
 def _act_quant_kernel(
@@ -39,16 +55,7 @@ def _act_quant_kernel(
     x = tl.load(
         x_ptr + offs_r.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-4)
-    scale = amax * INV_FMAX  # as the reference: the fp32 reciprocal, one rounding
-    if UE8M0:
-        # 2^ceil(log2(scale)) from the bits: exact, unlike an approximate log2.
-        bits = scale.to(tl.int32, bitcast=True)
-        up = (bits & 0x7FFFFF) != 0
-        bits = ((bits >> 23) + up.to(tl.int32)) << 23
-        scale = bits.to(tl.float32, bitcast=True)
-    y = tl.math.div_rn(x, scale[:, None])
-    y = tl.minimum(tl.maximum(y, -FMAX), FMAX)
+    y, scale = quantize(x, UE8M0, FMAX, INV_FMAX)
     tl.store(
         y_ptr + offs_r.to(tl.int64)[:, None] * stride_y + cols[None, :],
         y.to(y_ptr.dtype.element_ty),

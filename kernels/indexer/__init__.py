@@ -23,8 +23,9 @@ import torch
 
 from kernels.dispatch import resolve_impl
 from kernels.indexer import ref
+from kernels.indexer.plan import PrefillTiles
 
-__all__ = ["indexer_topk_prefill", "indexer_topk_decode"]
+__all__ = ["PrefillTiles", "indexer_topk_prefill", "indexer_topk_decode"]
 
 
 def _validate(q, weights, k_cache, k_scale, block_tables, seq_lens, topk):
@@ -66,8 +67,10 @@ def indexer_topk_prefill(
     topk: int,
     *,
     impl: str | None = None,
+    plan: PrefillTiles | None = None,
 ) -> torch.Tensor:
-    """Packed variable-length queries (chunked prefill included); see the module docstring."""
+    """Packed variable-length queries (chunked prefill included); see the module docstring.
+    `plan`: the forward's precomputed Triton launch plan (the reference ignores it)."""
     _validate(q, weights, k_cache, k_scale, block_tables, seq_lens, topk)
     if cu_seqlens_q.shape != (seq_lens.shape[0] + 1,):
         raise ValueError(f"indexer: cu_seqlens_q must be [B+1], got {tuple(cu_seqlens_q.shape)}")
@@ -75,7 +78,7 @@ def indexer_topk_prefill(
         from kernels.indexer import triton as tri
 
         return tri.indexer_topk_prefill(
-            q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens, topk
+            q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens, topk, plan=plan
         )
     return ref.indexer_topk_prefill(
         q, weights, k_cache, k_scale, block_tables, cu_seqlens_q, seq_lens, topk

@@ -1,4 +1,7 @@
-"""Reference row top-k: mask the invisible columns, torch.topk, -1 where fewer are visible."""
+"""Reference row top-k: mask the invisible columns, stable sort, -1 where fewer are visible.
+
+Ties go to the lower column, as in the indexer reference (kernels/indexer/ref.py `select`):
+torch.topk's tie order depends on the row length and the device."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ def topk_rows(scores: torch.Tensor, lengths: torch.Tensor, topk: int) -> torch.T
         return out
     cols = torch.arange(n, device=scores.device)
     visible = cols[None, :] < lengths[:, None]
-    idx = scores.masked_fill(~visible, float("-inf")).topk(min(topk, n), dim=-1).indices
+    masked = scores.masked_fill(~visible, float("-inf"))
+    idx = masked.sort(dim=-1, descending=True, stable=True).indices[:, : min(topk, n)]
     # Masked columns only win when fewer than topk are visible: turn them into padding.
     idx = torch.where(idx < lengths[:, None], idx, -1)
     out[:, : idx.shape[1]] = idx.to(torch.int32)

@@ -10,6 +10,7 @@ from kernels.kv_store import store_rows
 from kernels.sparse_attn import sparse_attn_decode, sparse_attn_prefill
 from model.config import ModelConfig
 from model.context import ForwardContext
+from model.layers.glue import mla_out, mla_qkv
 from model.layers.indexer import LightningIndexer
 from model.layers.norm import RMSNorm
 from model.layers.rotary import apply_rotary
@@ -61,29 +62,33 @@ class MLAttention(nn.Module):
     def qkv(self, x: torch.Tensor, ctx: ForwardContext):
         """-> (qr [T, q_lora] indexer query input, q [T, H, C+R] in latent space, k [T, 1, C+R]
         cache rows, v [T, 1, C] a view of k): what the attention kernel sees."""
-        t, h = x.shape[0], self.n_heads
         cos, sin = ctx.rope[self.dr]
-        if hasattr(self, "q_a_proj"):
-            qr = self.q_a_layernorm(self.q_a_proj(x))
-            q = self.q_b_proj(qr).view(t, h, self.dn + self.dr)
-        else:
-            qr = x
-            q = self.q_proj(x).view(t, h, self.dn + self.dr)
-        q_nope, q_pe = q[..., : self.dn], apply_rotary(q[..., self.dn :], cos, sin, self.interleave)
-        kv = self.kv_a_proj_with_mqa(x)
-        c = self.kv_a_layernorm(kv[:, : self.rank])
-        k_pe = apply_rotary(kv[:, self.rank :], cos, sin, self.interleave)
-        w = self.kv_b_proj.weight.view(h, self.dn + self.dv, self.rank)
-        q_lat = torch.einsum("thd,hdr->thr", q_nope, w[:, : self.dn])  # absorb W_UK
-        k = torch.cat([c, k_pe], -1)[:, None]
-        return qr, torch.cat([q_lat, q_pe], -1), k, k[..., : self.rank]
+        lora = hasattr(self, "q_a_proj")
+        qr, q, k = mla_qkv(
+            x,
+            self.q_a_proj.weight if lora else None,
+            self.q_a_proj.bias if lora else None,
+            self.q_a_layernorm.weight if lora else None,
+            self.q_b_proj.weight if lora else self.q_proj.weight,
+            self.kv_a_proj_with_mqa.weight,
+            self.kv_a_proj_with_mqa.bias,
+            self.kv_a_layernorm.weight,
+            self.kv_b_proj.weight,
+            cos,
+            sin,
+            self.n_heads,
+            self.dn,
+            self.dr,
+            self.dv,
+            self.rank,
+            LATENT_NORM_EPS,
+            self.interleave,
+        )
+        return qr, q, k, k[..., : self.rank]
 
     def output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space [T, H, C] -> [T, d]."""
-        t, h = o_lat.shape[:2]
-        w = self.kv_b_proj.weight.view(h, self.dn + self.dv, self.rank)
-        o = torch.einsum("thr,hvr->thv", o_lat, w[:, self.dn :])  # absorb W_UV
-        return self.o_proj(o.reshape(t, h * self.dv))
+        return mla_out(o_lat, self.kv_b_proj.weight, self.o_proj.weight, self.o_proj.bias, self.dn)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qr, q, k, _ = self.qkv(x, ctx)

@@ -6,15 +6,14 @@ Only F layers build this module; S layers reuse `ctx.topk` from the nearest prec
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels.fp8 import act_quant, hadamard
+from kernels.index_fp8 import quant_index_queries, store_index_keys
 from kernels.indexer import indexer_topk_decode, indexer_topk_prefill
 from kernels.kv_store import store_rows
 from model.config import ModelConfig
 from model.context import ForwardContext
-from model.layers.rotary import apply_rotary
+from model.layers.glue import indexer_project
 
 
 class LightningIndexer(nn.Module):
@@ -33,23 +32,23 @@ class LightningIndexer(nn.Module):
 
     def project(self, x: torch.Tensor, q_in: torch.Tensor, ctx: ForwardContext):
         """-> q [T, HI, DI], k [T, DI] (both rotated), w [T, HI] fp32 with HI^-.5 DI^-.5 folded."""
-        t = x.shape[0]
         cos, sin = ctx.rope[self.rope_dim]
-        q = self.wq_b(q_in).view(t, self.n_heads, self.head_dim)
-        k = F.layer_norm(
-            self.wk(x).float(),
-            (self.head_dim,),
-            self.k_norm.weight.float(),
-            self.k_norm.bias.float(),
+        return indexer_project(
+            x,
+            q_in,
+            self.wq_b.weight,
+            self.wk.weight,
+            self.k_norm.weight,
+            self.k_norm.bias,
             self.k_norm.eps,
-        ).to(x.dtype)
-        # The rotated dims come first in the indexer head (MLA puts them last).
-        r = self.rope_dim
-        q = torch.cat([apply_rotary(q[..., :r], cos, sin, self.interleave), q[..., r:]], -1)
-        k = torch.cat([apply_rotary(k[:, :r], cos, sin, self.interleave), k[:, r:]], -1)
-        w = F.linear(x.float(), self.weights_proj.weight.float())
-        w = w * (self.n_heads**-0.5 * self.head_dim**-0.5)
-        return q, k, w
+            self.weights_proj.weight,
+            cos,
+            sin,
+            self.n_heads,
+            self.head_dim,
+            self.rope_dim,
+            self.interleave,
+        )
 
     def forward(self, x: torch.Tensor, q_in: torch.Tensor, ctx: ForwardContext) -> None:
         q, k, w = self.project(x, q_in, ctx)
@@ -58,17 +57,24 @@ class LightningIndexer(nn.Module):
         if cache.layout.index_fp8:
             # Hadamard on both sides spreads outliers before e4m3 (dot products unchanged), then
             # one scale per key and per (query, head); the query scale folds into the weights.
-            hm = hadamard(self.head_dim, q.device, torch.float32)
-            q, q_scale = act_quant(q.float() @ hm, block=self.head_dim)
-            k, k_s = act_quant(k.float() @ hm, block=self.head_dim)
-            w = w * q_scale[..., 0]
-            store_rows(k_scale, k_s[:, 0], ctx.slot_mapping)
-        store_rows(k_cache, k, ctx.slot_mapping)
+            # One pass each: the keys straight into the cache, the queries with the weights.
+            q, w = quant_index_queries(q, w)
+            store_index_keys(k, k_cache, k_scale, ctx.slot_mapping)
+        else:
+            store_rows(k_cache, k, ctx.slot_mapping)
         if ctx.is_decode:
             ctx.topk = indexer_topk_decode(
                 q, w, k_cache, k_scale, ctx.block_tables, ctx.seq_lens, self.topk
             )
         else:
             ctx.topk = indexer_topk_prefill(
-                q, w, k_cache, k_scale, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, self.topk
+                q,
+                w,
+                k_cache,
+                k_scale,
+                ctx.block_tables,
+                ctx.cu_seqlens_q,
+                ctx.seq_lens,
+                self.topk,
+                plan=ctx.indexer_plan,
             )

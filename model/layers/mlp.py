@@ -4,10 +4,11 @@ routed scaling, shared experts)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.moe import fused_moe
 from model.config import ModelConfig
+from model.layers.glue import route, swiglu
 
 
 class MLP(nn.Module):
@@ -18,7 +19,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 class Router(nn.Module):
@@ -43,21 +44,16 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> (weights [T, top_k] fp32, expert ids [T, top_k])."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        biased = scores + self.e_score_correction_bias
-        t, e = biased.shape
-        groups = biased.view(t, self.n_group, e // self.n_group)
-        group_scores = groups.topk(min(2, e // self.n_group), dim=-1).values.sum(-1)
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-        biased = biased.masked_fill(
-            ~keep.repeat_interleave(e // self.n_group, dim=1), float("-inf")
+        return route(
+            x,
+            self.weight,
+            self.e_score_correction_bias,
+            self.n_group,
+            self.topk_group,
+            self.top_k,
+            self.norm,
+            self.scaling,
         )
-        ids = biased.topk(self.top_k, dim=-1).indices
-        w = scores.gather(1, ids)
-        if self.norm:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return w * self.scaling, ids
 
 
 class Experts(nn.Module):
@@ -70,22 +66,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)  # group the (token, slot) pairs by expert
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
-        tokens = order // ids.shape[1]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = order[start : start + n]
-            tok = tokens[start : start + n]
-            start += n
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e])
-            out.index_add_(0, tok, (y * w.flatten()[sel, None]).to(out.dtype))
-        return out
+        """x [T, d], routing weights w [T, k] fp32 and expert ids [T, k] -> [T, d]."""
+        return fused_moe(x, self.gate_up_proj, self.down_proj, w, ids)
 
 
 class MoE(nn.Module):

@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.layers.glue import rms_norm
+
 
 class RMSNorm(nn.Module):
     """Normalise in fp32, scale in the input dtype (as transformers' DeepSeek/Llama norms)."""
@@ -13,6 +15,4 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)

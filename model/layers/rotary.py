@@ -46,10 +46,14 @@ class Rotary:
         self.dim = dim
         self.inv_freq = inv_freq(rope, dim)
         self.scale = rope.cos_sin_scale
+        self._on: dict[torch.device, torch.Tensor] = {}  # inv_freq per device, copied once
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, dim // 2] in fp32."""
-        ang = positions.float()[:, None] * self.inv_freq.to(positions.device)[None]
+        f = self._on.get(positions.device)
+        if f is None:  # a copy inside every forward would be a host sync (and break graphs)
+            f = self._on[positions.device] = self.inv_freq.to(positions.device)
+        ang = positions.float()[:, None] * f[None]
         return ang.cos() * self.scale, ang.sin() * self.scale
 
 

@@ -43,6 +43,9 @@ def register(p) -> None:
         help="largest document prompt in tokens (documents draw from [N/2, N])",
     )
     p.add_argument(
+        "--turns", type=int, default=None, help="multiturn: turns per conversation (default 4)"
+    )
+    p.add_argument(
         "--oversubscribe",
         type=float,
         default=1.5,
@@ -110,6 +113,7 @@ def locust_command(args, out) -> list[str]:
         ("--workload", args.workload),
         ("--max-tokens", args.max_tokens),
         ("--doc-tokens", args.doc_tokens),
+        ("--turns", args.turns),
         ("--api-key", args.api_key),
     ):
         if value is not None:

@@ -1,6 +1,8 @@
 """Asyncio front of the engine: one background thread owns the LLMEngine and steps it; requests
 and aborts reach it as commands, results come back to each caller's event loop through
-`loop.call_soon_threadsafe`.
+`loop.call_soon_threadsafe`: one callback per event loop per step carrying that step's outputs of
+all its requests (not one per token per request), and a stream that fell behind takes what has
+queued up as one merged delta.
 
 Only the engine thread touches engine state, so the engine needs no locks. Requests are validated
 in the caller first, so bad input raises ValueError there and never reaches the thread. A caller
@@ -62,8 +64,9 @@ class AsyncLLMEngine:
         params: SamplingParams,
         resume: Resume | None = None,
     ) -> AsyncIterator[TokenDelta]:
-        """Unified role: stream a request's tokens (after `resume`'s, see resume.py)."""
-        self._need_role("generate", ("unified",))
+        """Unified role (or decode, prefilling locally): stream a request's tokens (after
+        `resume`'s, see resume.py)."""
+        self._need_role("generate", ("unified", "decode"))
         ids = self.engine.tokenize(prompt_token_ids)
         self.engine.validate(ids, params, request_id)
         if resume is not None:
@@ -114,6 +117,11 @@ class AsyncLLMEngine:
             async for delta in deltas:
                 yield delta
 
+    async def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
+        """Prompt tokens the prefix cache holds now (an estimate: it may change before the
+        request is admitted). Hashing a long prompt takes milliseconds: off the event loop."""
+        return await asyncio.to_thread(self.engine.cached_prefix_tokens, prompt_token_ids)
+
     def abort(self, request_id: str) -> None:
         """Idempotent; frees the request's pages whatever its phase (from any thread)."""
         self._submit(("abort", request_id))
@@ -159,12 +167,18 @@ class AsyncLLMEngine:
     async def _stream(self, request_id: str, req: _Request) -> AsyncIterator[TokenDelta]:
         try:
             while True:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+                items = [await req.queue.get()]
+                while not req.queue.empty():
+                    items.append(req.queue.get_nowait())
+                err = next((i for i in items if isinstance(i, BaseException)), None)
+                deltas = [i for i in items if not isinstance(i, BaseException)]
+                if deltas:
+                    merged = merge_deltas(deltas)
+                    yield merged
+                    if merged.finish_reason is not None:
+                        return
+                if err is not None:
+                    raise err
         finally:
             if not req.done:
                 self.abort(request_id)
@@ -190,10 +204,10 @@ class AsyncLLMEngine:
                     self.engine.abort(rid)
                     self._deliver_error(rid, e)
                 outs = []
-            for out in outs:
-                self._deliver(out)
+            self._deliver_all(outs)
             self._stats = self.engine.stats()
         # Shutdown: nothing stays allocated, queued or unanswered.
+        self.engine.sampler.shutdown()
         with self._lock:
             cmds, self._commands = self._commands, []
         pending = [c[1] for c in cmds if c[0] in ("add", "import")]
@@ -222,21 +236,32 @@ class AsyncLLMEngine:
         return req
 
     def _deliver(self, out: StepOutput) -> None:
-        req = self._lookup(out.request_id, out.finished or out.prefill is not None)
-        if req is None:
-            return  # the caller went away; its abort is queued
-        if req.future is not None:
-            if out.prefill is not None:
-                item, setter = out.prefill, _set_result
-            else:  # aborted before its first token
-                item, setter = None, _cancel
-        else:
-            item = TokenDelta(out.token_ids, out.text, out.finish_reason, out.logprobs)
-            setter = _put
-        try:
-            req.loop.call_soon_threadsafe(setter, req, item)
-        except RuntimeError:  # the caller's loop is closed
-            self.engine.abort(out.request_id)
+        self._deliver_all([out])
+
+    def _deliver_all(self, outs: list[StepOutput]) -> None:
+        """One callback per caller event loop for the whole step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outs:
+            req = self._lookup(out.request_id, out.finished or out.prefill is not None)
+            if req is None:
+                continue  # the caller went away; its abort is queued
+            if out.error is not None:
+                item, setter = out.error, _fail
+            elif req.future is not None:
+                if out.prefill is not None:
+                    item, setter = out.prefill, _set_result
+                else:  # aborted before its first token
+                    item, setter = None, _cancel
+            else:
+                item = TokenDelta(out.token_ids, out.text, out.finish_reason, out.logprobs)
+                setter = _put
+            by_loop.setdefault(req.loop, []).append((setter, req, item, out.request_id))
+        for loop, calls in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, calls)
+            except RuntimeError:  # the caller's loop is closed
+                for *_, rid in calls:
+                    self.engine.abort(rid)
 
     def _deliver_error(self, rid: str, err: BaseException) -> None:
         req = self._lookup(rid, True)
@@ -246,6 +271,23 @@ class AsyncLLMEngine:
             req.loop.call_soon_threadsafe(_fail, req, err)
         except RuntimeError:
             pass
+
+
+def merge_deltas(deltas: list[TokenDelta]) -> TokenDelta:
+    if len(deltas) == 1:
+        return deltas[0]
+    lps = [lp for d in deltas for lp in (d.logprobs or [])]
+    return TokenDelta(
+        [t for d in deltas for t in d.token_ids],
+        "".join(d.text for d in deltas),
+        deltas[-1].finish_reason,
+        lps if any(d.logprobs is not None for d in deltas) else None,
+    )
+
+
+def _run_all(calls) -> None:
+    for setter, req, item, _ in calls:
+        setter(req, item)
 
 
 def _put(req: _Request, item) -> None:

@@ -7,13 +7,17 @@
 
 Roles share everything: `unified` runs whole requests; `prefill` ends a request after its first
 token and returns a KV payload of the prompt; `decode` imports payloads into fresh pages and
-continues. Bad requests raise ValueError naming the field before anything is allocated, so the
+continues (and prefills a prompt itself when the ingress sends one straight to it). With prefix
+caching (the default) each role reuses the cached full pages of earlier requests' prefixes, and
+a decode engine registers the pages it imports, so the next turn of a conversation can hit there.
+Bad requests raise ValueError naming the field before anything is allocated, so the
 engine keeps serving the others.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from pathlib import Path
 
@@ -25,23 +29,40 @@ from model.index_cache import IndexCacheConfig
 from model.kv_cache import KVCache
 from model.tokenizer import Tokenizer
 from serving.engine.block_manager import BlockManager
-from serving.engine.config import EngineConfig, resolve_num_blocks
-from serving.engine.detokenizer import Detokenizer
+from serving.engine.config import EngineConfig, watermark_pages
+from serving.engine.detokenizer import Detokenizer, add_tokens
+from serving.engine.memory import resolve_num_blocks
 from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload, export_rows, import_rows
+from serving.engine.prefix_cache import model_fingerprint, root_hash
 from serving.engine.resume import Resume, resume_sequence
-from serving.engine.sampler import logprobs_of, sample
+from serving.engine.sampler import Sampler, logprobs_of
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
 
+log = logging.getLogger(__name__)
+
 
 class LLMEngine:
-    def __init__(self, model: DSAForCausalLM, tokenizer: Tokenizer, config: EngineConfig):
+    def __init__(
+        self,
+        model: DSAForCausalLM,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        cache: KVCache | None = None,
+    ):
+        """`cache`: run over an existing KV pool of this model's layout (KVCache.shared_as) instead
+        of allocating one; benchmarks step two plans on the same pool this way."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.role = config.role
         mcfg = model.config
+        want = config.torch_device
+        if model.device.type != want.type or want.index not in (None, model.device.index):
+            raise ValueError(
+                f"device: the config says {config.device}, the model is on {model.device}"
+            )
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(
@@ -49,16 +70,41 @@ class LLMEngine:
                 f"max_position_embeddings {mcfg.max_position_embeddings}"
             )
         self.layout = model.kv_layout(config.index_fp8)
-        num_blocks = resolve_num_blocks(config, mcfg, self.layout, self.max_model_len, model.device)
-        self.cache = KVCache(self.layout, num_blocks, model.device)
-        self.block_manager = BlockManager(num_blocks, self.layout.page_size)
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self._import
+        self.runner = ModelRunner(model, config)
+        if cache is not None:
+            if cache.layout != self.layout:
+                raise ValueError(f"cache: layout {cache.layout} is not the model's {self.layout}")
+            num_blocks = cache.num_blocks
+        else:
+            num_blocks = resolve_num_blocks(
+                config,
+                self.layout,
+                self.max_model_len,
+                lambda: self.runner.profile(self.max_model_len),
+            )
+            cache = KVCache(self.layout, num_blocks, model.device)
+        self.cache = cache
+        # Prefix-cache hashes start from the model's identity and the layout (plan id included).
+        root = root_hash(model_fingerprint(model, mcfg), self.layout)
+        self.block_manager = BlockManager(
+            num_blocks,
+            self.layout.page_size,
+            root if config.enable_prefix_caching else None,
+            on_free=self.runner.release,
         )
-        self.runner = ModelRunner(model, self.cache)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.chunk,
+            self._import,
+            watermark=watermark_pages(config, num_blocks),
+            max_bypass=config.max_queue_bypass,
+        )
         # A sequence can never outgrow the pool, so the effective limit is the smaller one.
         self.max_len = min(self.max_model_len, self.kv_capacity_tokens)
+        self.runner.bind(self.cache, self.max_len)  # captures the decode CUDA graphs
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(mcfg.eos_token_id)
+        self.sampler = Sampler(mcfg.vocab_size, model.device, tokenizer, sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
         self._done: list[StepOutput] = []  # finished without a forward (decode of a done request)
         self.last_batch = ScheduledBatch()  # what the latest step ran (benchmarks, metrics)
@@ -73,32 +119,14 @@ class LLMEngine:
         cls,
         path: str | Path,
         index_cache: IndexCacheConfig | str | None = None,
-        role: str = "unified",
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        num_blocks: int | None = None,
-        kv_memory_bytes: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
-        max_model_len: int | None = None,
-        index_fp8: bool = False,
-        gpu_memory_utilization: float = 0.9,
+        **settings,
     ) -> LLMEngine:
         """`index_cache` takes load_model's forms (IndexCacheConfig, "FSSF..." or None for the
-        checkpoint's plan); the rest are EngineConfig fields."""
+        checkpoint's plan); `settings` are EngineConfig fields (unknown ones: ValueError)."""
         from model.loader import load_model
 
-        config = EngineConfig(
-            role=role,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=max_model_len,
-            num_blocks=num_blocks,
-            kv_memory_bytes=kv_memory_bytes,
-            index_fp8=index_fp8,
-            gpu_memory_utilization=gpu_memory_utilization,
-        )
-        model = load_model(path, index_cache, dtype=dtype, device=device)
+        config = EngineConfig.from_kwargs(**settings)
+        model = load_model(path, index_cache, dtype=config.torch_dtype, device=config.device)
         return cls(model.eval(), Tokenizer.from_pretrained(path), config)
 
     # -- requests ---------------------------------------------------------------------------
@@ -148,15 +176,13 @@ class LLMEngine:
         params: SamplingParams,
         resume: Resume | None = None,
     ) -> str:
-        """`resume`: continue a request another engine was generating (resume.py)."""
-        if self.role == "decode":
-            raise ValueError(
-                "role: a decode engine takes prefilled payloads (import_payload), not prompts"
-            )
+        """Unified and prefill roles; a decode engine takes a prompt too and prefills it itself
+        (selective disaggregation: short uncached parts skip the prefill pool).
+        `resume`: continue a request another engine was generating (resume.py)."""
         seq = self._new_seq(request_id, self.tokenize(prompt), params)
         if resume is not None:
             resume.check(seq.num_prompt_tokens, params, self.max_len)
-            resume_sequence(seq, resume)
+            self._resume(seq, resume)
         return self._enqueue(seq)
 
     def import_payload(
@@ -195,7 +221,7 @@ class LLMEngine:
             prompt = prompt[:-n]
         seq = self._new_seq(request_id, prompt, params)
         if resume is not None:
-            resume_sequence(seq, resume)
+            self._resume(seq, resume)
         seq.payload = payload
         if (
             payload.rng_state is not None
@@ -204,9 +230,14 @@ class LLMEngine:
         ):
             seq.generator.set_state(payload.rng_state)
         self._append_token(seq, payload.first_token, None)
-        seq.num_streamed += 1
+        self.sampler.replay(seq.sampling, [payload.first_token])  # grammar and penalty state
+        seq.num_streamed += 1  # after the resumed tokens, if any
         seq.detok.delta(final=False)  # the prefill side already streamed the first token's text
         return seq
+
+    def _resume(self, seq: Sequence, resume: Resume) -> None:
+        resume_sequence(seq, resume)
+        self.sampler.replay(seq.sampling, list(resume.token_ids))  # grammar and penalty state
 
     def _admit_payload(self, seq: Sequence) -> str:
         if seq.finish_reason is None:
@@ -227,7 +258,9 @@ class LLMEngine:
             gen = torch.Generator(self.model.device)
             # Unseeded requests draw a fresh seed without touching torch's global RNG.
             gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        return Sequence(rid, ids, params, Detokenizer(self.tokenizer, params), gen)
+        seq = Sequence(rid, ids, params, Detokenizer(self.tokenizer, params), gen)
+        seq.sampling = self.sampler.init_request(params, ids)
+        return seq
 
     def _enqueue(self, seq: Sequence) -> str:
         self.seqs[seq.request_id] = seq
@@ -245,6 +278,10 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
         return True
 
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Prompt tokens a request would find in the prefix cache now (safe from any thread)."""
+        return self.block_manager.probe(token_ids)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._done)
 
@@ -258,6 +295,11 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used,
             kv_usage=bm.num_used / bm.num_blocks,
+            kv_blocks_cached_free=bm.num_cached_free,
+            prefix_cache_pages=bm.num_cached,
+            prefix_cache_queries_total=self.scheduler.prefix.queries,
+            prefix_cache_hits_total=self.scheduler.prefix.hits,
+            prefix_cache_evictions_total=bm.index.num_evictions,
             kv_capacity_tokens=self.kv_capacity_tokens,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
@@ -271,11 +313,18 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """One forward. A failure fails only the requests it belongs to: a forward that raises
+        fails that batch's requests, a sampling or post-processing error only its own request;
+        every other request of the step still gets its output."""
         outputs, self._done = self._done, []
         batch = self.last_batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        logits, sampling = self.runner.run(batch)
+        try:
+            logits, sampling = self.runner.run(batch)
+        except Exception as e:
+            log.exception("forward failed; failing the %d requests of its batch", len(batch.seqs))
+            return outputs + [self._fail(seq, e) for seq in batch.seqs]
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             first_prefill = not seq.completion_token_ids  # recomputation is not counted again
             seq.num_cached += n
@@ -286,37 +335,110 @@ class LLMEngine:
         if logits is None:
             return outputs
         seqs = [batch.seqs[i] for i in sampling]
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens, lps, errors = self._sample(logits, seqs)
+        ok = [i for i in range(len(seqs)) if i not in errors]
+        advanced = self.sampler.advance([seqs[i] for i in ok], [tokens[i] for i in ok])
+        errors.update({ok[j]: e for j, e in advanced.items()})
+        ok = [i for i in ok if i not in errors]
+        failed = self._append_tokens(
+            [seqs[i] for i in ok], [tokens[i] for i in ok], [lps[i] for i in ok]
+        )
+        errors.update({ok[j]: e for j, e in failed.items()})
+        for i, seq in enumerate(seqs):
+            if i in errors:
+                outputs.append(self._fail(seq, errors[i]))
+                continue
+            self.generation_tokens_total += 1
+            try:
+                if self.role == "prefill":
+                    outputs.append(self._export(seq))
+                    continue
+                if seq.finish_reason is not None:
+                    self._finish(seq)
+                outputs.append(self._step_output(seq))
+            except Exception as e:
+                log.exception("post-processing %s failed", seq.request_id)
+                outputs.append(self._fail(seq, e))
+        return outputs
+
+    def _sample(self, logits, seqs: list[Sequence]):
+        """-> (token per row, logprobs per row, {row: error}). The batched sampler runs first; if
+        one request's parameters break it, rows are sampled one by one so only that one fails."""
+        try:
+            return self._sample_rows(logits, seqs)
+        except Exception:
+            log.warning("batched sampling failed; sampling %d rows one by one", len(seqs))
+        toks, lps, errors = [0] * len(seqs), [None] * len(seqs), {}
+        for i, seq in enumerate(seqs):
+            try:
+                (toks[i],), (lps[i],), failed = self._sample_rows(logits[i : i + 1], [seq])
+                if failed:
+                    errors[i] = failed[0]
+            except Exception as e:
+                errors[i] = e
+        return toks, lps, errors
+
+    def _sample_rows(self, logits, seqs: list[Sequence]):
+        """-> (tokens, logprobs, {row: error} of requests whose own sampler state failed)."""
+        tokens, failed = self.sampler.sample(logits, seqs)
         lps: list = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if want:
             got = logprobs_of(logits[want], tokens[want], [seqs[i].params.logprobs for i in want])
             for i, lp in zip(want, got, strict=True):
                 lps[i] = lp
-        for seq, tok, lp in zip(seqs, tokens.tolist(), lps, strict=True):
-            self._append_token(seq, tok, lp)
-            self.generation_tokens_total += 1
-            if self.role == "prefill":
-                outputs.append(self._export(seq))
-                continue
-            if seq.finish_reason is not None:
-                self._finish(seq)
-            outputs.append(self._step_output(seq))
-        return outputs
+        return tokens.tolist(), lps, failed
+
+    def _append_tokens(
+        self, seqs: list[Sequence], toks: list[int], lps: list
+    ) -> dict[int, BaseException]:
+        """Append one sampled token to each sequence and decide whether it finishes; the text of
+        the whole step is decoded in one batch. -> {index: error} of sequences that failed."""
+        detok_seqs, detok_toks, where = [], [], []
+        for j, (seq, tok, lp) in enumerate(zip(seqs, toks, lps, strict=True)):
+            seq.token_ids.append(tok)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            p = seq.params
+            if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+                seq.finish_reason = "stop"  # the stop token is kept in token_ids, not in the text
+            else:
+                detok_seqs.append(seq)
+                detok_toks.append(tok)
+                where.append(j)
+        errors: dict[int, BaseException] = {}
+        try:
+            stopped = add_tokens([s.detok for s in detok_seqs], detok_toks)
+        except Exception:  # one bad sequence: decode one by one so only it fails
+            stopped = []
+            for j, seq, tok in zip(where, detok_seqs, detok_toks, strict=True):
+                try:
+                    stopped.append(add_tokens([seq.detok], [tok])[0])
+                except Exception as e:
+                    errors[j] = e
+                    stopped.append(False)
+        for seq, hit in zip(detok_seqs, stopped, strict=True):
+            if hit:
+                seq.finish_reason = "stop"
+            elif len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+            elif seq.num_tokens >= self.max_len:
+                seq.finish_reason = "length"
+        return errors
 
     def _append_token(self, seq: Sequence, tok: int, lp) -> None:
-        seq.token_ids.append(tok)
-        if lp is not None:
-            seq.logprobs.append(lp)
-        p = seq.params
-        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-            seq.finish_reason = "stop"  # the stop token is kept in token_ids, not in the text
-        elif seq.detok.add(tok):
-            seq.finish_reason = "stop"
-        elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens:
-            seq.finish_reason = "length"
-        elif seq.num_tokens >= self.max_len:
-            seq.finish_reason = "length"
+        errors = self._append_tokens([seq], [tok], [lp])
+        if errors:
+            raise errors[0]
+
+    def _fail(self, seq: Sequence, err: BaseException) -> StepOutput:
+        """Take a request out with its error; its pages are freed."""
+        if not seq.is_finished:
+            self.scheduler.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        self.seqs.pop(seq.request_id, None)
+        return StepOutput(seq.request_id, [], "", "abort", error=err)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
@@ -361,7 +483,7 @@ class LLMEngine:
         return out
 
     def _import(self, seq: Sequence) -> None:
-        import_rows(self.cache, seq.pages, seq.payload)
+        import_rows(self.cache, seq.pages, seq.payload, start=seq.num_cached)
         seq.num_cached = seq.payload.num_tokens
         seq.payload = None  # the CPU copy is no longer needed
 

@@ -92,3 +92,8 @@ class EngineStats:
     bytes_per_token: int
     index_bytes_per_token: int
     num_exporting: int = 0  # prefill role: prompts done, payload not yet built
+    kv_blocks_cached_free: int = 0  # unreferenced pages holding a cached prefix (not in kv_usage)
+    prefix_cache_pages: int = 0  # pages registered in the prefix cache, referenced or not
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up on first admission
+    prefix_cache_hits_total: int = 0  # ... of which found cached (not recomputed)
+    prefix_cache_evictions_total: int = 0  # cached pages reclaimed for new allocations

@@ -142,14 +142,15 @@ def check_payload(payload: KVPayload, layout: KVLayout) -> None:
         raise ValueError(f"payload index_scale must have {layout.num_layers} layers in FP8 mode")
 
 
-def import_rows(cache: KVCache, pages: list[int], payload: KVPayload) -> None:
-    """Write a checked payload's rows into `pages` (already allocated for its tokens)."""
+def import_rows(cache: KVCache, pages: list[int], payload: KVPayload, start: int = 0) -> None:
+    """Write a checked payload's rows from `start` on into `pages` (already allocated for its
+    tokens); rows before `start` are already there (pages shared from the prefix cache)."""
     lay = cache.layout
     dev = cache.k[0].device
-    slots = _slots(pages, payload.num_tokens, lay.page_size, dev)
+    slots = _slots(pages, payload.num_tokens, lay.page_size, dev)[start:]
 
     def put(dst: torch.Tensor, rows: torch.Tensor) -> None:
-        dst.view(-1, *dst.shape[2:])[slots] = rows.to(device=dev, dtype=dst.dtype)
+        dst.view(-1, *dst.shape[2:])[slots] = rows[start:].to(device=dev, dtype=dst.dtype)
 
     for layer, rows in enumerate(payload.attn):
         if lay.attn_kind == "mla":

@@ -5,14 +5,29 @@ first: a decoding sequence takes one token, a sequence in the middle of its prom
 chunk. Waiting sequences are then admitted while budget, pages and `max_num_seqs` allow, the last
 one possibly with a partial chunk. So one forward may mix decode rows and prefill chunks.
 
-Admission reserves pages for the whole prompt, not just its first chunk: admitting long prompts
-chunk by chunk would start more of them than the pool can finish, and they would then preempt
-each other and recompute; reserved, a prompt once admitted always completes its prefill.
+Admission starts a sequence from its longest cached prefix (block_manager.py: shared full pages;
+the chunks then start right after them) and reserves pages for the rest of the whole prompt, not
+just its first chunk: admitting long prompts chunk by chunk would start more of them than the pool
+can finish, and they would then preempt each other and recompute; reserved, a prompt once admitted
+always completes its prefill. While anything runs, admission also leaves `watermark` pages free:
+decoding sequences grow into new pages, and a request admitted into a full pool would be the one
+preempted on the next step, its prefill thrown away.
 
-When a running sequence needs a page and none is free, the newest running sequence is preempted
-by recompute: its pages are freed and it goes back to the front of the queue with its generated
-tokens kept, to be prefilled again (prompt + generated) when pages free up. The oldest sequence
-always makes progress, so the loop cannot livelock.
+The queue is FIFO, but a head that does not fit (a long prompt) does not block the requests
+behind it forever: those that fit may go first, at most `max_bypass` of them, and then admission
+waits for the head (pages free up as running requests finish), so the head cannot starve either.
+Nor does a long prompt being prefilled hold the queue for all its chunks: while requests wait,
+running prefill chunks take at most half the step budget (the rest admits them), and whatever
+admission leaves unused is handed back to those chunks, so a prompt alone runs at full speed and
+a crowded one still gets half of every step.
+
+When a running sequence needs a page and none is free, the running sequence with the least
+progress (fewest computed tokens: the least work lost; the newest on ties) among those not yet
+scheduled this step is preempted by recompute: its references are dropped (its full pages stay in
+the prefix cache, so readmission recomputes only what was evicted meanwhile) and it goes back to
+the front of the queue with its generated tokens kept. The sequence with the most progress is
+never the victim while another candidate remains, so it always advances and the loop cannot
+livelock.
 """
 
 from __future__ import annotations
@@ -42,6 +57,15 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
+@dataclass
+class PrefixStats:
+    """Prompt tokens looked up in the prefix cache on first admission, and those found there
+    (vLLM's prefix_cache_queries / prefix_cache_hits)."""
+
+    queries: int = 0
+    hits: int = 0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -49,13 +73,19 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         importer: Callable[[Sequence], None],
+        *,
+        watermark: int = 1,
+        max_bypass: int = 8,
     ):
         self.bm = block_manager
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
-        self.importer = importer  # copies a decode-role payload into the sequence's fresh pages
+        # Copies a decode-role payload into the sequence's pages, from seq.num_cached on.
+        self.importer = importer
+        self.watermark, self.max_bypass = watermark, max_bypass
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix = PrefixStats()
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -73,14 +103,29 @@ class Scheduler:
         self.bm.free(seq)
 
     def schedule(self) -> ScheduledBatch:
+        for seq in self.running:  # pages the last step filled can serve other requests now
+            self.bm.commit(seq)
         batch, budget = ScheduledBatch(), self.budget
+        # While requests wait, running prefills share half the step, so a long prompt's chunks
+        # leave room to admit the next request; what admission leaves unused goes back to them.
+        prefill_left = self.budget // 2 if self.waiting else self.budget
+        capped: list[tuple[int, Sequence]] = []  # (batch row, sequence) cut short this step
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_pending, budget)
+            if n > 1:  # a prompt chunk (or a recompute), not a decode row
+                if prefill_left <= 0:
+                    capped.append((-1, seq))
+                    i += 1
+                    continue
+                if n > prefill_left:
+                    n = prefill_left
+                    capped.append((len(batch.seqs), seq))
+                prefill_left -= n
             while not self.bm.can_allocate(seq, seq.num_cached + n):
-                victim = self.running[-1]
+                victim = min(self.running[i:], key=lambda s: (s.num_cached, -s.arrival))
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -90,32 +135,72 @@ class Scheduler:
                 batch.add(seq, n)
                 budget -= n
                 i += 1
-                continue
-            break  # `seq` itself was preempted: everything after it is gone too
         if preempted:
             return batch  # pages are short: admit nothing new this step
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if seq.payload is not None:  # decode role: the prompt arrives cached
-                n, total = 1, seq.payload.num_tokens + 1
-            else:  # the whole (re)computation is reserved; chunks then run inside it
-                n, total = min(seq.num_pending, budget), seq.num_tokens
-            if not self.bm.can_allocate(seq, total):
+        budget = self._admit(batch, budget)
+        for row, seq in capped:  # the budget admission did not use
+            if budget <= 0:
                 break
-            self.waiting.popleft()
-            self.bm.allocate(seq, total)
-            if seq.payload is not None:
-                self.importer(seq)
+            have = batch.num_new[row] if row >= 0 else 0
+            extra = min(seq.num_pending - have, budget)
+            if extra <= 0 or not self.bm.can_allocate(seq, seq.num_cached + have + extra):
+                continue
+            self.bm.allocate(seq, seq.num_cached + have + extra)
+            if row >= 0:
+                batch.num_new[row] += extra
+            else:
+                batch.add(seq, extra)
+            budget -= extra
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> int:
+        """Admit waiting sequences into `batch`; -> the budget left."""
+        k = 0  # queue position tried next; > 0 while the head is being bypassed
+        while k < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            head = self.waiting[0]
+            if k > 0 and head.num_bypassed >= self.max_bypass:
+                break  # the head has waited long enough: nothing more goes ahead of it
+            seq = self.waiting[k]
+            n = self._try_admit(seq, budget)
+            if n is None:
+                if self.max_bypass == 0:
+                    break
+                k += 1
+                continue
+            del self.waiting[k]
+            if k > 0:
+                head.num_bypassed += 1
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
-        return batch
+        return budget
+
+    def _try_admit(self, seq: Sequence, budget: int) -> int | None:
+        """Pages for a waiting sequence (its cached prefix first); -> tokens it computes this
+        step, or None (nothing changed) when the pool cannot take it now."""
+        reserve = self.watermark if self.running else 0  # alone, a request may use every page
+        if seq.payload is not None:  # decode role: the prompt arrives computed
+            total = seq.payload.num_tokens + 1
+            max_hit = seq.payload.num_tokens // self.bm.page_size  # rows before the first token
+        else:  # the whole (re)computation is reserved; chunks then run inside it
+            total = seq.num_tokens
+            max_hit = (total - 1) // self.bm.page_size  # at least one token left to compute
+        if not self.bm.admit(seq, total, max_hit, reserve):
+            return None
+        if seq.payload is not None:
+            self.importer(seq)  # copies rows from seq.num_cached on, then drops the payload
+            return 1
+        if not seq.completion_token_ids:  # a first admission, not a recompute
+            self.prefix.queries += seq.num_prompt_tokens
+            self.prefix.hits += seq.num_cached
+        return min(seq.num_pending, budget)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.bm.free(seq)
-        seq.num_cached = 0  # recompute prompt + generated tokens on readmission
+        self.bm.free(seq)  # registers its computed pages first: readmission can hit them
+        seq.num_cached = 0
+        seq.num_bypassed = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -4,12 +4,14 @@ One invariant drives scheduling: tokens `token_ids[num_cached:]` still need a fo
 prompt has all of them pending (prefill, possibly in chunks); a decoding sequence has exactly one
 (the last sampled token); a preempted sequence drops its pages, sets num_cached to 0 and so
 recomputes prompt + generated tokens in one prefill; an imported payload arrives with the prompt
-cached and the first token pending.
+cached and the first token pending. With prefix caching an admitted sequence starts with
+`num_cached` at the end of its longest cached prefix (whole pages shared with other sequences).
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +22,9 @@ from serving.engine.params import SamplingParams
 
 if TYPE_CHECKING:
     from serving.engine.payload import KVPayload
+
+
+_ARRIVALS = itertools.count()  # admission order ties are broken by arrival
 
 
 class SequenceStatus(enum.Enum):
@@ -44,6 +49,12 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_cached = 0
         self.pages: list[int] = []
+        self.page_hashes: list[
+            bytes
+        ] = []  # chain hashes of full pages (prefix cache), grown lazily
+        self.num_committed = 0  # leading pages registered in the prefix cache (or taken from it)
+        self.num_bypassed = 0  # later requests admitted ahead of this one while it did not fit
+        self.arrival = next(_ARRIVALS)
         self.status = SequenceStatus.WAITING
         self.detok = detokenizer
         self.generator = generator
@@ -52,6 +63,7 @@ class Sequence:
         self.payload: KVPayload | None = None  # decode role: imported on admission, then dropped
         self.num_streamed = 0  # generated tokens already reported (stream deltas)
         self.num_logprobs_streamed = 0
+        self.sampling = None  # the sampler's per-request state (penalties, grammar), if any
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -25,6 +25,8 @@ def app_series() -> set[str]:
     rec.observe_itl(0.01)
     rec.observe_e2e(1.0)
     rec.observe_kv_transfer(0.01, 1024)
+    rec.count_prefill_route(True)
+    rec.count_prefill_route(False)
     rec.update_engine(
         {
             "prompt_tokens_total": 5,
@@ -35,6 +37,11 @@ def app_series() -> set[str]:
             "num_running": 1,
             "num_waiting": 0,
             "kv_usage": 0.5,
+            "kv_cached": 0.25,
+            "prefix_cache_pages": 4,
+            "prefix_cache_queries_total": 100,
+            "prefix_cache_hits_total": 64,
+            "prefix_cache_evictions_total": 1,
             "kv_capacity_tokens": 1024,
             "f_layer_ratio": 0.25,
             "plan_version": 1,
@@ -91,6 +98,8 @@ def test_dashboard_covers_the_serving_signals():
         "Queue": "indexcache_num_requests_waiting",
         "Indexer layers skipped": "indexcache_indexer_layers_skipped_total",
         "Replicas per role": "count by (role)",
+        "Prefix cache": "indexcache_prefix_cache_hits_total",
+        "Selective disaggregation": "indexcache_local_prefill_requests_total",
     }
     for title, needle in wanted.items():
         assert needle in by_title.get(title, ""), title

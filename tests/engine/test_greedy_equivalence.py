@@ -83,7 +83,10 @@ def test_preemption_completes_with_same_tokens(model_dir, prompts, reference, pl
     while decoding: sequences are preempted, recomputed, and still produce the same tokens."""
     sp = SamplingParams(**{**GREEDY, "max_tokens": max_tokens})
     roomy = LLMEngine.from_pretrained(model_dir(), plan, num_blocks=16).generate(prompts, sp)
-    eng = LLMEngine.from_pretrained(model_dir(), plan, num_blocks=3, max_num_batched_tokens=64)
+    # No admission headroom: the point here is to force preemption.
+    eng = LLMEngine.from_pretrained(
+        model_dir(), plan, num_blocks=3, max_num_batched_tokens=64, kv_watermark=0
+    )
     outs = eng.generate(prompts, sp)
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     if max_tokens == GREEDY["max_tokens"]:
@@ -128,7 +131,7 @@ def test_decode_role_preempts_by_recompute(model_dir, prompts):
     roomy = LLMEngine.from_pretrained(model_dir(), "FSSF", num_blocks=16).generate(prompts, sp)
     pre = LLMEngine.from_pretrained(model_dir(), "FSSF", role="prefill", num_blocks=8)
     dec = LLMEngine.from_pretrained(
-        model_dir(), "FSSF", role="decode", num_blocks=3, max_num_batched_tokens=64
+        model_dir(), "FSSF", role="decode", num_blocks=3, max_num_batched_tokens=64, kv_watermark=0
     )
     outs = dec.decode([r.payload for r in pre.prefill(prompts, sp)], sp)
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]

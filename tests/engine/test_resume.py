@@ -93,3 +93,44 @@ def test_resume_that_leaves_nothing_to_do_is_refused(model_dir, prompts):
     [res] = pre.prefill([prompts[0]], PARAMS)
     with pytest.raises(ValueError, match="tail"):
         dec.import_payload(res.payload, PARAMS, "d", Resume((1, 2), 0))
+
+
+def _grammar() -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+
+
+@pytest.mark.parametrize(
+    "kw, which",
+    [
+        # prompts[0] greedily repeats its first token at the 6th: the penalty must see it
+        ({"frequency_penalty": 2.0, "presence_penalty": 2.0, "ignore_eos": True}, 0),
+        ({"grammar": "json"}, 1),
+    ],
+    ids=["penalties", "grammar"],
+)
+def test_resume_replays_sampler_state(model_dir, prompts, kw, which):
+    """Penalties count the resumed tokens and the grammar has consumed them: the resumed run
+    samples what an uninterrupted one does (unified, and prefill -> decode)."""
+    if kw.get("grammar") == "json":
+        kw = {**kw, "grammar": _grammar()}
+    params = SamplingParams(temperature=0, max_tokens=N, **kw)
+    prompt = prompts[which]
+    eng = LLMEngine.from_pretrained(model_dir(), num_blocks=16)
+    eng.add_request("r", prompt, params)
+    full = stream(eng, "r")
+    all_ids = [t for toks, _ in full for t in toks]
+    k = min(4, len(all_ids) - 1)
+    assert k >= 2, all_ids
+    ids, chars = seen_after(full, k)
+    eng.add_request("r2", prompt, params, Resume(tuple(ids), chars))
+    rest = stream(eng, "r2")
+    assert ids + [t for toks, _ in rest for t in toks] == all_ids
+    pre = LLMEngine.from_pretrained(model_dir(), role="prefill", num_blocks=16)
+    pre.add_request("p", prompt, params, Resume(tuple(ids), chars))
+    [res] = _prefill(pre, "p")
+    dec = LLMEngine.from_pretrained(model_dir(), role="decode", num_blocks=16)
+    dec.import_payload(res.payload, params, "d", Resume(tuple(ids), chars))
+    rest = [([res.first_token], res.text), *stream(dec, "d")]
+    assert ids + [t for toks, _ in rest for t in toks] == all_ids

@@ -71,16 +71,17 @@ def test_max_num_seqs_and_budget_limit_admission():
     assert all(s.status is SequenceStatus.RUNNING for s in batch.seqs)
 
 
-def test_preemption_takes_the_newest_and_requeues_it_first():
+def test_preemption_takes_the_least_progress_and_requeues_it_first():
     bm = BlockManager(3, PS)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1000, importer=None)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1000, importer=None, watermark=0)
     a, b, c = seq("a", 64), seq("b", 64), seq("c", 60)
     for s in (a, b, c):
         sched.add(s)
     run(sched, sched.schedule())  # all three prompts fit: one page each
     assert bm.num_free == 0
-    # a and b now need a second page for their 65th token; c is the newest: it goes first,
-    # then b (a still needs a page after c's), and neither is readmitted this step.
+    # a and b now need a second page for their 65th token; c has computed the fewest tokens: it
+    # goes first, then b (a still needs a page after c's; b ties a and is newer), and neither is
+    # readmitted this step.
     batch = sched.schedule()
     assert [s.request_id for s in batch.seqs] == ["a"]
     assert [s.request_id for s in sched.waiting] == ["b", "c"]

@@ -27,6 +27,11 @@ TOY = bench.Shapes(
     dec_heads=(4,),
     store_tokens=100,
     quant_tokens=10,
+    glm_index_heads=3,
+    glm_mla_heads=5,
+    glm_lengths=(40,),
+    glm_dec_batches=(1, 2),
+    glm_dec_len=90,
     device="cpu",
     half="float16",
 )  # bf16 tl.dot is wrong under the interpreter
@@ -66,7 +71,14 @@ def test_bench_runs_every_section(monkeypatch, tmp_path, device):
         "sparse attn decode",
         "kv store",
         "act_quant fp8",
+        "topk decode",
     }
+    glm = [r for r in out["results"] if r.get("model") == "GLM-4.7-Flash"]
+    assert {r["section"] for r in glm} == {"glm_indexer", "glm_sparse", "glm_decode"}
+    assert all("pytorch_ms" in r for r in glm)  # every GLM row has its batched baseline
+    decode_checks = [r["check"] for r in glm if "check" in r]
+    assert len(decode_checks) == 2 + 2 * 2 + 1, decode_checks  # top-k, indexer x2, ragged
+    assert all(c.startswith("ok") for c in decode_checks), decode_checks
     checks = [r["check_last_rows"] for r in out["results"] if "check_last_rows" in r]
     assert checks and all(c.startswith("ok") for c in checks), checks
     errs = [r["rms_err_last_rows"] for r in out["results"] if "rms_err_last_rows" in r]
@@ -77,5 +89,38 @@ def test_bench_runs_every_section(monkeypatch, tmp_path, device):
         readme, out, bench_report.table(out), bench.MARK_START, bench.MARK_END
     )
     bench_report.plot_indexer(out, tmp_path / "p.png", bench.PUBLISHED_INDEXER)
+    bench_report.plot_indexer(out, tmp_path / "g.png", {}, model="GLM-4.7-Flash")
     assert "indexer+topk prefill" in readme.read_text() and (tmp_path / "p.png").stat().st_size
+    assert (tmp_path / "g.png").stat().st_size
     json.dumps(out)
+    # a later run of one section replaces that section's rows and keeps the others
+    again = bench.run(TOY, ["small"])
+    merged = bench.merge(out, again, ["small"])
+    assert len(merged["results"]) == len(out["results"])
+    assert [r["section"] for r in merged["results"]][-len(again["results"]) :] == ["small"] * len(
+        again["results"]
+    )
+
+
+@pytest.mark.interpret
+def test_bench_moe_quick(tmp_path, device, monkeypatch):
+    """kernels.bench_moe --quick --sweep: checks, timings, floors, table and JSON all come out,
+    with the fused op really the Triton path (under the interpreter) and correct."""
+    if device.type != "cpu":
+        pytest.skip("the toy run is for the interpreter; the GPU runs the real bench")
+    from kernels import bench_moe
+    from kernels.moe import triton as mtri
+
+    launches = []
+    real = mtri.fused_moe
+    monkeypatch.setattr(mtri, "fused_moe", lambda *a, **k: launches.append(1) or real(*a, **k))
+    out = tmp_path / "moe.json"
+    assert bench_moe.main(["--quick", "--sweep", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert [r["T"] for r in res] == [1, 33]
+    for r in res:
+        assert r["check"] == "ok" and r["rms_rel_err"] < 1e-5, r
+        assert r["fused_ms"] > 0 and r["torch_sort_loop_ms"] > 0 and r["flop_floor_ms"] > 0
+        assert all(isinstance(v, float) for v in r["sweep_ms"].values()), r["sweep_ms"]
+    assert len(launches) >= 2 * 3  # check, warm-up + timed run, sweep: Triton, not the ref
+    assert "torch sort+loop" in bench_moe.table(res)

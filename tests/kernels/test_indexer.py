@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels._common import cdiv
 from kernels.indexer import indexer_topk_decode, indexer_topk_prefill
 from kernels.indexer import ref as iref
 from kernels.indexer import triton as itri
@@ -41,11 +42,16 @@ PREFILL = [
 
 DECODE = [
     case([1], [100], 4, 32, 16, torch.float32, interpret),
+    # ragged: a row shorter than topk, exactly topk + 1, a page boundary
     case([1, 1, 1], [1, 65, 200], 4, 32, 64, torch.float16, interpret),
     case([1], [5000], 64, 128, 2048, FP8, gpu),
     case([1] * 5, [1, 64, 65, 3000, 70000], 64, 128, 2048, torch.bfloat16, gpu),
     case([1] * 5, [1, 64, 65, 3000, 70000], 64, 128, 2048, FP8, gpu),
     case([1] * 64, [4096 + 7 * i for i in range(64)], 32, 128, 512, FP8, gpu),
+    # GLM-4.7-Flash's indexer (32 heads x 128, top-2048) at long context, batch 1 and ragged
+    case([1], [200_000], 32, 128, 2048, torch.bfloat16, gpu),
+    case([1], [200_000], 32, 128, 2048, FP8, gpu),
+    case([1] * 16, [2049 + 12_345 * i for i in range(16)], 32, 128, 2048, FP8, gpu),
 ]
 
 
@@ -76,15 +82,91 @@ def test_prefill(n_q, lens, heads, dim, topk, dtype, device):
     _check_prefill(n_q, lens, heads, dim, topk, dtype, device)
 
 
+def _check_decode(inp: dict, topk: int, out: torch.Tensor) -> None:
+    ref = indexer_topk_decode(**inp, topk=topk, impl="ref")
+    pos = inp["seq_lens"] - 1
+    b = inp["seq_lens"].shape[0]
+    cu = torch.arange(b + 1, dtype=torch.int32, device=pos.device)
+    assert_topk_close(ref, out, ref_scores(dict(inp, cu_seqlens_q=cu), pos), pos + 1)
+
+
+def decode_inputs(lens, heads, dim, dtype, device, extra_pages: int = 0) -> dict:
+    """indexer_inputs for one query per sequence; `extra_pages` widens the block tables (as
+    the engine's CUDA graphs pass the max-model-length width) with pages no row reaches."""
+    inp = indexer_inputs([1] * len(lens), lens, heads, dim, dtype, device)
+    inp.pop("cu_seqlens_q")
+    if extra_pages:
+        bt = inp["block_tables"]
+        pad = torch.zeros(bt.shape[0], extra_pages, dtype=bt.dtype, device=bt.device)
+        inp["block_tables"] = torch.cat([bt, pad], 1)
+    return inp
+
+
 @pytest.mark.parametrize("n_q, lens, heads, dim, topk, dtype", DECODE)
 def test_decode(n_q, lens, heads, dim, topk, dtype, device):
-    inp = indexer_inputs(n_q, lens, heads, dim, dtype, device)
-    inp.pop("cu_seqlens_q")
-    ref = indexer_topk_decode(**inp, topk=topk, impl="ref")
-    out = indexer_topk_decode(**inp, topk=topk, impl="triton")
-    pos = inp["seq_lens"] - 1
-    inp["cu_seqlens_q"] = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
-    assert_topk_close(ref, out, ref_scores(inp, pos), pos + 1)
+    inp = decode_inputs(lens, heads, dim, dtype, device)
+    _check_decode(inp, topk, indexer_topk_decode(**inp, topk=topk, impl="triton"))
+
+
+# (lengths, parts per sequence, entries per part): parts that must compact (cap < part length,
+# so only the running threshold keeps them bounded), several parts per row, a wide table.
+DECODE_PARTS = [
+    pytest.param([300, 5, 129], 1, 48, 0, id="B3-L300-S1-cap48-compacts"),
+    pytest.param([251, 17], 3, 48, 0, id="B2-L251-S3-cap48-compacts"),
+    pytest.param([97, 40, 130], 4, None, 40, id="B3-L130-S4-wide-table"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("lens, splits, cap, extra_pages", DECODE_PARTS)
+def test_decode_parts(lens, splits, cap, extra_pages, device):
+    inp = decode_inputs(lens, 4, 32, torch.float32, device, extra_pages)
+    # 32-key tiles on the GPU too, so a 48-entry buffer (>= topk + BN) is allowed there as well
+    cfg = itri.INTERPRET_DECODE
+    out = itri.indexer_topk_decode(**inp, topk=16, splits=splits, cap=cap, config=cfg)
+    _check_decode(inp, 16, out)
+    # fp32 scores of the same sums: the very same set as the reference, in column order
+    ref = indexer_topk_decode(**inp, topk=16, impl="ref")
+    long = inp["seq_lens"].cpu() > 16
+    assert torch.equal(out.cpu()[long], ref.cpu()[long].sort(1).values)
+
+
+def test_decode_scratch_ignores_table_width():
+    """The table width (the graph's max model length) only caps the part buffers from above:
+    past a few parts' worth of topk the decode scratch stops growing, at any batch."""
+    from kernels.indexer import decode
+
+    cpu = torch.device("cpu")
+    for b in (1, 16, 64):
+        sizes = []
+        for width in (200_000, 2_000_000, 4_000_000, 20_000_000):
+            s = decode.decode_splits(b, width, cpu)
+            sizes.append(b * s * decode.part_cap(2048, width, s, 128) * 8)  # keys + columns
+        assert sizes[1] == sizes[2] == sizes[3] >= sizes[0], (b, sizes)
+        assert sizes[3] <= 18 << 20, (b, sizes)  # ~4 * SMs parts of 2 * topk entries
+
+
+@pytest.mark.interpret
+def test_decode_ties_prefer_lower_positions(device):
+    """Exact score ties (every head's ReLU off: score 0) go to the lowest positions in decode
+    too, across parts and through compaction."""
+    n, topk, hi, di, ps = 200, 16, 2, 16, 16
+    k = -torch.rand(n, di) - 0.1  # q.k < 0 for every head: score exactly 0 ...
+    pos = [5, 17, 30, 70, 190]
+    k[pos] *= -1  # ... except five keys, fewer than topk: the cut is a tie
+    pages = (n + ps - 1) // ps
+    cache = torch.zeros(pages, ps, di)
+    cache.view(-1, di)[:n] = k
+    args = (cache.to(device), None, torch.arange(pages, dtype=torch.int32, device=device)[None])
+    q, w = torch.ones(1, hi, di, device=device), torch.ones(1, hi, device=device)
+    lens = torch.tensor([n], dtype=torch.int32, device=device)
+    ref = indexer_topk_decode(q, w, *args, lens, topk, impl="ref")
+    zeros = [p for p in range(n) if p not in pos][: topk - len(pos)]
+    assert sorted(ref[0].tolist()) == sorted(pos + zeros)
+    for splits, cap in ((1, 48), (3, None)):
+        cfg = itri.INTERPRET_DECODE  # 32-key tiles: a 48-entry buffer is allowed on the GPU too
+        out = itri.indexer_topk_decode(q, w, *args, lens, topk, splits=splits, cap=cap, config=cfg)
+        assert torch.equal(out.cpu(), ref.cpu().sort(1).values), (splits, cap)
 
 
 @pytest.mark.interpret
@@ -104,14 +186,44 @@ def test_prefill_every_config(cfg, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", range(len(itri.DECODE_CONFIGS)))
 def test_decode_every_config(cfg, device):
-    n_q, lens = [1] * 3, [70, 3000, 9000]
-    inp = indexer_inputs(n_q, lens, 64, 128, FP8, device)
-    inp.pop("cu_seqlens_q")
-    ref = indexer_topk_decode(**inp, topk=2048, impl="ref")
+    inp = decode_inputs([70, 3000, 9000], 64, 128, FP8, device)
     out = itri.indexer_topk_decode(**inp, topk=2048, config=itri.DECODE_CONFIGS[cfg])
-    pos = inp["seq_lens"] - 1
-    inp["cu_seqlens_q"] = torch.arange(4, dtype=torch.int32, device=device)
-    assert_topk_close(ref, out, ref_scores(inp, pos), pos + 1)
+    _check_decode(inp, 2048, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_decode_compacts_at_batch_64(dtype, device):
+    """Batch 64 at long context: parts longer than their buffers, so compaction runs."""
+    from kernels.indexer import decode
+
+    lens = [150_000 + 777 * i for i in range(64)]
+    s = decode.decode_splits(64, max(lens), device)
+    assert cdiv(max(lens), s) > decode.part_cap(2048, max(lens), s, 128)
+    inp = decode_inputs(lens, 32, 128, dtype, device)
+    _check_decode(inp, 2048, itri.indexer_topk_decode(**inp, topk=2048))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+def test_decode_cuda_graph_replays_new_lengths(dtype, device):
+    """Captured once over a full-width table (as serving/engine/cuda_graph.py does), replayed with
+    other lengths (ragged, a padding row of length 0, rows below and above topk): every replay
+    matches the reference for its own lengths."""
+    b, max_len, topk = 8, 70_000, 2048
+    full = decode_inputs([max_len] * b, 32, 128, dtype, device, extra_pages=500)
+    static = {k: v.clone() if torch.is_tensor(v) else v for k, v in full.items()}
+    lens = static["seq_lens"]
+    itri.indexer_topk_decode(**static, topk=topk)  # compile outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = itri.indexer_topk_decode(**static, topk=topk)
+    for new in ([max_len] * b, [0, 1, 2048, 2049, 5000, 65_000, 12_345, max_len]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        g.replay()
+        torch.cuda.synchronize()
+        _check_decode(static, topk, out.clone())
 
 
 def test_triton_rejects_odd_head_dim():

@@ -99,3 +99,16 @@ def test_saturate_holds_the_pool_full_and_loses_nothing(server, tmp_path):
     assert s["server_requests_finished"] == req["completed"] == s["locust_posts"]
     # The pool is empty again after the load.
     assert s["drain"]["idle"] and s["drain"]["last_sample"]["kv_usage"] == 0
+
+
+def test_multiturn_reports_prefix_hits_and_follow_up_ttft(server, tmp_path):
+    out = tmp_path / "multiturn"
+    args = ("--users", "2", "--turns", "3", "--doc-tokens", "300", "--max-tokens", "8")
+    rc = loadtest(server, out, "multiturn", 15, *args)
+    s = json.loads((out / "summary.json").read_text())
+    assert rc == 0, (s["requests"], s["drain"])
+    assert s["by_workload"]["turn1"]["completed"] > 0
+    assert s["by_workload"]["followup"]["completed"] > 0
+    # follow-ups resend their history: the server's prefix cache serves a good share of it
+    assert s["prefix_cache"]["hit_rate"] > 0.2, s["prefix_cache"]
+    assert "prefix cache:" in (out / "report.md").read_text()

@@ -10,7 +10,13 @@ import pytest
 from loadtest import corpus
 from loadtest.plan import build_plan, saturation_stages
 from loadtest.server import parse_metrics
-from loadtest.workloads import WorkloadSpec, make_request, max_doc_tokens
+from loadtest.workloads import (
+    FOLLOWUP_TOKENS,
+    Conversation,
+    WorkloadSpec,
+    make_request,
+    max_doc_tokens,
+)
 
 PLAN = dict(
     duration_s=40,
@@ -122,3 +128,47 @@ def test_metrics_parse_weights_kv_by_capacity_and_skips_prefill():
     assert s.kv_capacity_tokens == 4000  # prefill pools are freed as payloads leave ...
     assert s.kv_capacity_per_replica == 500  # ... but a document must fit them too
     assert s.waiting == 5 and s.preemptions == 7 and s.requests_finished == 11
+
+
+def test_multiturn_conversations_resend_their_history():
+    plan = build_plan("multiturn", turns=3, **PLAN)
+    spec = plan.workload
+    assert spec.kind == "multiturn" and spec.turns == 3
+    # the last turn holds the document, two replies and two questions within one pool
+    assert spec.doc_tokens[1] + 2 * (spec.max_tokens + FOLLOWUP_TOKENS) <= 1024 - spec.max_tokens
+    chat = Conversation(spec, random.Random(0))
+    bodies = []
+    for i in range(4):
+        req = chat.request()
+        bodies.append(req.body["messages"])
+        assert req.workload == ("turn1" if i % 3 == 0 else "followup")
+        chat.reply(f"reply {i}")
+    first, second, third, fresh = bodies
+    assert second[:1] == first and second[1] == {"role": "assistant", "content": "reply 0"}
+    assert third[:3] == second and len(third) == 5
+    assert len(fresh) == 1 and fresh != first  # after 3 turns a new conversation begins
+    again = Conversation(spec, random.Random(0))
+    assert again.request().body["messages"] == first  # seeded
+    again.reset()
+    assert len(again.request().body["messages"]) == 1
+    with pytest.raises(ValueError, match="Conversation"):
+        make_request(spec, random.Random(0))
+    with pytest.raises(ValueError, match="turns"):
+        build_plan("multiturn", turns=40, **PLAN)
+
+
+def test_report_prefix_hit_rate_from_metrics():
+    from loadtest.report import _prefix
+
+    rows = [
+        {"prefix_queries": 100.0, "prefix_hits": 10.0},
+        {"prefix_queries": 600.0, "prefix_hits": 410.0},
+    ]
+    assert _prefix(rows) == {"queries": 500.0, "hits": 400.0, "hit_rate": 0.8}
+    assert _prefix(rows[:1])["hit_rate"] is None
+    s = parse_metrics(
+        'indexcache_prefix_cache_queries_total{model="m",role="decode",replica="d"} 9.0\n'
+        'indexcache_prefix_cache_hits_total{model="m",role="prefill",replica="p"} 4.0\n',
+        t=1.0,
+    )
+    assert (s.prefix_queries, s.prefix_hits) == (9.0, 4.0)

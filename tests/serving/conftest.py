@@ -45,7 +45,7 @@ def _config(model_dir: str, mode: str):
             "route_prefix": f"/{mode}",
             "num_cpus": 0.25,
             "api_keys": [API_KEY],
-            "max_prompt_tokens": 512,
+            "max_prompt_tokens": 1024,
             "max_tokens_limit": 4000,
             "max_body_bytes": 65536,
         },

@@ -117,7 +117,7 @@ def test_openai_client_raises_typed_errors(app):
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        c.completions.create(model=app.model, prompt="hi", max_tokens=2, n=2)
+        c.completions.create(model=app.model, prompt="hi", max_tokens=2, suffix="x")
 
 
 def test_body_too_large(app):

@@ -113,3 +113,34 @@ def test_a_dropped_stream_is_not_kept_alive():
         assert len(live) == 0
 
     asyncio.run(go())
+
+
+def test_a_cancelled_stream_leaves_the_live_set_without_the_collector():
+    """A stream consumed in a task of its own (the ingress pumps each choice in one) that is
+    cancelled leaves the weak set at once: the task keeps its CancelledError, whose traceback
+    holds the wrapper's frame, and that frame must not hold the task (a cycle only the
+    garbage collector would free, leaving the request counted as in flight meanwhile)."""
+
+    async def go():
+        d = Drain()
+        live = weakref.WeakSet()
+        src = Source(1000, 0.01)
+        w = d.wrap(src())
+        live.add(w)
+
+        async def pump(stream):
+            async for _ in stream:
+                pass
+
+        task = asyncio.ensure_future(pump(w))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait([task])
+        del w, task
+        assert src.closed and len(live) == 0
+
+    gc.disable()
+    try:
+        asyncio.run(go())
+    finally:
+        gc.enable()

@@ -12,8 +12,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, OwnerDiedError
 from serving.engine import SamplingParams, TokenDelta
 from serving.errors import BadRequest, KVTransferError, Unavailable
 from serving.failover import FailoverPolicy, replica_lost
-from serving.orchestrator import run_disaggregated, run_unified
-from serving.protocol import GenerateRequest, KVReceived, PrefillResponse
+from serving.orchestrator import run_disaggregated, run_selective, run_unified
+from serving.protocol import GenerateRequest, KVReceived, PrefillResponse, PrefillRoute
 
 REQ = GenerateRequest("r1", (1, 2, 3), SamplingParams(max_tokens=6, temperature=0))
 FAST = FailoverPolicy(max_restarts=2, backoff_s=0.0)
@@ -86,6 +86,24 @@ class Replicas:
             if fail is not None and i == fail[0]:
                 raise fail[1]
             yield d
+
+
+class LocalReplicas(Replicas):
+    """Decode replicas that prefill locally while `local` says so (selective disaggregation)."""
+
+    def __init__(self, local: list[bool], **script):
+        super().__init__(**script)
+        self.local, self.routed = list(local), []
+
+    def generate_or_defer(self, req):
+        self.routed.append(req)
+        return self._route(req, self.local.pop(0))
+
+    async def _route(self, req, local):
+        yield PrefillRoute(local, 0, len(req.prompt_token_ids))
+        if local:
+            async for d in self.generate(req):
+                yield d
 
 
 def first(resp):
@@ -167,6 +185,22 @@ def test_unified_replica_lost_mid_stream_migrates():
     out = asyncio.run(drain(run_unified(REQ, reps, failover=FAST, on_restart=restarts.append)))
     assert out == FULL and restarts == [True]
     assert list(reps.prefills[1].resume.token_ids) == [10, 11]
+
+
+@pytest.mark.parametrize("local", [[True, True], [True, False], [False, True]])
+def test_selective_flow_migrates_through_the_route_again(local):
+    """Selective disaggregation under failover: whichever path each attempt takes (local
+    prefill on the decode replica, or prefill -> decode), the new attempt asks a decode replica
+    again with the resumed tokens and the stream continues exactly."""
+    lost = (2, ActorDiedError())
+    reps = LocalReplicas(local, decode_script=[lost])
+    out = asyncio.run(
+        drain(run_selective(REQ, reps, reps, kv_timeout_s=1.0, make_delta=first, failover=FAST))
+    )
+    assert [d.token_ids for d in out] == [d.token_ids for d in FULL] and text(out) == text(FULL)
+    assert [r.resume for r in reps.routed][0] is None
+    seen = 2 if local[0] else 3  # the lost decode stream had already sent the first token
+    assert list(reps.routed[1].resume.token_ids) == [t for t, _ in TOKENS[:seen]]
 
 
 def test_attempts_are_bounded():

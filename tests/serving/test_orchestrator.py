@@ -9,8 +9,8 @@ import pytest
 
 from serving.engine import SamplingParams, TokenDelta
 from serving.errors import InternalError, KVTransferError, Unavailable
-from serving.orchestrator import run_disaggregated, run_unified
-from serving.protocol import GenerateRequest, KVReceived, PrefillResponse
+from serving.orchestrator import run_disaggregated, run_selective, run_unified
+from serving.protocol import GenerateRequest, KVReceived, PrefillResponse, PrefillRoute
 
 REQ = GenerateRequest("r1", (1, 2, 3), SamplingParams(max_tokens=4, temperature=0))
 
@@ -181,3 +181,54 @@ def test_unified_closes_its_stream():
 
     asyncio.run(go())
     assert closed == [True]
+
+
+class FakeLocalDecode(FakeDecode):
+    """A decode replica that prefills locally (`local`) or defers to a prefill replica."""
+
+    def __init__(self, local: bool, items, route=None):
+        super().__init__(items)
+        self.local, self.route = local, route
+        self.local_closed = False
+
+    def generate_or_defer(self, req):
+        return self._local(req)
+
+    async def _local(self, req):
+        try:
+            yield self.route or PrefillRoute(self.local, 64, len(req.prompt_token_ids))
+            if self.local:
+                for item in self.items:
+                    yield item
+        finally:
+            self.local_closed = True
+
+
+def selective(prefill, decode):
+    return run_selective(REQ, prefill, decode, kv_timeout_s=1.0, make_delta=first)
+
+
+def test_selective_local_prefill_skips_the_prefill_replica():
+    prefill = FakePrefill()
+    decode = FakeLocalDecode(True, [TokenDelta([7], "a"), TokenDelta([8], "b", "length")])
+    out = asyncio.run(collect(selective(prefill, decode)))
+    assert [d.token_ids for d in out] == [[7], [8]]
+    assert decode.local_closed and not decode.requests  # never asked to import a payload
+    assert not prefill.kv.released  # no prefill happened: no handle was made
+
+
+def test_selective_remote_prefill_takes_the_full_pd_path():
+    prefill = FakePrefill()
+    decode = FakeLocalDecode(False, [TokenDelta([8], "b", "length")])
+    out = asyncio.run(collect(selective(prefill, decode)))
+    assert [d.token_ids for d in out] == [[7], [8]]
+    assert decode.local_closed and decode.closed and prefill.kv.released
+    # the decode call carries the prompt: the router sends it to the replica caching it
+    assert decode.requests[0].prompt_token_ids == REQ.prompt_token_ids
+
+
+def test_selective_bad_first_item_is_an_internal_error():
+    decode = FakeLocalDecode(True, [], route=TokenDelta([1], "x"))
+    with pytest.raises(InternalError, match="PrefillRoute"):
+        asyncio.run(collect(selective(FakePrefill(), decode)))
+    assert decode.local_closed
