@@ -184,17 +184,17 @@ def free_engine(engine) -> None:
 
 
 # -- prefill --------------------------------------------------------------------------------------
-def prefill_rows(models: dict, args, device) -> list[dict]:
+def prefill_rows(models: dict, args, device, rows: list, on_row=None) -> list[dict]:
     from serving.engine import SamplingParams
 
-    rows = []
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     vocab = next(iter(models.values())).config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = {L: torch.randint(5, vocab, (L,), generator=g).tolist() for L in args.contexts}
     top = max(args.contexts)
-    for name, model in models.items():
-        eng = engine_for(
+    engines = {}
+    for name, model in models.items():  # one engine per plan, all alive: contexts run in turn
+        engines[name] = engine_for(
             model,
             device,
             kv_tokens=top + 128,
@@ -204,11 +204,12 @@ def prefill_rows(models: dict, args, device) -> list[dict]:
             max_len=top + 64,
             compile=not args.no_compile,
         )
-        eng.generate([prompts[min(args.contexts)]], sp)  # warm-up: compiles every kernel
-        for L in args.contexts:
+        engines[name].generate([prompts[min(args.contexts)]], sp)  # warm-up: compiles kernels
+    for L in args.contexts:  # context-major: a cut-off run still has every plan's short prompts
+        for name, eng in engines.items():
             times, ix_s = [], []
             for _ in range(args.repeats):
-                timer = IndexerTimer(model, device)
+                timer = IndexerTimer(models[name], device)
                 sync(device)
                 t0 = time.perf_counter()
                 eng.generate([prompts[L]], sp)
@@ -232,6 +233,9 @@ def prefill_rows(models: dict, args, device) -> list[dict]:
                 f"(indexer {row['indexer_share']:.0%})",
                 flush=True,
             )
+            if on_row:
+                on_row()
+    for eng in list(engines.values()):
         free_engine(eng)
     return rows
 
@@ -544,17 +548,28 @@ def main(argv=None) -> dict:
         config={k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
         model=dict(overrides, weights_bytes=weights),
         plans=plans,
-        prefill=[] if args.skip_prefill else prefill_rows(models, args, device),
-        chunk_sweep=chunk_rows(models["searched-1/4"], args, device) if args.chunks else [],
-        decode=[] if args.skip_decode else decode_rows(models, args, device, weights),
+        prefill=[],
+        chunk_sweep=[],
+        decode=[],
     )
-    from model.layers import glue
-
-    report["glue"] = glue.status()  # which glue functions ran compiled (or why not)
-    report["summary"] = summarize(report)
     out = args.out or RESULTS / f"e2e-{report['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+
+    def save() -> None:  # after every stage and prefill row: a run cut off keeps what it did
+        from model.layers import glue
+
+        report["glue"] = glue.status()  # which glue functions ran compiled (or why not)
+        report["summary"] = summarize(report)
+        out.write_text(json.dumps(report, indent=1))
+
+    if not args.skip_decode:
+        report["decode"] = decode_rows(models, args, device, weights)
+        save()
+    if not args.skip_prefill:
+        prefill_rows(models, args, device, report["prefill"], on_row=save)
+    if args.chunks:
+        report["chunk_sweep"] = chunk_rows(models["searched-1/4"], args, device)
+    save()
     plot(report, out.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=1))
     print(f"wrote {out}")
