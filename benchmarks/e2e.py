@@ -461,9 +461,13 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     plans = list(report["plans"])
+    colors = dict(zip(plans, ("tab:blue", "tab:orange", "tab:green"), strict=False))
     for p in plans:
+        c = colors.get(p)
         pr = [r for r in report["prefill"] if r["plan"] == p]
-        axes[0].plot([r["context"] / 1024 for r in pr], [r["seconds"] for r in pr], "o-", label=p)
+        axes[0].plot(
+            [r["context"] / 1024 for r in pr], [r["seconds"] for r in pr], "o-", c=c, label=p
+        )
         for b, style in ((1, "o-"), (16, "s--")):
             dr = [r for r in report["decode"] if r.get("plan") == p and r["batch"] == b]
             if dr:
@@ -471,6 +475,7 @@ def plot(report: dict, path: Path) -> None:
                     [r["context"] / 1024 for r in dr],
                     [r["tok_s"] for r in dr],
                     style,
+                    c=c,
                     label=f"{p}, batch {b}",
                 )
     axes[0].set(xlabel="prompt (K tokens)", ylabel="time to first token (s)", title="Prefill")
