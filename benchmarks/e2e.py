@@ -176,8 +176,8 @@ def engine_for(
     return LLMEngine(model, tokenizer(), cfg, cache=cache)
 
 
-def free_engine(engine) -> None:
-    del engine
+def free_memory() -> None:
+    """Callers drop their engine references first; this returns the memory to the card."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -235,8 +235,8 @@ def prefill_rows(models: dict, args, device, rows: list, on_row=None) -> list[di
             )
             if on_row:
                 on_row()
-    for eng in list(engines.values()):
-        free_engine(eng)
+    engines.clear()
+    free_memory()
     return rows
 
 
@@ -265,7 +265,8 @@ def chunk_rows(model, args, device) -> list[dict]:
         sync(device)
         rows.append(dict(chunk=chunk, context=L, seconds=time.perf_counter() - t0))
         print(f"chunk {chunk:>6d}: prefill {L} tokens {rows[-1]['seconds']:.3f} s", flush=True)
-        free_engine(eng)
+        del eng
+        free_memory()
     return rows
 
 
@@ -434,6 +435,7 @@ def decode_rows(models: dict, args, device, weights_bytes: int) -> list[dict]:
                     all_f_over_plan=ref / med,
                     gpu_busy_s=busy[n],
                     gpu_busy_share=(busy[n] / med) if busy[n] else None,
+                    kernels=prof[n][1],
                     graphs=engines[n].runner.graphs is not None,
                 )
             )
@@ -447,8 +449,9 @@ def decode_rows(models: dict, args, device, weights_bytes: int) -> list[dict]:
         for n, e in engines.items():
             for s in seqs[n]:
                 e.abort(s.request_id)
-    for e in list(engines.values()):
-        free_engine(e)
+    del first
+    engines.clear()  # the engines (pools, graphs) go before prefill builds its own
+    free_memory()
     return rows + skipped
 
 
