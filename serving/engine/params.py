@@ -23,6 +23,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # matched on the detokenized text, trimmed from the output
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0: sampled token's logprob + k alternatives
+    # None = off; k >= 0: each prompt token's logprob + k alternatives, with the first output
+    # (the completions API's echo). Costs logits for every prompt row and skips the prefix cache.
+    prompt_logprobs: int | None = None
     # OpenAI penalties over the generated tokens: logit -= frequency * count + presence * (count>0)
     presence_penalty: float = 0.0  # [-2, 2]
     frequency_penalty: float = 0.0  # [-2, 2]
@@ -67,8 +70,10 @@ class SamplingParams:
             )
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {v!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_real(v) or not -2 <= v <= 2:
