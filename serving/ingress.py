@@ -53,7 +53,7 @@ from serving.openai_schema import (
 )
 from serving.orchestrator import run_disaggregated, run_selective, run_unified
 from serving.protocol import GenerateRequest, PrefillResponse
-from serving.streaming import RequestTimer, collect, merge, sse, sse_events
+from serving.streaming import RequestTimer, collect, merge, prompt_only, sse, sse_events
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,13 @@ class OpenAIIngress:
         from serving.engine import TokenDelta
 
         def first(resp: PrefillResponse) -> TokenDelta:
-            return TokenDelta([resp.first_token], resp.text, resp.finish_reason, resp.logprobs)
+            return TokenDelta(
+                [resp.first_token],
+                resp.text,
+                resp.finish_reason,
+                resp.logprobs,
+                resp.prompt_logprobs,
+            )
 
         # KV transfer time and bytes are recorded where they happen, on the decode replica.
         run = run_selective if self.config.routing.max_local_prefill_tokens else run_disaggregated
@@ -281,6 +287,8 @@ class OpenAIIngress:
                 raise from_exception(e) from e
             raise e
         merged = merge(list(firsts), streams)
+        if p.prompt_only:
+            merged = prompt_only(merged)
         fmt = p.tool_format
         if req.stream:
             return StreamingResponse(
