@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (streaming or not), GET /v1/models,
 GET /health, GET /metrics (Prometheus text: this replica's request metrics plus every engine
-replica's, as vLLM serves them). Errors are OpenAI error JSON with a fitting 4xx/5xx status.
+replica's, as vLLM serves them), GET /openapi.json (serving/openapi_doc.py). Errors are OpenAI
+error JSON with a fitting 4xx/5xx status.
 
 Per request: auth -> body limit -> parse and validate -> model -> tokenize once -> limits ->
 orchestrator (unified or disaggregated) -> JSON or SSE. A client that disconnects cancels the
@@ -29,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import metrics
+from serving import metrics, openapi_doc
 from serving.config import ServingConfig
 from serving.errors import (
     InternalError,
@@ -57,7 +58,8 @@ from serving.streaming import RequestTimer, collect, merge, prompt_only, sse, ss
 
 log = logging.getLogger(__name__)
 
-app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+openapi_doc.install(app)  # the request models, as the routes read their bodies themselves
 LIMITS_TTL_S = 30.0  # how long the engines' reported context length is trusted
 
 
