@@ -10,6 +10,9 @@ from dataclasses import dataclass
 GREEDY_TEMPERATURE = 1e-5
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGIT_BIAS = 100.0
+# A repetition penalty divides positive logits of seen tokens by it: a 100x boost is already a
+# forced repeat, and below ~1e-37 the fp32 logits overflow to inf (the draw then degenerates).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,10 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_real(v) or not -2 <= v <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
-        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+        lo, hi = MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY
+        if not _is_real(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
             raise ValueError(
-                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}"
+                f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty!r}"
             )
         if not isinstance(self.logit_bias, tuple) or not all(
             isinstance(e, tuple)

@@ -25,6 +25,8 @@ from tests.engine.conftest import GREEDY
         ({"stop_token_ids": (-1,)}, "stop_token_ids"),
         ({"stop": ("",)}, "stop"),
         ({"logprobs": -1}, "logprobs"),
+        ({"prompt_logprobs": 1.5}, "prompt_logprobs"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),  # would overflow fp32 logits
     ],
 )
 def test_sampling_params_name_the_field(kwargs, field):
