@@ -32,12 +32,14 @@ def normal_body(model: str, prompt: str) -> dict:
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
-        "logprobs": 0,  # the token ids' strings, to compare token by token
+        "stream_options": {"include_usage": True},
+        "logprobs": 0,  # the tokens' strings, to compare token by token
     }
 
 
 def stream_tokens(client: httpx.Client, url: str, body: dict) -> list[str]:
     tokens: list[str] = []
+    generated = None
     with client.stream("POST", url, json=body, headers=AUTH) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -46,7 +48,9 @@ def stream_tokens(client: httpx.Client, url: str, body: dict) -> list[str]:
                 assert "error" not in event, event
                 for ch in event["choices"]:
                     tokens += (ch.get("logprobs") or {}).get("tokens", [])
-    assert len(tokens) == N_TOKENS
+                if event.get("usage"):
+                    generated = event["usage"]["completion_tokens"]
+    assert generated == N_TOKENS and tokens  # (special tokens are left out of logprobs)
     return tokens
 
 
