@@ -52,6 +52,7 @@ class Plan:
     tool_format: ToolFormat | None = None  # parse tool calls out of the output
     tools_forced: bool = False
     no_engine: bool = False  # max_tokens 0: the answer is the (echoed) prompt alone
+    prompt_only: bool = False  # ... but its logprobs were asked for: one token scores it
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -361,6 +362,8 @@ def plan(
             (p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in raw
         ]
         param, fmt, mode = "prompt", None, "none"
+        if req.echo and req.logprobs is not None:  # the prompt's logprobs lead the answer
+            params["prompt_logprobs"] = req.logprobs
     n = req.n_choices
     if n * len(prompts) > limits.max_choices:
         raise BadRequest(
@@ -376,8 +379,10 @@ def plan(
         for j in range(n):
             kw = {**_seeded(params, j), "max_tokens": max(mt, 1)}
             choices.append(Choice(pi * n + j, ids, kw, echoes[pi]))
-    no_engine = req.requested_max_tokens == 0
-    return Plan(choices, n_prompt, fmt, mode in ("required", "named"), no_engine)
+    zero = req.requested_max_tokens == 0
+    scores = params.get("prompt_logprobs") is not None
+    forced = mode in ("required", "named")
+    return Plan(choices, n_prompt, fmt, forced, zero and not scores, zero and scores)
 
 
 def replace_params(choice: Choice, **kw) -> Choice:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.engine.params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+
 INT64 = 2**63
 # Fields of the spec this server refuses (400 unsupported_parameter) when set to a value that
 # would need them; documented in /openapi.json and checked by the schemathesis run.
@@ -111,7 +113,9 @@ class _Request(_Strict):
     user: str | None = None
     # vLLM-style extras
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(
+        None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
 
