@@ -309,7 +309,7 @@ def base_params(req: ChatCompletionRequest | CompletionRequest, vocab: int) -> d
         "temperature": temperature,
         "top_p": top_p,
         "top_k": -1 if req.top_k is None else req.top_k,
-        "seed": req.seed,
+        "seed": None if req.seed is None else _wrap_int64(req.seed),
         "stop": req.stop_list,
         "stop_token_ids": stop_ids,
         "ignore_eos": bool(req.ignore_eos),
@@ -325,10 +325,12 @@ def _seeded(params: dict[str, Any], i: int) -> dict[str, Any]:
     """Choice i of n: its own seed (seed + i), so choices differ and each reproduces."""
     if params["seed"] is None or i == 0:
         return params
-    seed = params["seed"] + i
-    if seed >= 2**63:
-        seed -= 2**64
-    return {**params, "seed": seed}
+    return {**params, "seed": _wrap_int64(params["seed"] + i)}
+
+
+def _wrap_int64(x: int) -> int:
+    """Two's-complement wrap into int64: the sampler's generator takes 64-bit seeds."""
+    return (x + 2**63) % 2**64 - 2**63
 
 
 def plan(

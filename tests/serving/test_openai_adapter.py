@@ -60,7 +60,7 @@ def plan_chat(tok, lltok, body: bytes, limits: Limits = LIMITS):
         (chat(temperature=3), "temperature", "invalid_value"),
         (chat(top_k=0), "top_k", "unsupported_parameter"),
         (chat(top_k=2**63), "top_k", "invalid_value"),
-        (chat(seed=2**63), "seed", "invalid_value"),
+        (chat(seed=9223372036854776001), "seed", "invalid_value"),  # past the spec's bound
         (chat(n=129), "n", "invalid_value"),
         (chat(stop=["a", "b", "c", "d", "e"]), "stop", "unsupported_parameter"),
         (chat(bogus=True), "bogus", "unknown_parameter"),
@@ -169,6 +169,12 @@ def test_choices_n_prompts_and_seeds(tok, lltok):
     assert [c.params["seed"] for c in p.choices] == [7, 8, 7, 8]
     assert [c.echo for c in p.choices] == ["ab", "ab", "cd", "cd"]
     assert p.num_prompt_tokens == 4  # each prompt once
+    # the spec's published bound (int64's limit through a float) is served, wrapped into int64
+    top = 9223372036854776000
+    wrapped = plan(parse(completion(n=2, seed=top), CompletionRequest, LIMITS), tok, LIMITS, None)
+    assert [c.params["seed"] for c in wrapped.choices] == [top - 2**64, top + 1 - 2**64]
+    edge = plan(parse(completion(n=2, seed=2**63 - 1), CompletionRequest, LIMITS), tok, LIMITS, None)
+    assert [c.params["seed"] for c in edge.choices] == [2**63 - 1, -(2**63)]
     with pytest.raises(BadRequest) as e:
         plan_chat(tok, lltok, chat(n=17))
     assert (e.value.param, e.value.code) == ("n", "unsupported_parameter")
