@@ -176,25 +176,25 @@ def engine_for(
     return LLMEngine(model, tokenizer(), cfg, cache=cache)
 
 
-def free_engine(engine) -> None:
-    del engine
+def free_memory() -> None:
+    """Callers drop their engine references first; this returns the memory to the card."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 # -- prefill --------------------------------------------------------------------------------------
-def prefill_rows(models: dict, args, device) -> list[dict]:
+def prefill_rows(models: dict, args, device, rows: list, on_row=None) -> list[dict]:
     from serving.engine import SamplingParams
 
-    rows = []
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     vocab = next(iter(models.values())).config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = {L: torch.randint(5, vocab, (L,), generator=g).tolist() for L in args.contexts}
     top = max(args.contexts)
-    for name, model in models.items():
-        eng = engine_for(
+    engines = {}
+    for name, model in models.items():  # one engine per plan, all alive: contexts run in turn
+        engines[name] = engine_for(
             model,
             device,
             kv_tokens=top + 128,
@@ -204,11 +204,12 @@ def prefill_rows(models: dict, args, device) -> list[dict]:
             max_len=top + 64,
             compile=not args.no_compile,
         )
-        eng.generate([prompts[min(args.contexts)]], sp)  # warm-up: compiles every kernel
-        for L in args.contexts:
+        engines[name].generate([prompts[min(args.contexts)]], sp)  # warm-up: compiles kernels
+    for L in args.contexts:  # context-major: a cut-off run still has every plan's short prompts
+        for name, eng in engines.items():
             times, ix_s = [], []
             for _ in range(args.repeats):
-                timer = IndexerTimer(model, device)
+                timer = IndexerTimer(models[name], device)
                 sync(device)
                 t0 = time.perf_counter()
                 eng.generate([prompts[L]], sp)
@@ -232,7 +233,10 @@ def prefill_rows(models: dict, args, device) -> list[dict]:
                 f"(indexer {row['indexer_share']:.0%})",
                 flush=True,
             )
-        free_engine(eng)
+            if on_row:
+                on_row()
+    engines.clear()
+    free_memory()
     return rows
 
 
@@ -261,7 +265,8 @@ def chunk_rows(model, args, device) -> list[dict]:
         sync(device)
         rows.append(dict(chunk=chunk, context=L, seconds=time.perf_counter() - t0))
         print(f"chunk {chunk:>6d}: prefill {L} tokens {rows[-1]['seconds']:.3f} s", flush=True)
-        free_engine(eng)
+        del eng
+        free_memory()
     return rows
 
 
@@ -430,6 +435,7 @@ def decode_rows(models: dict, args, device, weights_bytes: int) -> list[dict]:
                     all_f_over_plan=ref / med,
                     gpu_busy_s=busy[n],
                     gpu_busy_share=(busy[n] / med) if busy[n] else None,
+                    kernels=prof[n][1],
                     graphs=engines[n].runner.graphs is not None,
                 )
             )
@@ -443,8 +449,9 @@ def decode_rows(models: dict, args, device, weights_bytes: int) -> list[dict]:
         for n, e in engines.items():
             for s in seqs[n]:
                 e.abort(s.request_id)
-    for e in list(engines.values()):
-        free_engine(e)
+    del first
+    engines.clear()  # the engines (pools, graphs) go before prefill builds its own
+    free_memory()
     return rows + skipped
 
 
@@ -457,9 +464,13 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     plans = list(report["plans"])
+    colors = dict(zip(plans, ("tab:blue", "tab:orange", "tab:green"), strict=False))
     for p in plans:
+        c = colors.get(p)
         pr = [r for r in report["prefill"] if r["plan"] == p]
-        axes[0].plot([r["context"] / 1024 for r in pr], [r["seconds"] for r in pr], "o-", label=p)
+        axes[0].plot(
+            [r["context"] / 1024 for r in pr], [r["seconds"] for r in pr], "o-", c=c, label=p
+        )
         for b, style in ((1, "o-"), (16, "s--")):
             dr = [r for r in report["decode"] if r.get("plan") == p and r["batch"] == b]
             if dr:
@@ -467,6 +478,7 @@ def plot(report: dict, path: Path) -> None:
                     [r["context"] / 1024 for r in dr],
                     [r["tok_s"] for r in dr],
                     style,
+                    c=c,
                     label=f"{p}, batch {b}",
                 )
     axes[0].set(xlabel="prompt (K tokens)", ylabel="time to first token (s)", title="Prefill")
@@ -544,17 +556,28 @@ def main(argv=None) -> dict:
         config={k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
         model=dict(overrides, weights_bytes=weights),
         plans=plans,
-        prefill=[] if args.skip_prefill else prefill_rows(models, args, device),
-        chunk_sweep=chunk_rows(models["searched-1/4"], args, device) if args.chunks else [],
-        decode=[] if args.skip_decode else decode_rows(models, args, device, weights),
+        prefill=[],
+        chunk_sweep=[],
+        decode=[],
     )
-    from model.layers import glue
-
-    report["glue"] = glue.status()  # which glue functions ran compiled (or why not)
-    report["summary"] = summarize(report)
     out = args.out or RESULTS / f"e2e-{report['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+
+    def save() -> None:  # after every stage and prefill row: a run cut off keeps what it did
+        from model.layers import glue
+
+        report["glue"] = glue.status()  # which glue functions ran compiled (or why not)
+        report["summary"] = summarize(report)
+        out.write_text(json.dumps(report, indent=1))
+
+    if not args.skip_decode:
+        report["decode"] = decode_rows(models, args, device, weights)
+        save()
+    if not args.skip_prefill:
+        prefill_rows(models, args, device, report["prefill"], on_row=save)
+    if args.chunks:
+        report["chunk_sweep"] = chunk_rows(models["searched-1/4"], args, device)
+    save()
     plot(report, out.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=1))
     print(f"wrote {out}")

@@ -183,6 +183,7 @@ class PrefillServer(_EngineServer):
             res.payload.plan_id,
             res.logprobs,
             elapsed,
+            res.prompt_logprobs,
         )
 
     def record_autoscaling_stats(self) -> dict[str, float]:

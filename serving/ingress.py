@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (streaming or not), GET /v1/models,
 GET /health, GET /metrics (Prometheus text: this replica's request metrics plus every engine
-replica's, as vLLM serves them). Errors are OpenAI error JSON with a fitting 4xx/5xx status.
+replica's, as vLLM serves them), GET /openapi.json (serving/openapi_doc.py). Errors are OpenAI
+error JSON with a fitting 4xx/5xx status.
 
 Per request: auth -> body limit -> parse and validate -> model -> tokenize once -> limits ->
 orchestrator (unified or disaggregated) -> JSON or SSE. A client that disconnects cancels the
@@ -31,7 +32,7 @@ from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import metrics
+from serving import metrics, openapi_doc
 from serving.config import ServingConfig
 from serving.drain import Drain
 from serving.errors import (
@@ -58,11 +59,12 @@ from serving.openai_schema import (
 from serving.orchestrator import run_disaggregated, run_selective, run_unified
 from serving.protocol import GenerateRequest, PrefillResponse
 from serving.routing import own_request_id
-from serving.streaming import RequestTimer, collect, merge, sse, sse_events
+from serving.streaming import RequestTimer, collect, merge, prompt_only, sse, sse_events
 
 log = logging.getLogger(__name__)
 
-app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+openapi_doc.install(app)  # the request models, as the routes read their bodies themselves
 LIMITS_TTL_S = 30.0  # how long the engines' reported context length is trusted
 LIMITS_TIMEOUT_S = 10.0  # how long a limits refresh waits for each engine role
 LIMITS_RETRY_S = 1.0  # after a refresh that got no answer
@@ -270,7 +272,13 @@ class OpenAIIngress:
         from serving.engine import TokenDelta
 
         def first(resp: PrefillResponse) -> TokenDelta:
-            return TokenDelta([resp.first_token], resp.text, resp.finish_reason, resp.logprobs)
+            return TokenDelta(
+                [resp.first_token],
+                resp.text,
+                resp.finish_reason,
+                resp.logprobs,
+                resp.prompt_logprobs,
+            )
 
         # KV transfer time and bytes are recorded where they happen, on the decode replica.
         run = run_selective if self.config.routing.max_local_prefill_tokens else run_disaggregated
@@ -337,6 +345,8 @@ class OpenAIIngress:
                 raise from_exception(e) from e
             raise e
         merged = merge(list(firsts), streams)
+        if p.prompt_only:
+            merged = prompt_only(merged)
         fmt = p.tool_format
         if req.stream:
             return StreamingResponse(

@@ -37,6 +37,7 @@ class PrefillResponse:
     plan_id: str
     logprobs: list[Logprob] | None = None
     prefill_seconds: float = 0.0  # replica-side: arrival to first token (queue + compute)
+    prompt_logprobs: list[Logprob | None] | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True, slots=True)

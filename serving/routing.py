@@ -24,6 +24,14 @@ once, and no failover: with Ray's blocking calls decode replicas found 43 KV pay
 freed by Ray's reference counting while the ingress still held them; with awaited calls 12; with
 no tree calls at all 0. The remaining frees are a Ray-side race this module does not remove;
 the ingress's failover (serving/failover.py) retries those requests.
+
+A second fix, to the base class's request matching: every handle call made while a replica serves a
+request inherits that request's Serve internal request id, so the n engine calls of an `n`-choice
+request (serving/ingress.py) share one id. The base class routes out of order (no FIFOMixin, unlike
+Serve's default router, so each call gets the replica chosen for its own prompt): a routing task
+gives its replica to the pending request indexed under its id, and that index holds one request
+per id. The other calls were never fulfilled; their routing tasks (at most 2 per replica) retried
+forever without backoff, and every later call through that handle waited behind them.
 """
 
 from __future__ import annotations
@@ -122,3 +130,15 @@ class TokenPrefixRouter(PrefixCacheAffinityRouter):
             text = self._extract_text_from_request(pending_request)
             if text is not None:
                 self._tree_actor.insert.remote(text, replica_id.to_full_id_str(), time.time())
+
+    def _get_pending_request_matching_internal_request_id(self, request_metadata=None):
+        """The pending request this routing task chose a replica for: the one indexed under its
+        id if it is that call (the metadata object is per call), else a scan of the pending
+        queue for it (only calls sharing an id reach the scan; the queue is the in-flight set)."""
+        pr = super()._get_pending_request_matching_internal_request_id(request_metadata)
+        if request_metadata is None or (pr is not None and pr.metadata is request_metadata):
+            return pr
+        for pr in self._pending_requests_to_fulfill:
+            if pr.metadata is request_metadata and not pr.future.done():
+                return pr
+        return None

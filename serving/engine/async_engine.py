@@ -253,7 +253,9 @@ class AsyncLLMEngine:
                 else:  # aborted before its first token
                     item, setter = None, _cancel
             else:
-                item = TokenDelta(out.token_ids, out.text, out.finish_reason, out.logprobs)
+                item = TokenDelta(
+                    out.token_ids, out.text, out.finish_reason, out.logprobs, out.prompt_logprobs
+                )
                 setter = _put
             by_loop.setdefault(req.loop, []).append((setter, req, item, out.request_id))
         for loop, calls in by_loop.items():
@@ -282,6 +284,7 @@ def merge_deltas(deltas: list[TokenDelta]) -> TokenDelta:
         "".join(d.text for d in deltas),
         deltas[-1].finish_reason,
         lps if any(d.logprobs is not None for d in deltas) else None,
+        next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
     )
 
 

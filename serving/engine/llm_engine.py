@@ -223,6 +223,7 @@ class LLMEngine:
         if resume is not None:
             self._resume(seq, resume)
         seq.payload = payload
+        seq.prompt_logprobs = None  # the prefill side computed (and returned) them
         if (
             payload.rng_state is not None
             and seq.generator is not None
@@ -321,7 +322,7 @@ class LLMEngine:
         if not batch:
             return outputs
         try:
-            logits, sampling = self.runner.run(batch)
+            logits, sampling, prompt = self.runner.run(batch)
         except Exception as e:
             log.exception("forward failed; failing the %d requests of its batch", len(batch.seqs))
             return outputs + [self._fail(seq, e) for seq in batch.seqs]
@@ -334,7 +335,11 @@ class LLMEngine:
         self.indexer_skipped_total += batch.num_tokens * self._n_shared
         if logits is None:
             return outputs
+        if prompt:  # opt-in prompt logprobs (rows after the sampling rows)
+            logits, sampling = self._prompt_logprobs(logits, sampling, batch.seqs, prompt, outputs)
         seqs = [batch.seqs[i] for i in sampling]
+        if not seqs:
+            return outputs
         tokens, lps, errors = self._sample(logits, seqs)
         ok = [i for i in range(len(seqs)) if i not in errors]
         advanced = self.sampler.advance([seqs[i] for i in ok], [tokens[i] for i in ok])
@@ -360,6 +365,26 @@ class LLMEngine:
                 log.exception("post-processing %s failed", seq.request_id)
                 outputs.append(self._fail(seq, e))
         return outputs
+
+    def _prompt_logprobs(self, logits, sampling: list[int], seqs: list[Sequence], prompt, outputs):
+        """Record the prompt rows' logprobs on their sequences (one host sync for the step); if
+        that fails, only those requests fail. -> (logits, sampling) of the requests still in."""
+        rows, targets, ks = logits[len(sampling) :], [], []
+        for b, first, n in prompt:
+            targets += seqs[b].token_ids[first + 1 : first + 1 + n]
+            ks += [seqs[b].params.prompt_logprobs] * n
+        try:
+            got = logprobs_of(rows, torch.tensor(targets, device=rows.device), ks)
+        except Exception as e:
+            log.exception("prompt logprobs failed for %d requests", len(prompt))
+            outputs.extend(self._fail(seqs[b], e) for b, _, _ in prompt)
+            keep = [j for j, i in enumerate(sampling) if not seqs[i].is_finished]
+            return logits[keep], [sampling[j] for j in keep]
+        at = 0
+        for b, _, n in prompt:
+            seqs[b].prompt_logprobs.extend(got[at : at + n])
+            at += n
+        return logits[: len(sampling)], sampling
 
     def _sample(self, logits, seqs: list[Sequence]):
         """-> (token per row, logprobs per row, {row: error}). The batched sampler runs first; if
@@ -453,7 +478,10 @@ class LLMEngine:
             lps = seq.logprobs[seq.num_logprobs_streamed :]
             seq.num_logprobs_streamed = len(seq.logprobs)
         final = seq.finish_reason is not None  # until then the stop-string holdback stays back
-        return StepOutput(seq.request_id, new, seq.detok.delta(final), seq.finish_reason, lps)
+        out = StepOutput(seq.request_id, new, seq.detok.delta(final), seq.finish_reason, lps)
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            out.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        return out
 
     def _export(self, seq: Sequence) -> StepOutput:
         """Prefill role: the prompt's KV leaves as a payload; the pages are freed right after."""
@@ -479,6 +507,7 @@ class LLMEngine:
             seq.finish_reason,
             out.text,
             out.logprobs,
+            out.prompt_logprobs,
         )
         return out
 
@@ -562,4 +591,5 @@ class LLMEngine:
             seq.detok.text,
             seq.finish_reason,
             seq.logprobs,
+            seq.prompt_logprobs,
         )

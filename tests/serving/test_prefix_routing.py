@@ -182,3 +182,28 @@ def test_selective_disaggregation_prefills_a_short_follow_up_on_decode(apps, mod
     dec = LLMEngine.from_pretrained(model, role="decode", **kw)
     outs = dec.decode([r.payload for r in pre.prefill([first, follow_up], sp)], sp)
     assert [got_first, got_follow] == [o.text for o in outs]
+
+
+@pytest.mark.parametrize("name", ["affinity", "selective"])
+def test_every_choice_of_one_request_is_routed(apps, name):
+    """`n` choices are n engine calls made inside one HTTP request, so they share its Serve
+    internal request id (serving/routing.py says why that once left all but one unrouted)."""
+    base, cfg = apps[name]
+    n = 6  # more than max_num_seqs: some choices also wait in the engine's queue
+    r = httpx.post(
+        base + "/v1/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={
+            "model": cfg.model_name,
+            "prompt": ids(100, 40),  # > LOCAL_MAX uncached: selective goes through prefill
+            "n": n,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 1.0,
+            "ignore_eos": True,
+        },
+        timeout=60,  # a healthy answer takes seconds; the unrouted choices waited forever
+    )
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert sorted(c["index"] for c in choices) == list(range(n))
+    assert all(c["finish_reason"] == "length" for c in choices)
