@@ -171,10 +171,9 @@ def test_choices_n_prompts_and_seeds(tok, lltok):
     assert p.num_prompt_tokens == 4  # each prompt once
     # the spec's published bound (int64's limit through a float) is served, wrapped into int64
     top = 9223372036854776000
-    wrapped = plan(parse(completion(n=2, seed=top), CompletionRequest, LIMITS), tok, LIMITS, None)
-    assert [c.params["seed"] for c in wrapped.choices] == [top - 2**64, top + 1 - 2**64]
-    edge = plan(parse(completion(n=2, seed=2**63 - 1), CompletionRequest, LIMITS), tok, LIMITS, None)
-    assert [c.params["seed"] for c in edge.choices] == [2**63 - 1, -(2**63)]
+    for seed, want in [(top, [top - 2**64, top + 1 - 2**64]), (2**63 - 1, [2**63 - 1, -(2**63)])]:
+        req = parse(completion(n=2, seed=seed), CompletionRequest, LIMITS)
+        assert [c.params["seed"] for c in plan(req, tok, LIMITS, None).choices] == want
     with pytest.raises(BadRequest) as e:
         plan_chat(tok, lltok, chat(n=17))
     assert (e.value.param, e.value.code) == ("n", "unsupported_parameter")
