@@ -27,6 +27,7 @@ import torch
 
 GIB = 1 << 30
 MAX_LAYERS = 47  # GLM-4.7-Flash
+NO_GPU = 1 << 62  # CPU runs: no card to fill
 SERVED_NAME = "glm-4.7-flash-shape"
 
 
@@ -120,13 +121,14 @@ class Sizing:
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GIB:.1f} GiB"  # noqa: E731
         disk = g(self.disk_free_bytes) if self.disk_free_bytes is not None else "not checked"
+        card = g(self.gpu_bytes) if self.gpu_bytes < NO_GPU else "no card (CPU)"
         return [
             f"layers: {self.layers} of GLM-4.7-Flash's {MAX_LAYERS} ({self.limited_by})",
             f"weights {g(self.weight_bytes)} per copy x 2, reserve {g(self.reserve_bytes)} "
             "per engine",
             f"KV: {self.kv_bytes_per_token_all_f} B/token all-F; decode pool "
             f"{g(self.decode_kv_bytes)}, prefill pool {g(self.prefill_kv_bytes)}",
-            f"GPU: {g(self.gpu_needed)} of {g(self.gpu_bytes)}; disk free {disk} "
+            f"GPU: {g(self.gpu_needed)} of {card}; disk free {disk} "
             f"(checkpoint {g(self.weight_bytes)})",
         ]
 
@@ -139,10 +141,11 @@ def size_for(
     layers: int | None = None,
     quick: bool = False,
     disk_margin: int = 8 * GIB,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Sizing:
     """The most layers (<= 47, or exactly `layers`) whose two copies, reserves and KV pools fit
     `gpu_bytes` and whose checkpoint (plus `disk_margin` for logs and spills) fits the disk."""
-    base, step = _linear(quick)
+    base, step = _linear(quick, dtype)
 
     def sizing(n: int, why: str) -> Sizing:
         per_tok = base[1] + (n - 1) * step[1]
@@ -175,12 +178,12 @@ def size_for(
 
 
 @functools.cache
-def _linear(quick: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+def _linear(quick: bool, dtype: torch.dtype) -> tuple[tuple[int, int], tuple[int, int]]:
     """(weights, all-F KV bytes/token) of one layer and what each further layer adds: layer 0 is
     dense, every later one the same MoE layer, so both grow linearly from there."""
     one, two = model_config(1, quick), model_config(2, quick)
-    w1, w2 = weight_bytes(one), weight_bytes(two)
-    k1, k2 = kv_bytes_per_token(one, "F"), kv_bytes_per_token(two, "FF")
+    w1, w2 = weight_bytes(one, dtype), weight_bytes(two, dtype)
+    k1, k2 = kv_bytes_per_token(one, "F", dtype), kv_bytes_per_token(two, "FF", dtype)
     return (w1, k1), (w2 - w1, k2 - k1)
 
 
@@ -285,13 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     elif device.startswith("cuda"):
         gpu = torch.cuda.mem_get_info(torch.device(device))[1]
     else:
-        gpu = 1 << 62  # CPU: no card to fill
+        gpu = NO_GPU
     args.out.parent.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(args.out.parent).free
     if (args.out / "config.json").is_file():  # an earlier call's checkpoint counts as free space
         disk += sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     layers = args.layers if args.layers is not None else (4 if args.quick else None)
-    s = size_for(work, gpu, int(args.reserve_gib * GIB), disk, layers, quick=args.quick)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    reserve = int(args.reserve_gib * GIB)
+    s = size_for(work, gpu, reserve, disk, layers, quick=args.quick, dtype=dtype)
     for line in s.lines():
         print(f"model: {line}", flush=True)
     cfg = model_config(s.layers, args.quick)
@@ -301,7 +306,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.out.exists():
             shutil.rmtree(args.out)
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         write_checkpoint(cfg, args.out, device, dtype)
         print(f"model: wrote {args.out}", flush=True)
     conf = serving_yaml(args.out, s, work, device, args.port)
