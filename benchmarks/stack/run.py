@@ -59,7 +59,7 @@ def wait_up(proc: subprocess.Popen, url: str, log: Path, timeout_s: float) -> fl
     raise TimeoutError(f"the server was not up after {timeout_s:.0f} s:\n{_tail(log)}")
 
 
-def stop_server(proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+def stop_server(proc: subprocess.Popen, timeout_s: float = 45.0) -> None:
     """SIGTERM (the CLI then shuts Serve and its local Ray cluster down), SIGKILL if it hangs."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -136,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, required=True, help="benchmarks/stack/model.py --out")
     ap.add_argument("--plan", choices=PLANS, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--duration", type=float, default=180.0, help="seconds of load")
-    ap.add_argument("--start-timeout", type=float, default=900.0)
-    ap.add_argument("--stop-timeout", type=float, default=120.0)
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of load")
+    ap.add_argument("--start-timeout", type=float, default=420.0, help="a device call has 600 s")
+    ap.add_argument("--stop-timeout", type=float, default=60.0)
     ap.add_argument("--slo-ttft-ms", type=float, default=5000.0)
     ap.add_argument("--slo-itl-ms", type=float, default=100.0)
     args = ap.parse_args(argv)
+    # `timeout` (run_stack.sh keeps each device call inside its limit) sends SIGTERM: unwind, so
+    # the load test is killed, the server stopped and stack-run.json written before the end.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     rec = run(args)
     print(f"run: {args.plan}: load test exit status {rec['loadtest_rc']}", flush=True)
     return rec["loadtest_rc"]

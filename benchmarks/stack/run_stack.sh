@@ -20,9 +20,11 @@ if ((QUICK)); then
   base=${STACK_HOME:-.cache/stack-quick}
   MODEL=${STACK_MODEL:-$base/model} RUNS=${STACK_RUNS:-$base/runs} OUT=${OUT:-$base/out}
   DURATION=${STACK_DURATION:-40} PORT=${STACK_PORT:-8391} MODEL_FLAGS="--quick"
+  BUDGET=${STACK_CALL_BUDGET:-0}
 else
   MODEL=${STACK_MODEL:-/tmp/stack-model} RUNS=${STACK_RUNS:-/tmp/stack-runs} OUT=${OUT:-out}
-  DURATION=${STACK_DURATION:-180} PORT=${STACK_PORT:-8000} MODEL_FLAGS=""
+  BUDGET=${STACK_CALL_BUDGET:-590}  # a device call is killed at 600 s: stop in time to keep results
+  DURATION=${STACK_DURATION:-120} PORT=${STACK_PORT:-8000} MODEL_FLAGS=""
 fi
 PARTS=${STACK_PARTS:-/tmp/stack-parts} WHEELS=${STACK_WHEELS:-/tmp/stack-wheels}
 SITE=${STACK_SITE:-/tmp/stack-site}
@@ -33,7 +35,8 @@ failed=()
 gpu_mem() { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true; }
 
 step_model() {
-  df -h "$(dirname "$MODEL")" | tail -1
+  df -h "$(dirname "$MODEL")" /dev/shm | tail -2
+  free -g | head -2
   "$PY" -m benchmarks.stack.model --out "$MODEL" --port "$PORT" $MODEL_FLAGS ${STACK_MODEL_ARGS:-}
 }
 
@@ -52,14 +55,28 @@ step_install() {
   fi
   export PYTHONPATH=$(site_path)
   "$PY" -c "import ray, fastapi, pydantic, uvicorn, locust, llguidance, openai
-print('install: ray', ray.__version__, 'fastapi', fastapi.__version__, 'pydantic', pydantic.__version__, 'locust', locust.__version__)"
+print('install: ray', ray.__version__, 'from', ray.__file__)
+print('install: fastapi', fastapi.__version__, 'pydantic', pydantic.__version__, 'locust', locust.__version__)" || return 1
+  if ((!QUICK)); then  # replicas ask for 0.5 GPU each: a Ray that sees no GPU would never place them
+    "$PY" -c "from ray._private.accelerators import NvidiaGPUAcceleratorManager as m
+n = m.get_current_node_num_accelerators(); print('install: Ray sees', n, 'GPU(s)'); raise SystemExit(n < 1)" || return 1
+  fi
 }
 
 step_load() {
   local plan=$1 rc
-  "$PY" -m benchmarks.stack.run --model "$MODEL" --plan "$plan" --out "$RUNS/$plan" \
+  if ((!QUICK)) && [[ ! -f $SITE/.installed ]]; then
+    echo "load: no wheels installed in $SITE: the machine went back since the install call;" \
+      "run the staging calls again (the plan wheels.py printed)"
+    return 1
+  fi
+  [[ -f $MODEL/config.json ]] || step_model || return 1
+  local cap=()
+  if ((BUDGET)); then cap=(timeout --signal=TERM --kill-after=20 $((BUDGET - SECONDS - 40))); fi
+  "${cap[@]}" "$PY" -m benchmarks.stack.run --model "$MODEL" --plan "$plan" --out "$RUNS/$plan" \
     --duration "$DURATION"
   rc=$?
+  ((rc == 124)) && echo "load: stopped at the call's time budget (STACK_CALL_BUDGET=$BUDGET s)"
   gpu_mem
   for f in report.md kv.png latency.png; do
     [[ -f $RUNS/$plan/$f ]] && cp "$RUNS/$plan/$f" "$OUT/${f%.*}-$plan.${f##*.}"

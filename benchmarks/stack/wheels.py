@@ -244,8 +244,8 @@ def print_plan(manifest: dict, dest: Path) -> None:
         f"budget per call {manifest['budget_bytes'] / MIB:.1f} MiB"
     )
     print(f"needs the GPU machine must meet (checked there): {len(manifest['device_checks'])}")
-    print(f"\n{len(manifest['calls'])} device calls (plan {manifest['plan_id']}):")
     n = len(manifest["calls"])
+    print(f"\n{n} staging call(s) + 1 = {n + 1} device calls (plan {manifest['plan_id']}):")
     for c in manifest["calls"]:
         steps = " ".join(call_steps(c["call"], n))
         print(
