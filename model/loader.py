@@ -6,7 +6,8 @@ unexpected or misshapen tensors raise one ValueError listing them, so a bad chec
 leaves a half-loaded model. Indexer weights of S layers are skipped (S layers have no indexer
 module), MTP layers (index >= num_hidden_layers) are ignored, per-expert MoE weights are stacked
 into the packed expert tensors, and FP8 weights with 128x128 `weight_scale_inv` blocks are
-dequantised at load.
+dequantised at load, or, with `keep_fp8=True`, kept in e4m3 beside their scales (the linears
+become model.layers.linear.Fp8Linear; see `_fp8_kept` for what stays dequantised).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors import safe_open
 from model.config import ModelConfig
 from model.dsa import DSAForCausalLM
 from model.index_cache import IndexCacheConfig
+from model.layers.linear import fp8_eligible, swap_to_fp8
 
 # Kept in fp32 whatever the load dtype: routing and indexer head weights decide discrete choices.
 FP32_PARAMS = re.compile(
@@ -147,6 +149,29 @@ def _kept(weight_key: str, model: DSAForCausalLM) -> bool:
     return not (m and ".indexer." in weight_key and not model.plan.is_full(int(m.group(1))))
 
 
+def _fp8_kept(model: DSAForCausalLM, sources: list[_Src], scales: dict[str, str]) -> list[_Src]:
+    """FP8 checkpoint weights that can stay e4m3: whole 2-D weights of plain linears whose K is
+    whole 128-blocks. kv_b_proj is always dequantised: in absorbed MLA it is split per head and
+    multiplied into q and the output (einsums), never applied as a linear."""
+    q = model.config.quantization
+    if q is None or q.block != (128, 128):
+        return []
+    kept = []
+    for s in sources:
+        if s.index or not s.dtype.startswith("F8") or s.key + "_scale_inv" not in scales:
+            continue
+        name = s.target.removesuffix(".weight")
+        if name.endswith("kv_b_proj") or not s.target.endswith(".weight"):
+            continue
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue  # not a module of this model: _check reports it
+        if fp8_eligible(mod) and tuple(mod.weight.shape) == s.shape:
+            kept.append(s)
+    return kept
+
+
 def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """W[i, j] * scale_inv[i // bm, j // bn] in fp32 (DeepSeek `weight_dequant`)."""
     bm, bn = block
@@ -160,9 +185,12 @@ def load_model(
     index_cache: IndexCacheConfig | str | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
+    keep_fp8: bool = False,
 ) -> DSAForCausalLM:
     """`index_cache`: an IndexCacheConfig, a pattern such as "FSSF...", or None for the
-    checkpoint's own plan. Applying a plan to an all-F checkpoint is the training-free use."""
+    checkpoint's own plan. Applying a plan to an all-F checkpoint is the training-free use.
+    `keep_fp8`: FP8 checkpoints keep their linears in e4m3 + `weight_scale_inv` (a no-op for
+    unquantised ones); by default every FP8 weight is dequantised to `dtype`."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     path = Path(path)
@@ -172,10 +200,20 @@ def load_model(
         model = DSAForCausalLM(cfg, plan)
     headers = _headers(_shards(path))
     sources, scales = _plan_sources(model, headers)
+    kept = _fp8_kept(model, sources, scales) if keep_fp8 else []
+    if kept:
+        swap_to_fp8(model, [s.target.removesuffix(".weight") for s in kept], cfg.quantization.ue8m0)
+        for s in kept:
+            key = s.key + "_scale_inv"
+            f, shape, dt = headers[key]
+            sources.append(_Src(key, f, shape, dt, s.target + "_scale_inv"))
+    kept_keys = {s.key for s in kept}
     _check(model, sources, scales)
 
     model.to_empty(device=device)
     for name, p in model.named_parameters():
+        if p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale_inv"):
+            continue  # kept FP8 weights and their fp32 scales
         p.data = p.data.to(torch.float32 if FP32_PARAMS.search(name) else dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -189,7 +227,7 @@ def load_model(
             with safe_open(file, "pt", device="cpu") as h:
                 for s in srcs:
                     t = h.get_tensor(s.key)
-                    if s.key + "_scale_inv" in scales:
+                    if s.key + "_scale_inv" in scales and s.key not in kept_keys:
                         sf = headers[s.key + "_scale_inv"][0]
                         with safe_open(sf, "pt", device="cpu") as hs:
                             t = dequant_fp8(t, hs.get_tensor(s.key + "_scale_inv"), block)

@@ -12,6 +12,7 @@ from model.config import ModelConfig
 from model.context import ForwardContext
 from model.layers.glue import mla_out, mla_qkv
 from model.layers.indexer import LightningIndexer
+from model.layers.linear import weight_of
 from model.layers.norm import RMSNorm
 from model.layers.rotary import apply_rotary
 
@@ -66,11 +67,11 @@ class MLAttention(nn.Module):
         lora = hasattr(self, "q_a_proj")
         qr, q, k = mla_qkv(
             x,
-            self.q_a_proj.weight if lora else None,
+            weight_of(self.q_a_proj) if lora else None,
             self.q_a_proj.bias if lora else None,
             self.q_a_layernorm.weight if lora else None,
-            self.q_b_proj.weight if lora else self.q_proj.weight,
-            self.kv_a_proj_with_mqa.weight,
+            weight_of(self.q_b_proj if lora else self.q_proj),
+            weight_of(self.kv_a_proj_with_mqa),
             self.kv_a_proj_with_mqa.bias,
             self.kv_a_layernorm.weight,
             self.kv_b_proj.weight,
@@ -88,7 +89,9 @@ class MLAttention(nn.Module):
 
     def output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """Attention output in latent space [T, H, C] -> [T, d]."""
-        return mla_out(o_lat, self.kv_b_proj.weight, self.o_proj.weight, self.o_proj.bias, self.dn)
+        return mla_out(
+            o_lat, self.kv_b_proj.weight, weight_of(self.o_proj), self.o_proj.bias, self.dn
+        )
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qr, q, k, _ = self.qkv(x, ctx)

@@ -9,6 +9,7 @@ from torch import nn
 from kernels.moe import fused_moe
 from model.config import ModelConfig
 from model.layers.glue import route, swiglu
+from model.layers.linear import weight_of
 
 
 class MLP(nn.Module):
@@ -19,7 +20,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        return swiglu(
+            x, weight_of(self.gate_proj), weight_of(self.up_proj), weight_of(self.down_proj)
+        )
 
 
 class Router(nn.Module):
