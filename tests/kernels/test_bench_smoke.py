@@ -115,9 +115,11 @@ def test_bench_moe_quick(tmp_path, device, monkeypatch):
     real = mtri.fused_moe
     monkeypatch.setattr(mtri, "fused_moe", lambda *a, **k: launches.append(1) or real(*a, **k))
     out = tmp_path / "moe.json"
-    assert bench_moe.main(["--quick", "--sweep", "--out", str(out)]) == 0
+    assert bench_moe.main(["--quick", "--sweep", "--fp8", "--out", str(out)]) == 0
     res = json.loads(out.read_text())["results"]
-    assert [r["T"] for r in res] == [1, 33]
+    assert [r["T"] for r in res] == [1, 33, 1, 9]
+    assert res[2]["fp8_check"] == "ok" and res[3]["fp8_ms"] > 0 and "fp8_ms" not in res[0]
+    assert "FP8 speedup" in bench_moe.table(res)
     for r in res:
         assert r["check"] == "ok" and r["rms_rel_err"] < 1e-5, r
         assert r["fused_ms"] > 0 and r["torch_sort_loop_ms"] > 0 and r["flop_floor_ms"] > 0
