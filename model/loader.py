@@ -12,9 +12,7 @@ become model.layers.linear.Fp8Linear; see `_fp8_kept` for what stays dequantised
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +20,9 @@ from safetensors import safe_open
 
 from model.config import ModelConfig
 from model.dsa import DSAForCausalLM
+from model.fp8_load import plan_fp8
 from model.index_cache import IndexCacheConfig
-from model.layers.linear import fp8_eligible, swap_to_fp8
+from model.sources import Source, headers_of, shards
 
 # Kept in fp32 whatever the load dtype: routing and indexer head weights decide discrete choices.
 FP32_PARAMS = re.compile(
@@ -33,40 +32,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
-@dataclass(frozen=True)
-class _Src:
-    key: str  # checkpoint tensor
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str
-    target: str  # model parameter it fills
-    index: tuple = ()  # where inside the target (expert stacking), () = whole tensor
-
-
-def _shards(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / f for f in files]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path}")
-    return files
-
-
-def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    out = {}
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint shard {f.name} is missing from {f.parent}")
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                sl = h.get_slice(k)
-                out[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
-    return out
-
-
-def _plan_sources(model: DSAForCausalLM, headers: dict) -> tuple[list[_Src], dict[str, str]]:
+def _plan_sources(model: DSAForCausalLM, headers: dict) -> tuple[list[Source], dict[str, str]]:
     """Map checkpoint tensors to parameters; returns (sources, scale key -> weight key)."""
     cfg = model.config
     i_inter = cfg.moe_intermediate_size
@@ -94,11 +60,11 @@ def _plan_sources(model: DSAForCausalLM, headers: dict) -> tuple[list[_Src], dic
                 target, index = f"{base}.gate_up_proj", (e, rows)
         else:
             target, index = key, ()
-        sources.append(_Src(key, file, shape, dtype, target, index))
+        sources.append(Source(key, file, shape, dtype, target, index))
     return sources, scales
 
 
-def _check(model: DSAForCausalLM, sources: list[_Src], scales: dict[str, str]):
+def _check(model: DSAForCausalLM, sources: list[Source], scales: dict[str, str]):
     params = dict(model.named_parameters())
     unexpected = sorted(s.key for s in sources if s.target not in params)
     bad_shape, covered = [], {}
@@ -149,29 +115,6 @@ def _kept(weight_key: str, model: DSAForCausalLM) -> bool:
     return not (m and ".indexer." in weight_key and not model.plan.is_full(int(m.group(1))))
 
 
-def _fp8_kept(model: DSAForCausalLM, sources: list[_Src], scales: dict[str, str]) -> list[_Src]:
-    """FP8 checkpoint weights that can stay e4m3: whole 2-D weights of plain linears whose K is
-    whole 128-blocks. kv_b_proj is always dequantised: in absorbed MLA it is split per head and
-    multiplied into q and the output (einsums), never applied as a linear."""
-    q = model.config.quantization
-    if q is None or q.block != (128, 128):
-        return []
-    kept = []
-    for s in sources:
-        if s.index or not s.dtype.startswith("F8") or s.key + "_scale_inv" not in scales:
-            continue
-        name = s.target.removesuffix(".weight")
-        if name.endswith("kv_b_proj") or not s.target.endswith(".weight"):
-            continue
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            continue  # not a module of this model: _check reports it
-        if fp8_eligible(mod) and tuple(mod.weight.shape) == s.shape:
-            kept.append(s)
-    return kept
-
-
 def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """W[i, j] * scale_inv[i // bm, j // bn] in fp32 (DeepSeek `weight_dequant`)."""
     bm, bn = block
@@ -198,16 +141,12 @@ def load_model(
     plan = IndexCacheConfig.coerce(index_cache, cfg.num_hidden_layers, cfg.index_cache)
     with torch.device("meta"):
         model = DSAForCausalLM(cfg, plan)
-    headers = _headers(_shards(path))
+    headers = headers_of(shards(path))
     sources, scales = _plan_sources(model, headers)
-    kept = _fp8_kept(model, sources, scales) if keep_fp8 else []
-    if kept:
-        swap_to_fp8(model, [s.target.removesuffix(".weight") for s in kept], cfg.quantization.ue8m0)
-        for s in kept:
-            key = s.key + "_scale_inv"
-            f, shape, dt = headers[key]
-            sources.append(_Src(key, f, shape, dt, s.target + "_scale_inv"))
-    kept_keys = {s.key for s in kept}
+    kept_keys: set[str] = set()
+    if keep_fp8:
+        kept_keys, scale_sources = plan_fp8(model, sources, scales, headers)
+        sources += scale_sources
     _check(model, sources, scales)
 
     model.to_empty(device=device)
@@ -219,7 +158,7 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
     block = cfg.quantization.block if cfg.quantization else (128, 128)
-    by_file: dict[Path, list[_Src]] = {}
+    by_file: dict[Path, list[Source]] = {}
     for s in sources:
         by_file.setdefault(s.file, []).append(s)
     with torch.no_grad():

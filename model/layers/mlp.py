@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.moe import fused_moe
+from kernels.moe import fused_moe, fused_moe_fp8
 from model.config import ModelConfig
 from model.layers.glue import route, swiglu
 from model.layers.linear import weight_of
@@ -71,6 +71,36 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, d], routing weights w [T, k] fp32 and expert ids [T, k] -> [T, d]."""
         return fused_moe(x, self.gate_up_proj, self.down_proj, w, ids)
+
+
+class Fp8Experts(nn.Module):
+    """Routed experts kept in e4m3 with one fp32 scale per 128 x 128 block of each expert's
+    weights (the FP8 checkpoints' layout, stacked): kernels.moe.fused_moe_fp8."""
+
+    def __init__(self, n_experts: int, d: int, inter: int, ue8m0: bool):
+        super().__init__()
+        e4m3 = torch.float8_e4m3fn
+
+        def param(*shape, dtype=torch.float32):
+            return nn.Parameter(torch.ones(shape, dtype=dtype), requires_grad=False)
+
+        self.gate_up_proj = param(n_experts, 2 * inter, d, dtype=e4m3)
+        self.gate_up_proj_scale_inv = param(n_experts, 2 * inter // 128, d // 128)
+        self.down_proj = param(n_experts, d, inter, dtype=e4m3)
+        self.down_proj_scale_inv = param(n_experts, d // 128, inter // 128)
+        self.ue8m0 = ue8m0
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return fused_moe_fp8(
+            x,
+            self.gate_up_proj,
+            self.gate_up_proj_scale_inv,
+            self.down_proj,
+            self.down_proj_scale_inv,
+            w,
+            ids,
+            self.ue8m0,
+        )
 
 
 class MoE(nn.Module):

@@ -1,17 +1,19 @@
-"""FP8 checkpoints loaded with keep_fp8: linears stay e4m3 with their block scales and the model
-runs them through kernels.fp8_gemm; kv_b_proj, the router and linears whose K is not whole
-128-blocks are dequantised; the logits stay within FP8 activation rounding of the dequantised
-model, and the default load is unchanged."""
+"""FP8 checkpoints loaded with keep_fp8: linears and experts stay e4m3 with their block
+scales and run through kernels.fp8_gemm and kernels.moe.fused_moe_fp8; kv_b_proj, the router
+and linears whose K is not whole 128-blocks are dequantised; the logits stay within FP8
+activation rounding of the dequantised model, and the default load is unchanged."""
 
 from __future__ import annotations
 
 import torch
 
+from kernels.fp8_gemm import dequant_weight
 from kernels.testing import assert_close
 from model import ModelConfig, load_model
 from model.dsa import DSAForCausalLM
 from model.fp8_checkpoint import QUANT_CONFIG, fp8_state_dict, quantize_weight
 from model.layers.linear import Fp8Linear
+from model.layers.mlp import Fp8Experts
 from model.save import hf_state_dict, save_checkpoint
 from model.tiny import init_weights, tiny_config
 
@@ -58,12 +60,17 @@ def test_keep_fp8_linears_and_logits(tmp_path):
     assert isinstance(attn.indexer.wq_b, Fp8Linear) and isinstance(attn.indexer.wk, Fp8Linear)
     assert isinstance(fp8.model.layers[0].mlp.down_proj, Fp8Linear)  # the dense first layer
     assert isinstance(fp8.model.layers[1].mlp.shared_experts.up_proj, Fp8Linear)
+    ex, ex_deq = fp8.model.layers[2].mlp.experts, deq.model.layers[2].mlp.experts
+    assert isinstance(ex, Fp8Experts) and ex.down_proj.dtype == torch.float8_e4m3fn
+    for e in (0, 5):  # stacked gate/up scales line up with the stacked weights
+        gu = dequant_weight(ex.gate_up_proj[e], ex.gate_up_proj_scale_inv[e])
+        assert torch.equal(gu, ex_deq.gate_up_proj[e])
+        dn = dequant_weight(ex.down_proj[e], ex.down_proj_scale_inv[e])
+        assert torch.equal(dn, ex_deq.down_proj[e])
     # dequantised: absorbed into the per-head einsums, or not a linear
     assert attn.kv_b_proj.weight.dtype == torch.float32
     assert attn.indexer.weights_proj.weight.dtype == torch.float32
     # same stored weights: the FP8 module dequantises to the default load's fp32 weight
-    from kernels.fp8_gemm import dequant_weight
-
     q = attn.q_b_proj
     ref = deq.model.layers[1].self_attn.q_b_proj.weight
     assert torch.equal(dequant_weight(q.weight, q.weight_scale_inv), ref)
