@@ -16,6 +16,7 @@ import torch
 
 from model.layers.linear import fp8_eligible, swap_to_fp8
 from model.layers.mlp import Experts, Fp8Experts
+from model.parallel.shard import block_slices
 from model.sources import Source
 
 _EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -26,9 +27,13 @@ def _fp8(s: Source, scales: dict) -> bool:
 
 
 def _scale(s: Source, headers: dict, target: str, index: tuple = ()) -> Source:
+    """The scale source of kept weight `s`, sliced by block as `s` is (tensor parallelism)."""
     key = s.key + "_scale_inv"
     f, shape, dt = headers[key]
-    return Source(key, f, shape, dt, target, index)
+    slices = block_slices(s, headers[s.key][1], 128)
+    if slices:
+        shape = tuple(sl.stop - sl.start for sl in slices)
+    return Source(key, f, shape, dt, target, index, slices)
 
 
 def plan_fp8(model, sources: list[Source], scales: dict, headers: dict):

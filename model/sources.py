@@ -18,6 +18,9 @@ class Source:
     dtype: str
     target: str  # model parameter it fills
     index: tuple = ()  # where inside the target (expert stacking), () = whole tensor
+    # the part of the checkpoint tensor this rank reads (one slice per dim), () = all of it;
+    # `shape` is then the part's shape
+    slices: tuple = ()
 
 
 def shards(path: Path) -> list[Path]:

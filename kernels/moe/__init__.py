@@ -10,8 +10,10 @@ Shapes: T tokens, d hidden, E experts, I expert intermediate size, k slots per t
                             (the layout of model.layers.mlp.Experts.gate_up_proj)
   w_down        [E, d, I]   x's dtype
   topk_weights  [T, k]      fp32
-  topk_ids      [T, k]      int32 / int64, values in [0, E) (the reference raises otherwise; the
-                            Triton path cannot check without a host sync and drops such slots)
+  topk_ids      [T, k]      int32 / int64, values in [0, E), or -1: a slot for no local expert
+                            (expert parallelism: another rank's), which contributes nothing.
+                            Other values: the reference raises; the Triton path cannot check
+                            without a host sync and drops such slots
 Output: [T, d] in x's dtype. The Triton path's output and scratch shapes depend on T, k, E and
 the weight shapes only, never on the routing.
 

@@ -13,6 +13,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _checked_ids(topk_ids: torch.Tensor, e_total: int) -> torch.Tensor:
+    flat = topk_ids.flatten().long()
+    if bool(((flat < -1) | (flat >= e_total)).any()):
+        raise ValueError(f"moe: topk_ids must lie in [0, E={e_total}) or be -1 (no local expert)")
+    return flat
+
+
 def fused_moe(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -25,14 +32,12 @@ def fused_moe(
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     if t == 0:
         return out.to(x.dtype)
-    flat_ids = topk_ids.flatten().long()
-    if bool(((flat_ids < 0) | (flat_ids >= e_total)).any()):
-        raise ValueError(f"moe: topk_ids must lie in [0, E={e_total})")
+    flat_ids = _checked_ids(topk_ids, e_total)
     order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
-    counts = torch.bincount(flat_ids, minlength=e_total).tolist()
+    counts = torch.bincount(flat_ids + 1, minlength=e_total + 1).tolist()
+    start = counts.pop(0)  # the -1 slots sort first and are skipped
     tokens = order // k
     xf, wf = x.float(), topk_weights.flatten().float()
-    start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
@@ -66,15 +71,13 @@ def fused_moe_fp8(
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     if t == 0:
         return out.to(x.dtype)
-    flat_ids = topk_ids.flatten().long()
-    if bool(((flat_ids < 0) | (flat_ids >= e_total)).any()):
-        raise ValueError(f"moe: topk_ids must lie in [0, E={e_total})")
+    flat_ids = _checked_ids(topk_ids, e_total)
     xd = dequant_act(*act_quant(x, BLOCK, ue8m0))
     order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=e_total).tolist()
+    counts = torch.bincount(flat_ids + 1, minlength=e_total + 1).tolist()
+    start = counts.pop(0)  # the -1 slots
     tokens = order // k
     wf = topk_weights.flatten().float()
-    start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
