@@ -51,12 +51,15 @@ class EngineSpec:
     kv_timeout_s: float = 30.0
     metrics_interval_s: float = 1.0
     max_local_prefill_tokens: int = 0  # decode: prefill locally when this few tokens are uncached
+    # per rank of a tensor-parallel replica (engine_kwargs' tensor_parallel_size > 1)
+    rank_num_cpus: float = 1.0
+    rank_num_gpus: float = 0.0
 
 
 class _EngineServer:
     def __init__(self, spec: EngineSpec):
         self.spec = spec
-        replica = serve.get_replica_context().replica_id.unique_id
+        replica = self.replica = serve.get_replica_context().replica_id.unique_id
         self.recorder = metrics.Recorder(spec.model_name, spec.role, replica)
         self.host = EngineHost(self._build, grace_s=spec.kv_timeout_s)
         self.publisher = MetricsPublisher(
@@ -71,6 +74,18 @@ class _EngineServer:
     def _build(self, pattern: str | None):
         from serving.engine import AsyncLLMEngine
 
+        if self.spec.engine_kwargs.get("tensor_parallel_size", 1) > 1:
+            from serving.tp_replica import TPAsyncEngine
+
+            settings = {**self.spec.engine_kwargs, "role": self.spec.role}
+            return TPAsyncEngine.start(
+                self.spec.model_path,
+                pattern,
+                settings,
+                self.spec.rank_num_cpus,
+                self.spec.rank_num_gpus,
+                f"{self.spec.app_name}-{self.spec.role}-{self.replica}",
+            )
         return AsyncLLMEngine.from_pretrained(
             self.spec.model_path,
             index_cache=pattern,
@@ -136,6 +151,9 @@ class _EngineServer:
         self.recorder.update_engine(self.host.stats())
 
     async def check(self) -> dict[str, Any]:
+        problem = self.host.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
         plan = self.host.plan
         return {
             "role": self.spec.role,
@@ -145,11 +163,14 @@ class _EngineServer:
             "plan_error": self._plan_error,
             # prompt + output tokens one request can have here (model limit and KV pool)
             "max_model_len": plan_max_len(self.host),
+            # the other ranks' actors of a tensor-parallel engine (empty: one rank)
+            "tp_ranks": list(getattr(self.host.current.engine, "ranks", [])),
         }
 
     def check_health(self) -> None:
-        if not self.host.healthy():
-            raise RuntimeError("engine thread died")
+        problem = self.host.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         s = self.host.stats()
