@@ -3,13 +3,13 @@ write a random FP8 checkpoint with the released models' shapes, names and dtypes
 where the real weights cannot be downloaded.
 
 DeepSeek-V3.2 (671B, ~690 GB) or GLM-5 (744B) at full size, or scaled by layers (--layers 4:
-the first three dense layers and one MoE layer, ~40 GB for DeepSeek-V3.2). Projection weights
-are e4m3 with one fp32 `weight_scale_inv` per 128 x 128 block, as released; norms, router,
-indexer head weights, embedding and LM head bf16/fp32. Values: N(0, std) after dequantisation
-(e4m3 codes ~ N(0, 32), scale std / 32), so activations stay finite through the layers; the
-text is noise. Written tensor by tensor into ~4 GB shards with a model.safetensors.index.json;
---device cuda draws the random numbers on a GPU (the full size takes about an hour on one CPU
-core). The configs are the released config.json fields (shared/reference/dsa.md section 3).
+the three dense layers and one MoE layer, 17 GB for DeepSeek-V3.2, 15 GB for GLM-5).
+Projection weights are e4m3 with one fp32 `weight_scale_inv` per 128 x 128 block, as
+released; norms, router, indexer head weights, embedding and LM head bf16/fp32. Values:
+N(0, std) after dequantisation (e4m3 codes ~ N(0, 32), scale std / 32); the text is noise.
+Written tensor by tensor into ~4 GB shards with a model.safetensors.index.json; --device cuda
+draws the random numbers on a GPU (the full size on one CPU core: an hour or more, estimated).
+The configs are the released config.json fields (shared/reference/dsa.md section 3).
 """
 
 from __future__ import annotations
