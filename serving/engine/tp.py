@@ -27,11 +27,16 @@ def start_rank(
     init_method: str,
     backend: str = "gloo",
     timeout_s: float = 120.0,
+    device: str | None = None,
 ):
     """-> the LLMEngine on rank 0 (call its `shutdown()` when done); on other ranks, returns
     None once the driver has shut down. `settings`: EngineConfig fields, identical on all
-    ranks. A rank that dies makes the others' next collective raise instead of hanging."""
+    ranks. A rank that dies makes the others' next collective raise instead of hanging.
+    `device`: this rank's device when it is not settings' (several ranks of one process
+    launcher on one host: "cuda:<rank>"; under Ray each rank sees its own GPU as "cuda")."""
     config = EngineConfig.from_kwargs(**settings)
+    if device is not None:
+        config = config.replace(device=device)
     par = init_parallel(
         rank,
         config.tensor_parallel_size,

@@ -9,23 +9,26 @@ import tempfile
 import torch.multiprocessing as mp
 
 
-def _entry(rank, size, init, fn, args):
+def _entry(rank, size, init, backend, fn, args):
     import torch
 
     torch.set_num_threads(1)  # N ranks share the runner's 2 cores
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # rank r on GPU r
     from model.parallel import init_parallel
 
-    par = init_parallel(rank, size, init, "gloo", timeout_s=60)
+    par = init_parallel(rank, size, init, backend, timeout_s=60)
     fn(par, *args)
 
 
-def run_ranks(size: int, fn, *args, timeout_s: float = 120.0) -> None:
-    """fn(par, *args) on every rank; fn must be importable (module level)."""
+def run_ranks(size: int, fn, *args, timeout_s: float = 120.0, backend: str = "gloo") -> None:
+    """fn(par, *args) on every rank; fn must be importable (module level). backend "nccl":
+    rank r uses GPU r."""
     fd, path = tempfile.mkstemp(prefix="tp-rdv-")
     os.close(fd)
     os.unlink(path)  # the file store creates it
     ctx = mp.start_processes(
-        _entry, args=(size, f"file://{path}", fn, args), nprocs=size, join=False,
+        _entry, args=(size, f"file://{path}", backend, fn, args), nprocs=size, join=False,
         start_method="spawn",
     )  # fmt: skip
     try:
