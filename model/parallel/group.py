@@ -68,6 +68,11 @@ class Parallel:
         if self.size > 1:
             dist.barrier(group=self.cpu_group)
 
+    def close(self) -> None:
+        """Leave the replica's world (this process may then join another)."""
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 SINGLE = Parallel()
 
@@ -85,6 +90,11 @@ def init_parallel(
     does not arrive within `timeout_s` makes every collective raise instead of hanging."""
     if size == 1:
         return Parallel(expert_parallel=expert_parallel)
+    if dist.is_initialized():
+        raise ValueError(
+            "this process already belongs to a tensor-parallel group: it holds one "
+            "tensor-parallel engine at a time (shut the other down first)"
+        )
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout

@@ -76,8 +76,12 @@ class ModelRunner:
             getattr(self, "_on_" + kind)(*args)
 
     def shutdown(self) -> None:
-        """Driver: release the other ranks' serve loops."""
-        self._send("stop")
+        """Driver: release the other ranks' serve loops and leave the group."""
+        if self.par.size > 1:
+            try:
+                self._send("stop")
+            finally:
+                self.par.close()
 
     def _on_bind(self, num_blocks: int, max_len: int) -> None:
         self.bind(

@@ -54,6 +54,13 @@ def start_rank(
         parallel=par,
     ).eval()
     if par.driver:
-        return LLMEngine(model, Tokenizer.from_pretrained(path), config)
-    ModelRunner(model, config).serve()
+        try:
+            return LLMEngine(model, Tokenizer.from_pretrained(path), config)
+        except BaseException:
+            par.close()  # the others time out of their first broadcast
+            raise
+    try:
+        ModelRunner(model, config).serve()
+    finally:
+        par.close()
     return None
