@@ -17,7 +17,9 @@ POST row (time to response headers, which this server sends with the first token
 Every request also goes to OUT/requests.jsonl (report.py computes goodput from it), /metrics is
 sampled every second into OUT/metrics.csv, and OUT/run.json records the plan, the counts of
 requests sent, completed, failed and lost (in flight when Locust stopped), and whether the server
-drained (KV usage, running and waiting back to zero) after the load.
+drained (KV usage, running and waiting back to zero) after the load. A failure is "clean" when the
+server said so (an OpenAI error body, or an SSE error event before [DONE]) and "broken" otherwise
+(a cut stream, a non-JSON error page, a client-side exception): broken requests are lost too.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class _State:
     out: Path | None = None
     log_file = None
     meta: dict = {}
-    sent = completed = failed = 0
+    sent = completed = failed = failed_clean = 0
     load_started = load_stopped = None
     user_ids = itertools.count()
 
@@ -170,6 +172,8 @@ def _write_meta() -> None:
         "sent": STATE.sent,
         "completed": STATE.completed,
         "failed": STATE.failed,
+        "failed_clean": STATE.failed_clean,
+        "failed_broken": STATE.failed - STATE.failed_clean,
         "lost": STATE.sent - STATE.completed - STATE.failed,
     }
     meta = {
@@ -254,9 +258,9 @@ class OpenAIStreamingUser(HttpUser):
         rec = {"workload": req.workload, "start": time.time()}
         t0 = time.perf_counter()
         try:
-            stamps, usage, error, text = self._stream(req, t0)
+            stamps, usage, error, clean, text = self._stream(req, t0)
         except Exception as e:  # any client-side failure is the request's failure
-            stamps, usage, error, text = [], None, f"{type(e).__name__}: {e}", ""
+            stamps, usage, error, clean, text = [], None, f"{type(e).__name__}: {e}", False, ""
         end = time.perf_counter()
         rec["e2e_s"] = end - t0
         if error is None:
@@ -264,7 +268,9 @@ class OpenAIStreamingUser(HttpUser):
             self._report(req.workload, t0, end, stamps, usage, rec)
         else:
             STATE.failed += 1
+            STATE.failed_clean += clean
             rec["error"] = error
+            rec["failure"] = "clean" if clean else "broken"
         if self.chat is not None and error is None:
             self.chat.reply(text)  # the reply joins the history
         elif self.chat is not None:
@@ -272,8 +278,10 @@ class OpenAIStreamingUser(HttpUser):
         STATE.log_file.write(json.dumps(rec) + "\n")
 
     def _stream(self, req, t0: float):
+        """(token stamps, usage, error or None, whether a failure was reported cleanly, the
+        completion's text)."""
         stamps: list[tuple[float, int]] = []  # (time, tokens in the event)
-        usage, done, error, text = None, False, None, []
+        usage, done, error, clean, text = None, False, None, False, []
         with self.client.post(
             "/v1" + req.path,
             json=req.body,
@@ -285,7 +293,7 @@ class OpenAIStreamingUser(HttpUser):
             if resp.status_code != 200:
                 error = f"HTTP {resp.status_code}: {resp.text[:300]}"
                 resp.failure(error)
-                return stamps, usage, error, ""
+                return stamps, usage, error, _is_error_json(resp.text), ""
             for line in resp.iter_lines(decode_unicode=True):
                 if not line or not line.startswith("data: "):
                     continue
@@ -296,6 +304,7 @@ class OpenAIStreamingUser(HttpUser):
                 chunk = json.loads(data)
                 if "error" in chunk:
                     error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
+                    clean = True  # the server ended the stream with a reason
                     break
                 if chunk.get("usage"):
                     usage = chunk["usage"]
@@ -311,7 +320,7 @@ class OpenAIStreamingUser(HttpUser):
                 resp.success()
             else:
                 resp.failure(error)
-        return stamps, usage, error, "".join(text)
+        return stamps, usage, error, clean, "".join(text)
 
     def _report(self, workload: str, t0: float, end: float, stamps, usage, rec: dict) -> None:
         fire = self.environment.events.request.fire
@@ -348,6 +357,13 @@ class OpenAIStreamingUser(HttpUser):
             output_tokens=out_tokens,
             itl_ms=[round(g * 1000, 3) for g in gaps],
         )
+
+
+def _is_error_json(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text).get("error"), dict)
+    except (ValueError, AttributeError):
+        return False
 
 
 def _text_in(chunk: dict) -> str:

@@ -7,6 +7,10 @@ saturate  documents sized so that several fit the KV pool; users step up from ha
           second half of the run: the engine then queues and preempts, and the KV pool stays
           nearly full. Users are closed-loop (a user sends its next request when the last ends),
           so users = requests in flight.
+chaos     short chat at a constant 32 users (`--users`: set it above what the engines run at
+          once, to saturate them) while loadtest/chaos.py kills a decode and a prefill replica
+          and rolls out a plan; the report counts requests completed, migrated, retried,
+          cleanly failed and lost, and the run passes only with none lost.
 multiturn chats of `turns` turns (default 4): a document and a question, then follow-ups that
           resend the whole history; documents leave room for every later turn. Its report shows
           the prefix-cache hit rate and the TTFT of first turns and follow-ups apart; run it
@@ -20,11 +24,12 @@ from dataclasses import asdict, dataclass
 
 from loadtest.workloads import FOLLOWUP_TOKENS, WorkloadSpec, max_doc_tokens
 
-SCENARIOS = ("smoke", "saturate", "long", "multiturn")
+SCENARIOS = ("smoke", "saturate", "long", "chaos", "multiturn")
 DEFAULTS = {  # scenario -> (workload, users, max_tokens)
     "smoke": ("chat", 4, 32),
     "long": ("docs", 2, 64),
     "saturate": ("docs", None, 64),  # users derived from the KV capacity
+    "chaos": ("chat", 32, 32),
     "multiturn": ("multiturn", 4, 32),
 }
 MULTITURN_DOC_TOKENS = 2048  # multiturn: default largest first-turn document

@@ -43,6 +43,7 @@ class Run:
     metrics: list[dict]  # floats
     locust_stats: list[dict]
     locust_history: list[dict]
+    chaos: list[dict] | None = None  # the chaos scenario's actions (chaos.json)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Run:
@@ -59,12 +60,14 @@ class Run:
             else []
         )
         metrics = [{k: float(v) for k, v in row.items()} for row in _read_csv(d / "metrics.csv")]
+        chaos = json.loads((d / "chaos.json").read_text()) if (d / "chaos.json").is_file() else None
         return cls(
             json.loads((d / "run.json").read_text()),
             reqs,
             metrics,
             _read_csv(d / "locust_stats.csv"),
             _read_csv(d / "locust_stats_history.csv"),
+            chaos,
         )
 
 
@@ -126,6 +129,26 @@ def _kv(metrics: list[dict], start: float, stop: float, sat_from: float | None) 
     return out
 
 
+def _failover(run: Run) -> dict:
+    """What the faults did to requests: the server's failover counters over the run, and the
+    client's view (completed, cleanly failed, lost = broken + never answered)."""
+    req, ms = run.meta["requests"], run.metrics
+
+    def delta(key: str) -> float | None:
+        have = [m[key] for m in ms if key in m]
+        return have[-1] - have[0] if len(have) >= 2 else None
+
+    broken = req.get("failed_broken", req["failed"] - req.get("failed_clean", 0))
+    return {
+        "completed": req["completed"],
+        "migrated": delta("migrations"),
+        "retried": delta("retries"),
+        "failed_clean": req.get("failed_clean", 0),
+        "lost": broken + req["lost"],
+        "actions": run.chaos,
+    }
+
+
 def _prefix(metrics: list[dict]) -> dict:
     """Prompt tokens looked up in the engines' prefix caches during the run, and the share hit."""
     if len(metrics) < 2 or "prefix_queries" not in metrics[0]:
@@ -169,6 +192,7 @@ def summarize(run: Run, slo: SLO) -> dict:
         "kv": _kv(run.metrics, start, stop, m["plan"].get("saturated_from_s")),
         "prefix_cache": _prefix(run.metrics),
         "drain": m.get("drain"),
+        "failover": _failover(run),
     }
 
 
@@ -250,6 +274,20 @@ def markdown(s: dict) -> str:
         f"{_f(d.get('seconds'), 1)} s (KV usage {_f(last.get('kv_usage'), 3)}, running "
         f"{_f(last.get('running'))}, waiting {_f(last.get('waiting'))}).",
     ]
+    fo = s.get("failover") or {}
+    if fo.get("actions") is not None or fo.get("migrated") or fo.get("retried"):
+        lines += [
+            "",
+            f"Faults: {fo['completed']} completed, {_f(fo['migrated'])} migrated mid-stream, "
+            f"{_f(fo['retried'])} retried before their first token, {fo['failed_clean']} "
+            f"cleanly failed, {fo['lost']} lost.",
+        ]
+    if fo.get("actions"):
+        lines += ["", "| at s | action | target | ok | detail |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {a['at_s']:.1f} | {a['action']} | {a['target']} | {a['ok']} | {a['detail']} |"
+            for a in fo["actions"]
+        ]
     if s["errors"]:
         lines += ["", "| error | count |", "|---|---|"]
         lines += [f"| {e} | {n} |" for e, n in sorted(s["errors"].items(), key=lambda x: -x[1])]

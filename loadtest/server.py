@@ -78,6 +78,8 @@ class MetricsSample:
     preemptions: float  # cumulative
     generation_tokens: float  # cumulative
     requests_finished: float  # cumulative: e2e histogram count at the ingress
+    migrations: float = 0.0  # cumulative: streams continued on another replica (failover)
+    retries: float = 0.0  # cumulative: requests restarted before their first token
     prefix_queries: float = 0.0  # cumulative prompt tokens looked up in prefix caches (all roles)
     prefix_hits: float = 0.0  # cumulative: of those, found cached
 
@@ -95,6 +97,8 @@ def parse_metrics(text: str, t: float) -> MetricsSample:
         "preemptions": 0.0,
         "generation_tokens": 0.0,
         "requests_finished": 0.0,
+        "migrations": 0.0,
+        "retries": 0.0,
         "prefix_queries": 0.0,
         "prefix_hits": 0.0,
     }
@@ -104,6 +108,8 @@ def parse_metrics(text: str, t: float) -> MetricsSample:
         "indexcache_num_preemptions_total": "preemptions",
         "indexcache_generation_tokens_total": "generation_tokens",
         "indexcache_e2e_request_latency_seconds_count": "requests_finished",
+        "indexcache_request_migrations_total": "migrations",
+        "indexcache_request_retries_total": "retries",
         "indexcache_prefix_cache_queries_total": "prefix_queries",
         "indexcache_prefix_cache_hits_total": "prefix_hits",
     }

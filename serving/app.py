@@ -87,7 +87,7 @@ def deployment_options(config: ServingConfig, role: str) -> dict[str, Any]:
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         # In-flight requests get this long to finish when a replica is scaled down.
-        "graceful_shutdown_timeout_s": 30,
+        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
     }
     tp = g.engine.tensor_parallel_size
     if tp > 1:
@@ -126,6 +126,9 @@ def build_app(config: ServingConfig) -> serve.Application:
         ray_actor_options={"num_cpus": ic.num_cpus},
         # The ingress only waits on engines; its own limit answers 429 before Serve queues.
         max_ongoing_requests=ic.max_concurrent_requests + 16,
+        # `indexcache serve` drains the ingress itself first (serving/drain.py); this covers
+        # a Serve-initiated stop (scale-down, redeploy) the same way.
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s + 5,
     )
     return _pin(ingress, _version(args)).bind(args, **engines)
 

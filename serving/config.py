@@ -297,6 +297,12 @@ class ServingConfig(_Strict):
     metrics_interval_s: float = Field(
         1.0, gt=0, description="how often replicas publish metric snapshots to the app's /metrics"
     )
+    graceful_shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="on SIGTERM or a replica scale-down, how long requests in flight may run "
+        "before they are ended with an error event",
+    )
 
     @model_validator(mode="after")
     def _pd_compatible(self):

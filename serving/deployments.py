@@ -4,7 +4,8 @@ They never call each other (the ingress orchestrates), so each deployment's load
 phase. All three:
 - take their IndexCache plan from the plan registry, at start and whenever the Serve
   `user_config` changes (`reconfigure`) or, under `plan_version: latest`, a newer version is
-  published: the EngineHost swaps engines without dropping requests;
+  published: the EngineHost swaps engines without dropping requests; a plan that cannot be used
+  never stops a replica or silently changes its plan (serving/plan_follower.py);
 - publish metrics snapshots to the app's hub, and autoscaling signals to Serve
   (`record_autoscaling_stats`, read by autoscale/ray_policy.py);
 - abort a request when its caller goes away (Serve cancels the call; the engine's stream closes).
@@ -12,19 +13,19 @@ phase. All three:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import serve
 
 from serving import metrics
-from serving.engine_host import EngineHost, PlanInfo
+from serving.engine_host import EngineHost, layout_pattern
+from serving.errors import KVTransferError
 from serving.metrics_hub import MetricsPublisher
+from serving.plan_follower import PlanFollower
 from serving.protocol import (
     DecodeRequest,
     GenerateRequest,
@@ -59,29 +60,31 @@ class EngineSpec:
 class _EngineServer:
     def __init__(self, spec: EngineSpec):
         self.spec = spec
-        replica = self.replica = serve.get_replica_context().replica_id.unique_id
+        self.replica = replica = serve.get_replica_context().replica_id.unique_id
         self.recorder = metrics.Recorder(spec.model_name, spec.role, replica)
         self.host = EngineHost(self._build, grace_s=spec.kv_timeout_s)
         self.publisher = MetricsPublisher(
             spec.app_name, f"{spec.role}:{replica}", spec.metrics_interval_s, refresh=self._refresh
         )
-        self._plan_version: int | str = "latest"
-        self._poll_s = 0.0
-        self._plan_error: str | None = None
-        self._follower: asyncio.Task | None = None
-        self._sync_lock = asyncio.Lock()
+        self.plans = PlanFollower(
+            self.host, spec.model_name, spec.model_path, spec.index_cache, spec.role
+        )
 
-    def _build(self, pattern: str | None):
+    def _build(self, pattern: str | None, kv_pool_bytes: int | None):
         from serving.engine import AsyncLLMEngine
 
-        if self.spec.engine_kwargs.get("tensor_parallel_size", 1) > 1:
+        kw = dict(self.spec.engine_kwargs)
+        if kv_pool_bytes is not None and kw.get("num_blocks") is None:
+            # A plan swap: the new pool gets the old one's bytes, not a share of what is free
+            # while the old engine still holds its pool.
+            kw["kv_memory_bytes"] = kv_pool_bytes
+        if kw.get("tensor_parallel_size", 1) > 1:
             from serving.tp_replica import TPAsyncEngine
 
-            settings = {**self.spec.engine_kwargs, "role": self.spec.role}
             return TPAsyncEngine.start(
                 self.spec.model_path,
                 pattern,
-                settings,
+                {**kw, "role": self.spec.role},
                 self.spec.rank_num_cpus,
                 self.spec.rank_num_gpus,
                 f"{self.spec.app_name}-{self.spec.role}-{self.replica}",
@@ -90,77 +93,37 @@ class _EngineServer:
             self.spec.model_path,
             index_cache=pattern,
             role=self.spec.role,
-            **self.spec.engine_kwargs,
+            **kw,
         )
 
-    # -- plans ---------------------------------------------------------------------------------
+    # -- plans (serving/plan_follower.py) -------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this after __init__ and on every user_config change."""
-        self._plan_version = user_config.get("plan_version", "latest")
-        self._poll_s = float(user_config.get("plan_poll_interval_s", 0))
-        await self.sync_plan()  # raises only while no engine runs (a replica has nothing to keep)
+        await self.plans.reconfigure(user_config)
         self.publisher.start()
-        if self._follower is None:
-            self._follower = asyncio.get_running_loop().create_task(self._follow())
-
-    def _resolve(self) -> PlanInfo:
-        from serving.plan_registry import registry
-
-        default = PlanInfo(
-            0, self.spec.index_cache, "config" if self.spec.index_cache else "checkpoint"
-        )
-        if self._plan_version == "checkpoint":
-            return default
-        version = None if self._plan_version == "latest" else int(self._plan_version)
-        rec = ray.get(registry().get.remote(self.spec.model_name, version))
-        if rec is None:
-            if version is not None:
-                raise ValueError(
-                    f"plan_version {version} of model {self.spec.model_name!r} is "
-                    "not in the plan registry"
-                )
-            return default
-        return PlanInfo(rec.version, rec.pattern, rec.provenance.source)
 
     async def sync_plan(self) -> None:
-        """Load the plan the user_config asks for. A bad plan (unknown version, wrong layer
-        count) keeps the running engine and is reported by check() and the logs; at start it
-        fails the replica, as there is nothing to keep."""
-        async with self._sync_lock:
-            try:
-                plan = await asyncio.to_thread(self._resolve)
-                await self.host.load(plan)
-                self._plan_error = None
-            except Exception as e:
-                self._plan_error = f"{type(e).__name__}: {e}"
-                log.error("plan update failed: %s", self._plan_error)
-                if not self.host.plan_ids:
-                    raise
-
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll_s or 1.0)
-            if self._poll_s and self._plan_version == "latest":
-                try:
-                    await self.sync_plan()
-                except Exception:
-                    pass  # logged in sync_plan; retried next tick
+        await self.plans.sync()
 
     # -- health, metrics, autoscaling ------------------------------------------------------------
     def _refresh(self) -> None:
-        self.recorder.update_engine(self.host.stats())
+        stats = self.host.stats() if self.host.plan_ids else {}
+        self.recorder.update_engine({**stats, "plan_error": float(self.plans.error is not None)})
 
     async def check(self) -> dict[str, Any]:
         problem = self.host.problem()
         if problem is not None:
             raise RuntimeError(problem)
-        plan = self.host.plan
+        plan, stats = self.host.plan, self.host.stats()
         return {
             "role": self.spec.role,
+            "replica": self.replica,
+            "num_running": int(stats.get("num_running", 0)),
+            "num_waiting": int(stats.get("num_waiting", 0)),
             "plan_version": plan.version,
             "plan_source": plan.source,
             "plan_ids": self.host.plan_ids,
-            "plan_error": self._plan_error,
+            "plan_error": self.plans.error,
             # prompt + output tokens one request can have here (model limit and KV pool)
             "max_model_len": plan_max_len(self.host),
             # the other ranks' actors of a tensor-parallel engine (empty: one rank)
@@ -181,6 +144,7 @@ class _EngineServer:
         }
 
     async def __del__(self):
+        self.plans.stop()
         await self.publisher.stop()
         await self.host.shutdown()
 
@@ -197,7 +161,7 @@ class UnifiedServer(_EngineServer):
     async def generate(self, req: GenerateRequest):
         async with self.host.acquire() as engine:
             async for delta in engine.generate(
-                req.request_id, list(req.prompt_token_ids), req.params
+                req.request_id, list(req.prompt_token_ids), req.params, req.resume
             ):
                 yield delta
 
@@ -217,7 +181,9 @@ class PrefillServer(_EngineServer):
         self._queued_tokens += n
         try:
             async with self.host.acquire() as engine:
-                res = await engine.prefill(req.request_id, list(req.prompt_token_ids), req.params)
+                res = await engine.prefill(
+                    req.request_id, list(req.prompt_token_ids), req.params, req.resume
+                )
         finally:
             self._queued_tokens -= n
         elapsed = time.monotonic() - start
@@ -237,6 +203,7 @@ class PrefillServer(_EngineServer):
             res.payload.plan_id,
             res.logprobs,
             elapsed,
+            res.prompt_logprobs,
         )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -263,28 +230,41 @@ class DecodeServer(_EngineServer):
         """Selective disaggregation (NVIDIA Dynamo's rule): prefill here when the part of the
         prompt this replica's prefix cache lacks is at most `max_local_prefill_tokens`
         (typically a conversation's next turn, routed here by prefix); otherwise yield only
-        the route and end, and the ingress goes through a prefill replica."""
+        the route and end, and the ingress goes through a prefill replica. A resumed request
+        (failover) prefills its resumed tokens too, so they count as prompt here."""
         ids = list(req.prompt_token_ids)
+        full = ids + list(req.resume.token_ids) if req.resume is not None else ids
         async with self.host.acquire() as engine:
-            cached = await engine.cached_prefix_tokens(ids)
-            local = len(ids) - cached <= self.spec.max_local_prefill_tokens
+            cached = await engine.cached_prefix_tokens(full)
+            local = len(full) - cached <= self.spec.max_local_prefill_tokens
             self.recorder.count_prefill_route(local)
-            yield PrefillRoute(local, cached, len(ids))
+            yield PrefillRoute(local, cached, len(full))
             if local:
-                async for delta in engine.generate(req.request_id, ids, req.params):
+                async for delta in engine.generate(req.request_id, ids, req.params, req.resume):
                     yield delta
 
     async def decode(self, req: DecodeRequest):
         start = time.monotonic()
-        payload = await self.transport.get(req.kv, self.spec.kv_timeout_s)
+        try:
+            payload = await self.transport.get(req.kv, self.spec.kv_timeout_s)
+        except KVTransferError as e:
+            if e.code != "kv_released":
+                raise
+            # Given up before we could take it (client gone, transfer timed out): nobody waits
+            # for this stream, and an error here would only be a traceback in the logs.
+            log.info("request %s: %s", req.request_id, e.message)
+            return
         req.kv.release()
         seconds = time.monotonic() - start
         self.recorder.observe_kv_transfer(seconds, payload.nbytes)
         yield KVReceived(payload.nbytes, seconds, payload.plan_id)
         if not self.host.has_plan(payload.plan_id):
             await self.sync_plan()  # the prefill side may have rolled out a newer plan first
-        async with self.host.acquire(payload.plan_id) as engine:
-            stream = engine.decode(req.request_id, payload, req.params)
+        # Still another plan (a prefill replica behind or ahead, or one that could not load
+        # the new plan): decode it with an engine of that plan rather than fail the request.
+        pattern = layout_pattern(payload.layout)
+        async with self.host.acquire_plan(payload.plan_id, pattern) as engine:
+            stream = engine.decode(req.request_id, payload, req.params, req.resume)
             del payload  # the engine holds it until imported
             async for delta in stream:
                 yield delta

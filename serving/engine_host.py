@@ -3,9 +3,15 @@
 S layers hold no indexer weights, so a new plan means a new model instance: the host builds the
 new engine off the event loop, switches new requests to it at once, and lets the old engine
 drain: its running requests finish, and a decode replica keeps accepting KV payloads made under
-the old plan for `grace_s` (prefill replicas may switch a moment later or earlier than decode
-replicas). Then the old engine shuts down and its counters are folded into the totals, so the
-exported counters never go backwards. During a swap a replica briefly holds two KV pools.
+the old plan. Then the old engine shuts down and its counters are folded into the totals, so the
+exported counters never go backwards. During a swap a replica briefly holds two KV pools; the
+new pool gets the old pool's byte budget (a pool sized from the memory left free would shrink
+at every swap and stay small).
+
+A decode replica also accepts a payload of a plan it does not run (prefill replicas roll a plan
+out a moment before or after it, or one could not load it): `acquire_plan` builds an engine for
+the payload's plan next to the current one. Engines other than the current one shut down once
+they have been idle for `grace_s`.
 
 No Ray here: the deployments (serving/deployments.py) drive it.
 """
@@ -50,13 +56,20 @@ class _Slot:
     plan: PlanInfo
     plan_id: str
     inflight: int = 0
-    retired_at: float | None = None  # when a newer engine replaced it
+    last_used: float = field(default_factory=time.monotonic)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pool_bytes(self) -> int:
+        s = self.engine.stats()
+        return s.kv_capacity_tokens * s.bytes_per_token
 
 
 class EngineHost:
-    def __init__(self, build: Callable[[str | None], Any], *, grace_s: float = 30.0):
-        self._build = build  # pattern (or None) -> AsyncLLMEngine; blocking, run in a thread
+    def __init__(self, build: Callable[[str | None, int | None], Any], *, grace_s: float = 30.0):
+        # (pattern or None, KV pool bytes or None for the configured size) -> AsyncLLMEngine;
+        # blocking, run in a thread.
+        self._build = build
         self.grace_s = grace_s
         self._slots: list[_Slot] = []  # [-1] is current; earlier ones are draining
         self._retired_totals = dict.fromkeys(COUNTERS, 0)
@@ -84,23 +97,47 @@ class EngineHost:
             if self._slots and self._slots[-1].plan.pattern == plan.pattern:
                 self._slots[-1].plan = plan  # same layers (e.g. republished): no rebuild
                 return False
-            engine = await asyncio.to_thread(self._build, plan.pattern)
-            slot = _Slot(engine, plan, engine.stats().plan_id)
+            slot = self._find_pattern(plan.pattern)
+            if slot is not None:  # an engine for these layers is already here (decode)
+                self._slots.remove(slot)
+                slot.plan = plan
+            else:
+                slot = await self._new_slot(plan)
             if self._slots:
-                old = self._slots[-1]
-                old.retired_at = time.monotonic()
-                task = asyncio.get_running_loop().create_task(self._reap(old))
-                self._reapers.add(task)
-                task.add_done_callback(self._reapers.discard)
+                self._retire(self._slots[-1])
             self._slots.append(slot)
             log.info("engine plan %s (v%d, %s) loaded", slot.plan_id, plan.version, plan.source)
             return True
 
+    async def _new_slot(self, plan: PlanInfo) -> _Slot:
+        budget = self._slots[-1].pool_bytes if self._slots else None
+        engine = await asyncio.to_thread(self._build, plan.pattern, budget)
+        return _Slot(engine, plan, engine.stats().plan_id)
+
+    def _find_pattern(self, pattern: str | None) -> _Slot | None:
+        for slot in self._slots:
+            if pattern is not None and slot.plan.pattern == pattern:
+                return slot
+        return None
+
+    def _retire(self, slot: _Slot) -> None:
+        slot.last_used = time.monotonic()  # payloads of its plan may still be on their way
+        task = asyncio.get_running_loop().create_task(self._reap(slot))
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+
     async def _reap(self, slot: _Slot) -> None:
-        await asyncio.sleep(self.grace_s)
-        while slot.inflight:
-            slot.idle.clear()
-            await slot.idle.wait()
+        """Shut a non-current engine down once it has been idle for grace_s."""
+        while True:
+            while slot.inflight:
+                slot.idle.clear()
+                await slot.idle.wait()
+            wait = slot.last_used + self.grace_s - time.monotonic()
+            if wait <= 0 and not slot.inflight:
+                break
+            await asyncio.sleep(max(wait, 0.01))
+        if self._slots and self._slots[-1] is slot:
+            return  # made current again (load of the same layers)
         self._slots.remove(slot)
         final = slot.engine.stats()
         for k in COUNTERS:
@@ -114,26 +151,62 @@ class EngineHost:
         """The engine for a request: the current one, or (decode) the one whose plan made the
         payload while it still drains."""
         slot = self.current if plan_id is None else self._find(plan_id)
+        async with self._use(slot) as engine:
+            yield engine
+
+    @asynccontextmanager
+    async def acquire_plan(self, plan_id: str, pattern: str) -> AsyncIterator[Any]:
+        """Decode: the engine of a payload's plan, built next to the current one if this
+        replica has none (it is shut down once idle for grace_s)."""
+        slot = self._lookup(plan_id)
+        if slot is None:
+            async with self._lock:
+                slot = self._lookup(plan_id)
+                if slot is None:
+                    current = self.current
+                    slot = await self._new_slot(PlanInfo(-1, pattern, "payload"))
+                    if slot.plan_id != plan_id:
+                        await slot.engine.shutdown()
+                        raise Unavailable(
+                            f"payload plan {plan_id} does not match its own layout "
+                            f"({slot.plan_id})",
+                            code="plan_mismatch",
+                        )
+                    self._slots.insert(self._slots.index(current), slot)
+                    self._retire(slot)
+                    log.info("engine plan %s built for payloads of that plan", plan_id)
+        async with self._use(slot) as engine:
+            yield engine
+
+    @asynccontextmanager
+    async def _use(self, slot: _Slot) -> AsyncIterator[Any]:
         slot.inflight += 1
         try:
             yield slot.engine
         finally:
             slot.inflight -= 1
+            slot.last_used = time.monotonic()
             if not slot.inflight:
                 slot.idle.set()
 
-    def _find(self, plan_id: str) -> _Slot:
+    def _lookup(self, plan_id: str) -> _Slot | None:
         for slot in reversed(self._slots):
             if slot.plan_id == plan_id:
                 return slot
-        raise Unavailable(
-            f"KV payload was made under plan {plan_id}, this decode replica runs "
-            f"{self.plan_ids}; a plan rollout is in progress, retry",
-            code="plan_mismatch",
-        )
+        return None
+
+    def _find(self, plan_id: str) -> _Slot:
+        slot = self._lookup(plan_id)
+        if slot is None:
+            raise Unavailable(
+                f"KV payload was made under plan {plan_id}, this decode replica runs "
+                f"{self.plan_ids}; a plan rollout is in progress, retry",
+                code="plan_mismatch",
+            )
+        return slot
 
     def has_plan(self, plan_id: str) -> bool:
-        return any(s.plan_id == plan_id for s in self._slots)
+        return self._lookup(plan_id) is not None
 
     # -- health and statistics ------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -176,3 +249,10 @@ class EngineHost:
         for slot in self._slots:
             await slot.engine.shutdown()
         self._slots.clear()
+
+
+def layout_pattern(layout: dict) -> str:
+    """The F/S pattern of a KV payload's layout (`KVLayout.to_dict()`): F where the layer holds
+    indexer keys."""
+    full = set(layout["index_layers"])
+    return "".join("F" if i in full else "S" for i in range(layout["num_layers"]))

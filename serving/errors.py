@@ -62,6 +62,12 @@ class Unavailable(OpenAIError):
     status, type = 503, "service_unavailable_error"
 
 
+class ShuttingDown(Unavailable):
+    """The server is draining (SIGTERM): it takes no new request; clients retry elsewhere."""
+
+    retry_after_s = 5  # the Retry-After header of the 503
+
+
 class KVTransferError(Unavailable):
     """The prefill->decode hand-off failed or timed out: the request fails, nothing hangs."""
 

@@ -2,12 +2,14 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions (streaming or not), GET /v1/models,
 GET /health, GET /metrics (Prometheus text: this replica's request metrics plus every engine
-replica's, as vLLM serves them). Errors are OpenAI error JSON with a fitting 4xx/5xx status.
+replica's, as vLLM serves them), GET /openapi.json (serving/openapi_doc.py). Errors are OpenAI
+error JSON with a fitting 4xx/5xx status.
 
 Per request: auth -> body limit -> parse and validate -> model -> tokenize once -> limits ->
 orchestrator (unified or disaggregated) -> JSON or SSE. A client that disconnects cancels the
 handler task; closing the orchestrator stream cancels the engine calls, which abort the request
-and free its KV pages.
+and free its KV pages. An engine replica that dies under a request is failed over
+(serving/failover.py); a draining ingress (serving/drain.py) refuses new requests with 503.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads route parameter types at runtime,
@@ -27,10 +29,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving import metrics
+from serving import metrics, openapi_doc
 from serving.config import ServingConfig
+from serving.drain import Drain
 from serving.errors import (
     InternalError,
     NotFound,
@@ -41,6 +45,7 @@ from serving.errors import (
     Unavailable,
     from_exception,
 )
+from serving.failover import FailoverPolicy
 from serving.metrics_hub import MetricsPublisher
 from serving.openai_adapter import Limits, check_model, parse, plan
 from serving.openai_response import ChoiceResult, ResponseBuilder
@@ -53,15 +58,53 @@ from serving.openai_schema import (
 )
 from serving.orchestrator import run_disaggregated, run_selective, run_unified
 from serving.protocol import GenerateRequest, PrefillResponse
-from serving.streaming import RequestTimer, collect, merge, sse, sse_events
+from serving.routing import own_request_id
+from serving.streaming import RequestTimer, collect, merge, prompt_only, sse, sse_events
 
 log = logging.getLogger(__name__)
 
-app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url=None)
+app = FastAPI(title="IndexCache Serve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+openapi_doc.install(app)  # the request models, as the routes read their bodies themselves
 LIMITS_TTL_S = 30.0  # how long the engines' reported context length is trusted
+LIMITS_TIMEOUT_S = 10.0  # how long a limits refresh waits for each engine role
+LIMITS_RETRY_S = 1.0  # after a refresh that got no answer
+# /health waits this long for each engine role: it must answer within a second, also (503)
+# while a role has no replica that can answer.
+HEALTH_TIMEOUT_S = 0.8
+
+
+class _DisconnectOnCancelledReceive:
+    """ASGI middleware: a client that disconnects mid-stream is a disconnect, not an error.
+
+    Serve's replica-side `receive` fetches ASGI messages from the proxy with a remote call; when
+    the client goes away the proxy cancels that call and `receive` raises TaskCancelledError
+    (Ray 2.60 turns only a KeyError into `http.disconnect`). Starlette's streaming response then
+    fails the request and Serve logs an ERROR traceback per dropped stream. Here it becomes the
+    `http.disconnect` message the ASGI spec has for it, and the stream is cancelled as usual."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
+
+
+app.add_middleware(_DisconnectOnCancelledReceive)
 
 
 def _error(e: OpenAIError, headers: dict | None = None) -> JSONResponse:
+    retry = getattr(e, "retry_after_s", None)
+    if retry is not None:
+        headers = {**(headers or {}), "Retry-After": str(retry)}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -125,15 +168,19 @@ class OpenAIIngress:
         self._live: weakref.WeakSet = weakref.WeakSet()
         replica = serve.get_replica_context().replica_id.unique_id
         self.recorder = metrics.Recorder(self.model_name, "ingress", replica)
+        self.recorder.declare_failover()
         self.publisher = MetricsPublisher(
             self.config.app_name, f"ingress:{replica}", self.config.metrics_interval_s
         )
+        self.drain_state = Drain()
 
     # -- clients of the engine deployments (orchestrator protocols) ------------------------------
     def generate(self, req: GenerateRequest):
+        own_request_id()
         return _cancel_on_exit(self._unified.options(stream=True).generate.remote(req))
 
     async def prefill(self, req: GenerateRequest) -> PrefillResponse:
+        own_request_id()
         resp = self._prefill.prefill.remote(req)
         try:
             return await resp
@@ -142,9 +189,11 @@ class OpenAIIngress:
             raise
 
     def decode(self, req):
+        own_request_id()
         return _cancel_on_exit(self._decode.options(stream=True).decode.remote(req))
 
     def generate_or_defer(self, req: GenerateRequest):
+        own_request_id()
         return _cancel_on_exit(self._decode.options(stream=True).generate_or_defer.remote(req))
 
     def _tool_setup(self, parser: str) -> None:
@@ -170,19 +219,19 @@ class OpenAIIngress:
             if time.monotonic() - self._limits_at < LIMITS_TTL_S:
                 return self.limits
             handles = [h for h in (self._unified, self._prefill, self._decode) if h is not None]
-            try:
-                checks = await asyncio.wait_for(
-                    asyncio.gather(*(h.check.remote() for h in handles)), timeout=10
-                )
-            except Exception:  # engines still starting: the configured limit until they answer
-                log.warning("engines did not report their context length", exc_info=True)
-                return self.limits
-            lens = [c.get("max_model_len") for c in checks]
+            checks = await asyncio.gather(*(self._check(h, LIMITS_TIMEOUT_S) for h in handles))
+            lens = [c.get("max_model_len") if isinstance(c, dict) else None for c in checks]
             if all(lens):
                 self.limits = dataclasses.replace(
                     self.limits, max_model_len=min(self._config_max_len, *lens)
                 )
                 self._limits_at = time.monotonic()
+            else:  # engines still starting, or a role without a replica: the limit known so far
+                pairs = zip(checks, lens, strict=True)
+                why = [c if isinstance(c, str) else "loading" for c, n in pairs if not n]
+                log.warning("engines did not report their context length: %s", why)
+                # Ask again soon, not on every request (each would wait for the answer).
+                self._limits_at = time.monotonic() - LIMITS_TTL_S + LIMITS_RETRY_S
         return self.limits
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -217,22 +266,35 @@ class OpenAIIngress:
         return b"".join(chunks)
 
     def _deltas(self, req: GenerateRequest) -> AsyncIterator[Any]:
+        failover = {"failover": FailoverPolicy(), "on_restart": self.recorder.count_failover}
         if self.config.mode == "unified":
-            return run_unified(req, self)
+            return run_unified(req, self, **failover)
         from serving.engine import TokenDelta
 
         def first(resp: PrefillResponse) -> TokenDelta:
-            return TokenDelta([resp.first_token], resp.text, resp.finish_reason, resp.logprobs)
+            return TokenDelta(
+                [resp.first_token],
+                resp.text,
+                resp.finish_reason,
+                resp.logprobs,
+                resp.prompt_logprobs,
+            )
 
         # KV transfer time and bytes are recorded where they happen, on the decode replica.
         run = run_selective if self.config.routing.max_local_prefill_tokens else run_disaggregated
         return run(
-            req, self, self, kv_timeout_s=self.config.kv_transfer.timeout_s, make_delta=first
+            req,
+            self,
+            self,
+            kv_timeout_s=self.config.kv_transfer.timeout_s,
+            make_delta=first,
+            **failover,
         )
 
     async def _handle(self, request: Request, cls: type) -> Response:
         start = time.monotonic()
         self.publisher.start()
+        self.drain_state.refuse()
         self._auth(request)
         body = await self._body(request)
         limits = await self._limits_now()
@@ -263,7 +325,9 @@ class OpenAIIngress:
         if p.no_engine:  # max_tokens 0: nothing to generate
             return self._empty(req, p, builder)
         streams = [
-            self._deltas(GenerateRequest(f"{builder.id}-{c.index}", tuple(c.prompt_ids), sp))
+            self.drain_state.wrap(
+                self._deltas(GenerateRequest(f"{builder.id}-{c.index}", tuple(c.prompt_ids), sp))
+            )
             for c, sp in zip(p.choices, params, strict=True)
         ]
         for s in streams:
@@ -281,6 +345,8 @@ class OpenAIIngress:
                 raise from_exception(e) from e
             raise e
         merged = merge(list(firsts), streams)
+        if p.prompt_only:
+            merged = prompt_only(merged)
         fmt = p.tool_format
         if req.stream:
             return StreamingResponse(
@@ -342,29 +408,54 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
-        handles = [h for h in (self._unified, self._prefill, self._decode) if h is not None]
-        try:
-            checks = await asyncio.wait_for(
-                asyncio.gather(*(h.check.remote() for h in handles)), timeout=10
-            )
-        except Exception as e:
+        """200 when every engine role has a replica that answers, else 503 naming the roles
+        that cannot serve; always within about HEALTH_TIMEOUT_S."""
+        self.drain_state.refuse()
+        roles = {"unified": self._unified, "prefill": self._prefill, "decode": self._decode}
+        roles = {r: h for r, h in roles.items() if h is not None}
+        results = await asyncio.gather(*(self._check(h) for h in roles.values()))
+        missing = {r: res for r, res in zip(roles, results, strict=True) if isinstance(res, str)}
+        if missing:
+            why = "; ".join(f"{r}: {res}" for r, res in missing.items())
             raise Unavailable(
-                f"engine deployments are not healthy: {type(e).__name__}: {e}", code="unhealthy"
-            ) from e
+                f"no {' and no '.join(missing)} engine can serve ({why})", code="unhealthy"
+            )
         return {
             "status": "ok",
             "model": self.model_name,
             "mode": self.config.mode,
-            "engines": checks,
+            "engines": results,
         }
+
+    @staticmethod
+    async def _check(handle, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, Any] | str:
+        """One replica's check() of a role, or why none answered."""
+        resp = handle.check.remote()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await resp
+        except TimeoutError:
+            resp.cancel()  # else it waits in Serve's queue for a replica to come up
+            return f"no replica answered within {timeout_s:.1f}s"
+        except Exception as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    # -- graceful shutdown (called on every replica by `indexcache serve`, serving/drain.py) ----
+    async def drain(self, timeout_s: float) -> int:
+        """Start draining; returns the requests in flight on this replica."""
+        self.drain_state.start(timeout_s)
+        return len(self._live)
+
+    async def in_flight(self) -> int:
+        return len(self._live)
 
     @app.get("/metrics")
     async def metrics_text(self) -> Response:
         self.publisher.start()
         try:
-            others = await asyncio.wait_for(self.publisher.others(), timeout=5)
-        except Exception:  # engine metrics missing beats no metrics at all
-            log.exception("metrics hub unavailable")
+            async with asyncio.timeout(5):
+                others = await self.publisher.others()
+        except Exception:  # engine metrics missing beats no metrics (the publisher logs it)
             others = []
         return Response(
             metrics.render([*others, metrics.snapshot()]), media_type=CONTENT_TYPE_LATEST

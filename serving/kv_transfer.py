@@ -12,7 +12,9 @@ One interface, two transports:
 The object lives while a reference to it does: the handle keeps the ref in a one-item list (so Ray
 does not resolve it when the handle travels through a Serve handle), `release()` drops the
 holder's ref. The orchestrator releases on every path (decode took it, timeout, failure,
-disconnect), so a payload nobody consumes is freed once the timeout passes.
+disconnect), so a payload nobody consumes is freed once the timeout passes. A decode replica that
+finds the payload already freed (`kv_released`) knows the request was given up before it could
+take it (the client went away, the transfer timed out): nobody waits for its answer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ from typing import Any, Protocol
 import ray
 
 from serving.errors import KVTransferError
+
+# Ray's errors for "the object was freed": its holders let go of it before it was fetched.
+_FREED = ("ReferenceCountingAssertionError", "ObjectFreedError")
+
+
+def _failed(e: Exception, what: str) -> KVTransferError:
+    if type(e).__name__ in _FREED:
+        return KVTransferError(
+            f"KV payload was released before it was fetched ({type(e).__name__})",
+            code="kv_released",
+        )
+    return KVTransferError(f"{what} failed: {type(e).__name__}: {e}", code="kv_transfer_failed")
 
 
 @dataclass(frozen=True)
@@ -62,15 +76,17 @@ class ObjectStoreTransport:
         if handle.released:
             raise KVTransferError("KV payload was already released")
         try:
-            return await asyncio.wait_for(handle.box[0], timeout_s)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when a
+            # cancellation (the client went away) arrives as the payload does, and the decode
+            # then runs to max_tokens for nobody.
+            async with asyncio.timeout(timeout_s):
+                return await handle.box[0]
         except TimeoutError as e:
             raise KVTransferError(
                 f"KV payload not received within {timeout_s:.1f}s", code="kv_transfer_timeout"
             ) from e
         except ray.exceptions.RayError as e:
-            raise KVTransferError(
-                f"KV transfer failed: {type(e).__name__}: {e}", code="kv_transfer_failed"
-            ) from e
+            raise _failed(e, "KV transfer") from e
 
 
 class DirectTransport:
@@ -94,10 +110,7 @@ class DirectTransport:
                 f"KV payload not received within {timeout_s:.1f}s", code="kv_transfer_timeout"
             ) from e
         except ray.exceptions.RayError as e:
-            raise KVTransferError(
-                f"KV transfer ({self.name}) failed: {type(e).__name__}: {e}",
-                code="kv_transfer_failed",
-            ) from e
+            raise _failed(e, f"KV transfer ({self.name})") from e
 
 
 def make_transport(backend: str, tensor_transport: str = "nixl") -> KVTransport:

@@ -177,6 +177,18 @@ PLAN_VERSION = _gauge(
     "plan_version",
     "Registry version of the plan the replica runs (0: the checkpoint's or config's own plan)",
 )
+PLAN_ERROR = _gauge(
+    "plan_error",
+    "1 while the replica cannot run the plan it should (kept its own; /health says why)",
+)
+REQUEST_RETRIES = _counter(
+    "request_retries",
+    "Requests restarted on another replica before their first token reached the client",
+)
+REQUEST_MIGRATIONS = _counter(
+    "request_migrations",
+    "Streams continued on another replica after theirs died (prompt + tokens re-prefilled)",
+)
 
 # Exposed family names, as Prometheus stores them (counters carry `_total`; histograms add
 # `_bucket`, `_sum`, `_count`). The single list dashboards and PodMonitors are checked against.
@@ -206,6 +218,9 @@ METRIC_NAMES: tuple[str, ...] = tuple(
         KV_CACHE_CAPACITY_TOKENS,
         F_LAYER_RATIO,
         PLAN_VERSION,
+        PLAN_ERROR,
+        REQUEST_RETRIES,
+        REQUEST_MIGRATIONS,
     )
 )
 
@@ -229,6 +244,7 @@ _ENGINE_GAUGES = {
     "kv_capacity_tokens": KV_CACHE_CAPACITY_TOKENS,
     "f_layer_ratio": F_LAYER_RATIO,
     "plan_version": PLAN_VERSION,
+    "plan_error": PLAN_ERROR,
 }
 
 
@@ -251,6 +267,14 @@ class Recorder:
     def observe_kv_transfer(self, seconds: float, nbytes: int) -> None:
         KV_TRANSFER_SECONDS.labels(**self.labels).observe(seconds)
         KV_TRANSFER_BYTES.labels(**self.labels).inc(nbytes)
+
+    def declare_failover(self) -> None:
+        """Export the failover counters at 0 from the start (the ingress has them)."""
+        REQUEST_RETRIES.labels(**self.labels)
+        REQUEST_MIGRATIONS.labels(**self.labels)
+
+    def count_failover(self, migrated: bool) -> None:
+        (REQUEST_MIGRATIONS if migrated else REQUEST_RETRIES).labels(**self.labels).inc()
 
     def count_prefill_route(self, local: bool, n: int = 1) -> None:
         """A decode replica's selective-disaggregation choice (n=0 exports both at zero)."""

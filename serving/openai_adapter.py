@@ -52,6 +52,7 @@ class Plan:
     tool_format: ToolFormat | None = None  # parse tool calls out of the output
     tools_forced: bool = False
     no_engine: bool = False  # max_tokens 0: the answer is the (echoed) prompt alone
+    prompt_only: bool = False  # ... but its logprobs were asked for: one token scores it
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -308,7 +309,7 @@ def base_params(req: ChatCompletionRequest | CompletionRequest, vocab: int) -> d
         "temperature": temperature,
         "top_p": top_p,
         "top_k": -1 if req.top_k is None else req.top_k,
-        "seed": req.seed,
+        "seed": None if req.seed is None else _wrap_int64(req.seed),
         "stop": req.stop_list,
         "stop_token_ids": stop_ids,
         "ignore_eos": bool(req.ignore_eos),
@@ -324,10 +325,12 @@ def _seeded(params: dict[str, Any], i: int) -> dict[str, Any]:
     """Choice i of n: its own seed (seed + i), so choices differ and each reproduces."""
     if params["seed"] is None or i == 0:
         return params
-    seed = params["seed"] + i
-    if seed >= 2**63:
-        seed -= 2**64
-    return {**params, "seed": seed}
+    return {**params, "seed": _wrap_int64(params["seed"] + i)}
+
+
+def _wrap_int64(x: int) -> int:
+    """Two's-complement wrap into int64: the sampler's generator takes 64-bit seeds."""
+    return (x + 2**63) % 2**64 - 2**63
 
 
 def plan(
@@ -361,6 +364,8 @@ def plan(
             (p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in raw
         ]
         param, fmt, mode = "prompt", None, "none"
+        if req.echo and req.logprobs is not None:  # the prompt's logprobs lead the answer
+            params["prompt_logprobs"] = req.logprobs
     n = req.n_choices
     if n * len(prompts) > limits.max_choices:
         raise BadRequest(
@@ -376,8 +381,10 @@ def plan(
         for j in range(n):
             kw = {**_seeded(params, j), "max_tokens": max(mt, 1)}
             choices.append(Choice(pi * n + j, ids, kw, echoes[pi]))
-    no_engine = req.requested_max_tokens == 0
-    return Plan(choices, n_prompt, fmt, mode in ("required", "named"), no_engine)
+    zero = req.requested_max_tokens == 0
+    scores = params.get("prompt_logprobs") is not None
+    forced = mode in ("required", "named")
+    return Plan(choices, n_prompt, fmt, forced, zero and not scores, zero and scores)
 
 
 def replace_params(choice: Choice, **kw) -> Choice:

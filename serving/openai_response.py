@@ -4,6 +4,8 @@ Shapes follow the official schema (tests validate them against the pinned spec):
 carry `refusal`, logprobs objects carry `content` and `refusal`, `bytes` are the token's own
 UTF-8 bytes (a token may hold part of a character: then `token` is vLLM's `bytes:\\xNN` form).
 Tokens that are not part of the text (EOS, other special tokens) are left out of logprobs.
+Completions with `echo` and `logprobs` list the prompt's tokens first, as OpenAI and vLLM do: the
+first prompt token has `null` logprobs (nothing predicts it), a null the spec's types omit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class ChoiceResult:
     logprobs: list | None = None  # engine Logprobs
     tool_calls: list[ToolCall] = field(default_factory=list)
     echo: str = ""
+    prompt_logprobs: list | None = None  # (token id, engine Logprob or None) per prompt token
 
 
 class ResponseBuilder:
@@ -53,7 +56,9 @@ class ResponseBuilder:
     def full(self, choices: list[ChoiceResult], usage: Usage) -> dict[str, Any]:
         out = []
         for c in sorted(choices, key=lambda c: c.index):
-            lp = self.logprobs(c.index, c.logprobs, c.echo) if c.logprobs is not None else None
+            lp = None
+            if c.logprobs is not None or c.prompt_logprobs is not None:
+                lp = self.logprobs(c.index, c.logprobs or [], c.echo, c.prompt_logprobs)
             if self.chat:
                 msg: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
                 if c.tool_calls:
@@ -75,8 +80,11 @@ class ResponseBuilder:
         role: bool = False,
         tool_calls: list[dict] | None = None,
         echo: str = "",
+        prompt_logprobs: list | None = None,
     ) -> dict[str, Any]:
-        lp = self.logprobs(index, logprobs, echo) if logprobs else None
+        lp = None
+        if logprobs or prompt_logprobs:
+            lp = self.logprobs(index, logprobs or [], echo, prompt_logprobs)
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
@@ -118,8 +126,11 @@ class ResponseBuilder:
             s = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
         return s, list(b)
 
-    def logprobs(self, index: int, items: list, echo: str = "") -> dict[str, Any]:
-        """Engine `Logprob`s -> OpenAI's chat or completions logprobs object."""
+    def logprobs(
+        self, index: int, items: list, echo: str = "", prompt: list | None = None
+    ) -> dict[str, Any]:
+        """Engine `Logprob`s -> OpenAI's chat or completions logprobs object; `prompt`
+        (completions echo): (token id, Logprob or None) of each prompt token, listed first."""
         items = [x for x in items if x.token_id not in self.hidden]
         if self.chat:
 
@@ -138,6 +149,17 @@ class ResponseBuilder:
             "top_logprobs": [],
             "text_offset": [],
         }
+        at = 0
+        for tid, x in prompt or ():
+            if tid in self.hidden:
+                continue
+            out["tokens"].append(self.token_text(tid)[0])
+            out["token_logprobs"].append(None if x is None else x.logprob)
+            out["top_logprobs"].append(
+                None if x is None else {self.token_text(t)[0]: v for t, v in x.top}
+            )
+            out["text_offset"].append(at)
+            at += len(self.tokenizer.decode([tid]))
         offset = self._offsets.get(index, len(echo))
         for x in items:
             s = self.token_text(x.token_id)[0]

@@ -16,7 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-INT64 = 2**63
+from serving.engine.params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+
+# The spec publishes seed's bounds as +-9223372036854776000: int64's limits written through a
+# float. Clients generated from it may send any integer up to that; the adapter wraps it into
+# int64 (two's complement), so every seed the spec allows is served and reproduces.
+SPEC_SEED_BOUND = 9223372036854776000
 # Fields of the spec this server refuses (400 unsupported_parameter) when set to a value that
 # would need them; documented in /openapi.json and checked by the schemathesis run.
 UNSUPPORTED = {
@@ -104,14 +109,16 @@ class _Request(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    seed: int | None = Field(None, ge=-SPEC_SEED_BOUND, le=SPEC_SEED_BOUND)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM-style extras
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(
+        None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
 

@@ -11,6 +11,9 @@ Whatever ends the request early (client disconnect, task cancelled, an error at 
 `finally` blocks close the downstream streams, which cancels the remote calls and makes the
 replicas abort the request and free its KV pages, and release the KV handle. Clients are
 typing.Protocols; the Ray-backed ones live in the ingress, fakes in the tests.
+
+With a `FailoverPolicy`, a flow whose replica dies is run again for what the client has not
+received yet (serving/failover.py: a retry before the first token, a migration after it).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from serving.errors import InternalError, KVTransferError
+from serving.failover import FailoverPolicy, with_failover
 from serving.protocol import (
     DecodeRequest,
     GenerateRequest,
@@ -51,7 +55,19 @@ async def _aclose(stream: Any) -> None:
         await aclose()
 
 
-async def run_unified(req: GenerateRequest, engine: EngineClient) -> AsyncIterator[Any]:
+def run_unified(
+    req: GenerateRequest,
+    engine: EngineClient,
+    *,
+    failover: FailoverPolicy | None = None,
+    on_restart: Callable[[bool], None] | None = None,
+) -> AsyncIterator[Any]:
+    if failover is None:
+        return _unified_once(req, engine)
+    return with_failover(req, lambda r: _unified_once(r, engine), failover, on_restart)
+
+
+async def _unified_once(req: GenerateRequest, engine: EngineClient) -> AsyncIterator[Any]:
     stream = engine.generate(req)
     try:
         async for delta in stream:
@@ -60,7 +76,7 @@ async def run_unified(req: GenerateRequest, engine: EngineClient) -> AsyncIterat
         await _aclose(stream)
 
 
-async def run_disaggregated(
+def run_disaggregated(
     req: GenerateRequest,
     prefill: PrefillClient,
     decode: DecodeClient,
@@ -68,8 +84,27 @@ async def run_disaggregated(
     kv_timeout_s: float,
     on_kv_received: Callable[[KVReceived], None] | None = None,
     make_delta: Callable[[PrefillResponse], Any],
+    failover: FailoverPolicy | None = None,
+    on_restart: Callable[[bool], None] | None = None,
 ) -> AsyncIterator[Any]:
     """Yields the first token's delta (from `make_delta(prefill_response)`), then decode's."""
+
+    def once(r: GenerateRequest) -> AsyncIterator[Any]:
+        return _disaggregated_once(r, prefill, decode, kv_timeout_s, on_kv_received, make_delta)
+
+    if failover is None:
+        return once(req)
+    return with_failover(req, once, failover, on_restart)
+
+
+async def _disaggregated_once(
+    req: GenerateRequest,
+    prefill: PrefillClient,
+    decode: DecodeClient,
+    kv_timeout_s: float,
+    on_kv_received: Callable[[KVReceived], None] | None,
+    make_delta: Callable[[PrefillResponse], Any],
+) -> AsyncIterator[Any]:
     resp = await prefill.prefill(req)
     kv, stream = resp.kv, None
     try:
@@ -78,9 +113,12 @@ async def run_disaggregated(
             return
         if kv is None:
             raise InternalError("prefill returned neither a finish reason nor a KV payload")
-        stream = decode.decode(DecodeRequest(req.request_id, kv, req.params, req.prompt_token_ids))
+        stream = decode.decode(
+            DecodeRequest(req.request_id, kv, req.params, req.prompt_token_ids, req.resume)
+        )
         try:
-            ack = await asyncio.wait_for(anext(stream), kv_timeout_s)
+            async with asyncio.timeout(kv_timeout_s):  # not wait_for: see kv_transfer.py
+                ack = await anext(stream)
         except TimeoutError as e:
             raise KVTransferError(
                 f"no decode replica took the KV payload within {kv_timeout_s:.1f}s",
@@ -107,14 +145,37 @@ async def run_disaggregated(
             await _aclose(stream)
 
 
-async def run_selective(
+def run_selective(
     req: GenerateRequest,
     prefill: PrefillClient,
     decode: LocalDecodeClient,
-    **disaggregated: Any,
+    *,
+    kv_timeout_s: float,
+    on_kv_received: Callable[[KVReceived], None] | None = None,
+    make_delta: Callable[[PrefillResponse], Any],
+    failover: FailoverPolicy | None = None,
+    on_restart: Callable[[bool], None] | None = None,
 ) -> AsyncIterator[Any]:
-    """Ask a decode replica to prefill locally; fall back to `run_disaggregated` when it
-    defers (keyword arguments are run_disaggregated's)."""
+    """Ask a decode replica to prefill locally; fall back to the disaggregated flow when it
+    defers (keyword arguments are run_disaggregated's). With failover, a new attempt asks a
+    decode replica again (the resumed tokens count as uncached prompt)."""
+
+    def once(r: GenerateRequest) -> AsyncIterator[Any]:
+        return _selective_once(r, prefill, decode, kv_timeout_s, on_kv_received, make_delta)
+
+    if failover is None:
+        return once(req)
+    return with_failover(req, once, failover, on_restart)
+
+
+async def _selective_once(
+    req: GenerateRequest,
+    prefill: PrefillClient,
+    decode: LocalDecodeClient,
+    kv_timeout_s: float,
+    on_kv_received: Callable[[KVReceived], None] | None,
+    make_delta: Callable[[PrefillResponse], Any],
+) -> AsyncIterator[Any]:
     stream = decode.generate_or_defer(req)
     try:
         try:
@@ -131,5 +192,9 @@ async def run_selective(
             return
     finally:
         await _aclose(stream)
-    async for delta in run_disaggregated(req, prefill, decode, **disaggregated):
-        yield delta
+    flow = _disaggregated_once(req, prefill, decode, kv_timeout_s, on_kv_received, make_delta)
+    try:
+        async for delta in flow:
+            yield delta
+    finally:
+        await flow.aclose()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serving.engine import Logprob, SamplingParams
+    from serving.engine import Logprob, Resume, SamplingParams
     from serving.kv_transfer import KVHandle
 
 
@@ -20,6 +20,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    resume: Resume | None = None  # failover: continue after what the client already has
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class PrefillResponse:
     plan_id: str
     logprobs: list[Logprob] | None = None
     prefill_seconds: float = 0.0  # replica-side: arrival to first token (queue + compute)
+    prompt_logprobs: list[Logprob | None] | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,7 @@ class DecodeRequest:
     kv: KVHandle
     params: SamplingParams
     prompt_token_ids: tuple[int, ...] = ()  # the routing key: the replica caching this prefix
+    resume: Resume | None = None  # the payload was re-prefilled with these tokens (failover)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ parsed out of each choice's text (whole, or as each call completes when streamin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -81,6 +82,9 @@ async def merge(firsts: list, streams: list) -> AsyncIterator[tuple[int, Any]]:
         except Exception as e:
             await queue.put((i, e))
         finally:
+            # The pump closes its own stream: closing it from outside while the pump still
+            # runs it would raise ("asynchronous generator is already running").
+            await _aclose(streams[i])
             await queue.put((i, _END))
 
     tasks = [asyncio.get_running_loop().create_task(pump(i)) for i in live]
@@ -99,8 +103,25 @@ async def merge(firsts: list, streams: list) -> AsyncIterator[tuple[int, Any]]:
     finally:
         for t in tasks:
             t.cancel()
-        for s in streams:
-            await _aclose(s)
+        for i, s in enumerate(streams):
+            if i not in live:  # no pump runs it
+                await _aclose(s)
+        if tasks:  # each cancelled pump closes its stream as it unwinds
+            await asyncio.wait(tasks)
+
+
+async def prompt_only(merged: AsyncIterator) -> AsyncIterator[tuple[int, Any]]:
+    """max_tokens 0 with echo and logprobs: the engines ran one token to score the prompt; the
+    answer is the prompt alone, so generated tokens, text and logprobs are dropped."""
+    try:
+        async for i, d in merged:
+            reason = None if d.finish_reason is None else "length"
+            yield (
+                i,
+                dataclasses.replace(d, token_ids=[], text="", logprobs=None, finish_reason=reason),
+            )
+    finally:
+        await _aclose(merged)
 
 
 async def collect(
@@ -123,6 +144,8 @@ async def collect(
         n_gen += len(delta.token_ids)
         if delta.logprobs is not None:
             r.logprobs = (r.logprobs or []) + list(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            r.prompt_logprobs = list(zip(choices[i].prompt_ids, delta.prompt_logprobs, strict=True))
         if delta.finish_reason is not None:
             r.finish_reason = delta.finish_reason
     timer.finished()
@@ -165,8 +188,15 @@ async def sse_events(
                 text, calls = p.feed(delta.text, final)
             echo = c.echo if c.index not in opened else ""
             opened.add(c.index)
-            if text or delta.logprobs or echo:
-                yield sse(builder.chunk(c.index, text, None, delta.logprobs, echo=echo))
+            plp = delta.prompt_logprobs
+            if plp is not None:
+                plp = list(zip(c.prompt_ids, plp, strict=True))
+            if text or delta.logprobs or echo or plp:
+                yield sse(
+                    builder.chunk(
+                        c.index, text, None, delta.logprobs, echo=echo, prompt_logprobs=plp
+                    )
+                )
             if calls:
                 base = p.emitted - len(calls)
                 payload = [t.openai(base + k) for k, t in enumerate(calls)]

@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class CommandFailed(RuntimeError):
+    """A subcommand could not do its job; the message is one line naming the cause."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indexcache", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:  # bad input: the whole message (a config error names each field)
         print(f"indexcache {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, TimeoutError) as e:  # files, ports, connections: the first line says it
+        print(f"indexcache {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except CommandFailed as e:  # already one line naming the cause
+        print(f"indexcache {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

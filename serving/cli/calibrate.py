@@ -70,7 +70,11 @@ def register(p) -> None:
         default=None,
         help="model name in the registry (default: the checkpoint directory's name)",
     )
-    p.add_argument("--ray-address", default=None, help="Ray cluster of the registry")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster of the registry (default: the one `indexcache serve` recorded)",
+    )
     p.set_defaults(run=run)
 
 
@@ -127,6 +131,10 @@ def run(args) -> int:
     n = cfg.num_hidden_layers
     target_full_layers(n, args.retain, len(split_blocks(n, args.pipeline_blocks)))  # fail fast
     publish = _publisher() if args.publish else None
+    if publish is not None:  # which cluster: named or recorded by `indexcache serve`, checked now
+        from serving.cli.address import resolve
+
+        args.ray_address = resolve(args.ray_address)
     data = load_data(args, cfg, model_dir)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -184,7 +192,7 @@ def run(args) -> int:
     )
     if publish is not None:
         name = args.registry_model or traj["model"]
-        version = publish(name, result.plan, provenance, address=args.ray_address)
+        version = publish(name, result.plan, provenance, address=args.ray_address, num_layers=n)
         provenance["registry"] = {"model": name, "version": version}
         write_plan(out / "plan.json", result.plan, provenance)
         print(f"published {name} plan version {version}")

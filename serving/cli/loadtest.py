@@ -6,7 +6,10 @@ Runs loadtest/locustfile.py in a Locust subprocess (its periodic stats table is 
 display), then loadtest/report.py on the run directory: report.md, summary.json, latency.png,
 kv.png next to Locust's CSVs. Exit status 0 only when every request completed (none failed, none
 lost), the server drained (KV usage, running and waiting back to zero) and, for `saturate`, the
-KV pool stayed at >= 90% usage (median) in the oversubscribed stage; 1 otherwise.
+KV pool stayed at >= 90% usage (median) in the oversubscribed stage; 1 otherwise. `chaos` kills
+replicas and rolls out a plan meanwhile (loadtest/chaos.py, on the Ray cluster of `--ray-address`
+or the one `indexcache serve` recorded); it passes when no request was lost (failures the server
+reported cleanly are counted, not fatal) and every fault was injected.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ def register(p) -> None:
         help="seconds to wait after the load for the server to go idle",
     )
     p.add_argument("--quiet", action="store_true", help="no periodic Locust stats table")
+    p.add_argument("--app", default="indexcache", help="chaos: the Serve application name")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="chaos: the server's Ray cluster (default: the one `indexcache serve` recorded)",
+    )
     add_slo_args(p)
     p.set_defaults(run=run)
 
@@ -118,9 +127,18 @@ def verdict(summary: dict) -> list[str]:
     """What went wrong, one line each (empty: the run passed)."""
     problems = []
     req = summary["requests"]
-    if req["failed"]:
+    if summary["scenario"] == "chaos":
+        from loadtest.chaos import SCHEDULE
+
+        fo = summary["failover"]
+        if fo["lost"]:
+            problems.append(f"{fo['lost']} requests were lost (no answer, or a cut stream)")
+        bad = [a for a in fo["actions"] or [] if not a["ok"]]
+        if fo["actions"] is None or bad or len(fo["actions"]) < len(SCHEDULE):
+            problems.append(f"not every fault was injected: {bad or fo['actions']}")
+    elif req["failed"]:
         problems.append(f"{req['failed']} requests failed")
-    if req["lost"]:
+    if req["lost"] and summary["scenario"] != "chaos":
         problems.append(f"{req['lost']} requests were in flight when Locust stopped (lost)")
     drain = summary.get("drain") or {}
     if not drain.get("idle"):
@@ -140,6 +158,19 @@ def verdict(summary: dict) -> list[str]:
     return problems
 
 
+def _chaos(args, out):
+    import ray
+
+    from loadtest.chaos import ChaosMonkey
+    from serving.cli.address import resolve
+    from serving.env import apply_ray_local_env
+
+    if not ray.is_initialized():
+        apply_ray_local_env()
+        ray.init(address=resolve(args.ray_address), log_to_driver=False)
+    return ChaosMonkey(args.app, args.duration, out).start()
+
+
 def run(args) -> int:
     import subprocess
     import sys
@@ -154,7 +185,13 @@ def run(args) -> int:
     out = Path(args.out or f"loadtest-{args.scenario}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").unlink(missing_ok=True)
-    rc = subprocess.call(locust_command(args, out))
+    (out / "chaos.json").unlink(missing_ok=True)
+    monkey = _chaos(args, out) if args.scenario == "chaos" else None
+    try:
+        rc = subprocess.call(locust_command(args, out))
+    finally:
+        if monkey is not None:
+            monkey.stop()
     if not (out / "run.json").is_file():
         print(
             f"indexcache loadtest: Locust exited with status {rc} before the load started "

@@ -2,9 +2,18 @@
 
 Defaults: unified mode on CPU, the embedded default model (SmolLM2-135M with trained
 indexers, built on first use), 127.0.0.1:8000.
+
+Start-up failures (a bad checkpoint, a replica that cannot start, a port in use) exit within
+seconds with one line naming the cause, and take the cluster down. The cluster's address is
+recorded for `indexcache plans` (serving/cli/address.py). SIGTERM or Ctrl-C drains: new requests
+get 503 with Retry-After, requests in flight get `graceful_shutdown_timeout_s` to finish, the
+rest end with an error event; then Serve and the cluster stop and the command exits 0. A second
+signal stops at once.
 """
 
 from __future__ import annotations
+
+from serving.cli import CommandFailed
 
 
 def register(p) -> None:
@@ -25,6 +34,12 @@ def register(p) -> None:
         help="accepted Bearer key (repeatable); default: no auth",
     )
     p.add_argument("--index-cache", default=None, help='starting F/S plan, e.g. "FSFS"')
+    p.add_argument(
+        "--graceful-shutdown-timeout",
+        type=float,
+        default=None,
+        help="seconds requests in flight get to finish on SIGTERM (default 30)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for RUNNING")
     p.set_defaults(run=run)
 
@@ -43,6 +58,8 @@ def resolve_config(args):
         data["mode"] = args.mode
     if args.index_cache:
         data["index_cache"] = args.index_cache
+    if getattr(args, "graceful_shutdown_timeout", None) is not None:
+        data["graceful_shutdown_timeout_s"] = args.graceful_shutdown_timeout
     ingress = dict(data.get("ingress", {}))
     for key, value in (("host", args.host), ("port", args.port), ("api_keys", args.api_key)):
         if value is not None:
@@ -56,13 +73,40 @@ def resolve_config(args):
             print(f"building the embedded default model in {path} ...", flush=True)
             build_default(path)
         data["model"] = str(path)
-    if not Path(data["model"], "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in model directory {data['model']}")
+    check_checkpoint(Path(data["model"]))
     return ServingConfig.model_validate(data)
 
 
-def wait_running(app_name: str, timeout_s: float) -> None:
-    """Poll serve.status(): an app that does not fit the cluster stays DEPLOYING forever."""
+def check_checkpoint(path) -> None:
+    """What every replica would fail on, checked here in milliseconds instead."""
+    from model.config import ModelConfig
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in model directory {path}")
+    ModelConfig.from_pretrained(path)  # ValueError naming the field
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"no *.safetensors weights in model directory {path}")
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in model directory {path}")
+
+
+class StartupFailed(CommandFailed):
+    """The application did not come up; the message is one line naming the cause."""
+
+
+def _cause(message: str) -> str:
+    """The exception line of a Serve status message (which carries a whole traceback)."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.replace(".", "").isidentifier() and head.endswith(("Error", "Exception")):
+            return ln
+    return lines[0] if lines else "no message"
+
+
+def wait_running(app_name: str, timeout_s: float, fail_fast: bool = False) -> None:
+    """Poll serve.status(): an app that does not fit the cluster stays DEPLOYING forever.
+    `fail_fast`: the first replica that fails to start fails the wait (a fresh start)."""
     import time
 
     from ray import serve
@@ -74,7 +118,11 @@ def wait_running(app_name: str, timeout_s: float) -> None:
         if status == "RUNNING":
             return
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"application {app_name} is {status}: {app.message}")
+            raise StartupFailed(f"application {app_name} is {status}: {_cause(app.message)}")
+        for name, dep in (app.deployments if app else {}).items():
+            if fail_fast and "failed to start" in (dep.message or ""):
+                # Serve would retry; on a fresh start the same error comes back each time.
+                raise StartupFailed(f"{name} failed to start: {_cause(dep.message)}")
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"application {app_name} not RUNNING after {timeout_s:.0f}s "
@@ -97,8 +145,9 @@ def cluster_cpus(config) -> int:
     return max(os.cpu_count() or 1, math.ceil(need))
 
 
-def start(config, timeout_s: float = 600.0):
-    """Start (or join) Ray, start Serve on the configured address, deploy, wait for RUNNING."""
+def start(config, timeout_s: float = 600.0) -> str:
+    """Start Ray, start Serve on the configured address, deploy, wait for RUNNING; returns the
+    cluster's address. On failure the cluster is shut down before the error propagates."""
     import ray
     from ray import serve
 
@@ -106,27 +155,72 @@ def start(config, timeout_s: float = 600.0):
     from serving.env import apply_ray_local_env
 
     apply_ray_local_env()
-    if not ray.is_initialized():
-        ray.init(num_cpus=cluster_cpus(config), include_dashboard=False, namespace="indexcache")
-    serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
-    serve.run(
-        build_app(config),
-        name=config.app_name,
-        route_prefix=config.ingress.route_prefix,
-        blocking=False,
+    ray.init(
+        num_cpus=cluster_cpus(config),
+        include_dashboard=False,
+        namespace="indexcache",
+        log_to_driver=False,  # replica logs stay in Ray's log files; errors come back here
     )
-    wait_running(config.app_name, timeout_s)
+    try:
+        serve.start(http_options={"host": config.ingress.host, "port": config.ingress.port})
+        # serve.run waits for RUNNING itself and fails only after Serve retried a failing
+        # replica three times (minutes with a large model); `_run(_blocking=False)` returns at
+        # once, so wait_running can stop at the first failure with its cause.
+        serve._run(
+            build_app(config),
+            _blocking=False,
+            name=config.app_name,
+            route_prefix=config.ingress.route_prefix,
+        )
+        wait_running(config.app_name, timeout_s, fail_fast=True)
+        return ray.get_runtime_context().gcs_address
+    except BaseException:
+        stop_all()
+        raise
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (a supervisor, `timeout`, k8s) stops the server like Ctrl-C, so the local Ray
-    cluster this process started goes down with it instead of being orphaned."""
+def stop_all() -> None:
+    """Serve, then the local cluster (its processes go with it)."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def drain(config) -> None:
+    """Tell every ingress replica to drain; wait until none has a request in flight (or the
+    graceful timeout and a margin passed)."""
+    import time
+
+    from ray import serve
+
+    timeout_s = config.graceful_shutdown_timeout_s
+    handle = serve.get_deployment_handle("OpenAIIngress", config.app_name)
+    counts = handle.broadcast("drain", timeout_s).results(timeout_s=10, return_exceptions=True)
+    busy = sum(c for c in counts if isinstance(c, int))
+    print(f"draining: {busy} request(s) in flight get up to {timeout_s:.0f}s", flush=True)
+    deadline = time.monotonic() + timeout_s + 5
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.25)
+        counts = handle.broadcast("in_flight").results(timeout_s=5, return_exceptions=True)
+        busy = sum(c for c in counts if isinstance(c, int))
+
+
+def _on_signals(stop) -> None:
+    """SIGTERM (a supervisor, `timeout`, k8s) and SIGINT start the drain; a second one stops at
+    once. Installed after ray.init, which sets a SIGTERM handler of its own."""
     import signal
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def banner(config) -> str:
@@ -144,18 +238,26 @@ def banner(config) -> str:
 
 
 def run(args) -> int:
-    import time
+    import threading
+
+    from serving.cli import address
 
     config = resolve_config(args)
-    start(config, args.timeout)
+    gcs = start(config, args.timeout)
+    stop = threading.Event()
     try:
-        _stop_on_sigterm()  # after ray.init, which installs a SIGTERM handler that aborts
+        _on_signals(stop)
+        record = address.record(gcs)
         print(banner(config), flush=True)
-        while True:
-            time.sleep(3600)
+        print(f"Ray cluster {gcs} (recorded in {record} for `indexcache plans`)", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("stopping: draining requests ...", flush=True)
+        drain(config)
     except KeyboardInterrupt:
-        from ray import serve
-
-        print("stopping ...", flush=True)
-        serve.shutdown()  # the local cluster goes down at exit (ray's atexit hook)
+        print("stopping now", flush=True)
+    finally:
+        address.forget()
+        stop_all()
+    print("stopped", flush=True)
     return 0

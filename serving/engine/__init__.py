@@ -18,6 +18,7 @@ from serving.engine.outputs import (
 )
 from serving.engine.params import SamplingParams
 from serving.engine.payload import PAYLOAD_VERSION, KVPayload
+from serving.engine.resume import Resume
 
 __all__ = [
     "PAYLOAD_VERSION",
@@ -29,6 +30,7 @@ __all__ = [
     "Logprob",
     "Output",
     "PrefillResult",
+    "Resume",
     "SamplingParams",
     "StepOutput",
     "TokenDelta",

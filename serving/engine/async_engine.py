@@ -23,6 +23,7 @@ from serving.engine.llm_engine import LLMEngine
 from serving.engine.outputs import EngineStats, PrefillResult, StepOutput, TokenDelta
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload
+from serving.engine.resume import Resume
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +58,41 @@ class AsyncLLMEngine:
 
     # -- public API -------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int] | str, params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int] | str,
+        params: SamplingParams,
+        resume: Resume | None = None,
     ) -> AsyncIterator[TokenDelta]:
-        """Unified role (or decode, prefilling locally): stream a request's tokens."""
+        """Unified role (or decode, prefilling locally): stream a request's tokens (after
+        `resume`'s, see resume.py)."""
         self._need_role("generate", ("unified", "decode"))
         ids = self.engine.tokenize(prompt_token_ids)
         self.engine.validate(ids, params, request_id)
+        if resume is not None:
+            resume.check(len(ids), params, self.engine.max_len)
         req = self._register(request_id, stream=True)
-        self._submit(("add", request_id, ids, params))
+        self._submit(("add", request_id, ids, params, resume))
         async with aclosing(self._stream(request_id, req)) as deltas:
             async for delta in deltas:
                 yield delta
 
     async def prefill(
-        self, request_id: str, prompt_token_ids: list[int] | str, params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int] | str,
+        params: SamplingParams,
+        resume: Resume | None = None,
     ) -> PrefillResult:
-        """Prefill role: compute the prompt, sample the first token, return the KV payload."""
+        """Prefill role: compute the prompt (and `resume`'s tokens), sample the next token,
+        return the KV payload."""
         self._need_role("prefill", ("prefill",))
         ids = self.engine.tokenize(prompt_token_ids)
         self.engine.validate(ids, params, request_id)
+        if resume is not None:
+            resume.check(len(ids), params, self.engine.max_len)
         req = self._register(request_id, stream=False)
-        self._submit(("add", request_id, ids, params))
+        self._submit(("add", request_id, ids, params, resume))
         try:
             return await req.future
         finally:
@@ -86,14 +101,18 @@ class AsyncLLMEngine:
             self._unregister(request_id)
 
     async def decode(
-        self, request_id: str, payload: KVPayload, params: SamplingParams
+        self,
+        request_id: str,
+        payload: KVPayload,
+        params: SamplingParams,
+        resume: Resume | None = None,
     ) -> AsyncIterator[TokenDelta]:
         """Decode role: import the payload and stream the tokens after its first token."""
         self._need_role("decode", ("decode", "unified"))
         check_payload(payload, self.engine.layout)
         self.engine.validate(payload.prompt_token_ids, params, request_id)
         req = self._register(request_id, stream=True)
-        self._submit(("import", request_id, payload, params))
+        self._submit(("import", request_id, payload, params, resume))
         async with aclosing(self._stream(request_id, req)) as deltas:
             async for delta in deltas:
                 yield delta
@@ -204,9 +223,9 @@ class AsyncLLMEngine:
         kind, rid = cmd[0], cmd[1]
         try:
             if kind == "add":
-                self.engine.add_request(rid, cmd[2], cmd[3])
+                self.engine.add_request(rid, cmd[2], cmd[3], cmd[4])
             elif kind == "import":
-                self.engine.import_payload(cmd[2], cmd[3], rid)
+                self.engine.import_payload(cmd[2], cmd[3], rid, cmd[4])
             elif kind == "abort":
                 if self.engine.abort(rid):
                     self._deliver(StepOutput(rid, [], "", "abort"))
@@ -238,7 +257,9 @@ class AsyncLLMEngine:
                 else:  # aborted before its first token
                     item, setter = None, _cancel
             else:
-                item = TokenDelta(out.token_ids, out.text, out.finish_reason, out.logprobs)
+                item = TokenDelta(
+                    out.token_ids, out.text, out.finish_reason, out.logprobs, out.prompt_logprobs
+                )
                 setter = _put
             by_loop.setdefault(req.loop, []).append((setter, req, item, out.request_id))
         for loop, calls in by_loop.items():
@@ -267,6 +288,7 @@ def merge_deltas(deltas: list[TokenDelta]) -> TokenDelta:
         "".join(d.text for d in deltas),
         deltas[-1].finish_reason,
         lps if any(d.logprobs is not None for d in deltas) else None,
+        next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
     )
 
 

@@ -37,6 +37,7 @@ from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutpu
 from serving.engine.params import SamplingParams
 from serving.engine.payload import KVPayload, check_payload, export_rows
 from serving.engine.prefix_cache import model_fingerprint, root_hash
+from serving.engine.resume import Resume, resume_sequence
 from serving.engine.sampler import Sampler, logprobs_of
 from serving.engine.scheduler import ScheduledBatch, Scheduler
 from serving.engine.sequence import Sequence, SequenceStatus
@@ -192,21 +193,40 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str | None, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams,
+        resume: Resume | None = None,
     ) -> str:
         """Unified and prefill roles; a decode engine takes a prompt too and prefills it itself
-        (selective disaggregation: short uncached parts skip the prefill pool)."""
-        return self._enqueue(self._new_seq(request_id, self.tokenize(prompt), params))
+        (selective disaggregation: short uncached parts skip the prefill pool).
+        `resume`: continue a request another engine was generating (resume.py)."""
+        seq = self._new_seq(request_id, self.tokenize(prompt), params)
+        if resume is not None:
+            resume.check(seq.num_prompt_tokens, params, self.max_len)
+            self._resume(seq, resume)
+        return self._enqueue(seq)
 
     def import_payload(
-        self, payload: KVPayload, params: SamplingParams, request_id: str | None = None
+        self,
+        payload: KVPayload,
+        params: SamplingParams,
+        request_id: str | None = None,
+        resume: Resume | None = None,
     ) -> str:
         """Decode role: continue a request prefilled elsewhere. Pages are allocated and filled
-        when the scheduler admits it; the first token (in the payload) is not re-emitted."""
-        return self._admit_payload(self._payload_seq(payload, params, request_id))
+        when the scheduler admits it; the first token (in the payload) is not re-emitted.
+        `resume`: the payload was re-prefilled after a replica died (resume.py); its cached
+        tokens end with resume.token_ids."""
+        return self._admit_payload(self._payload_seq(payload, params, request_id, resume))
 
     def _payload_seq(
-        self, payload: KVPayload, params: SamplingParams, request_id: str | None
+        self,
+        payload: KVPayload,
+        params: SamplingParams,
+        request_id: str | None,
+        resume: Resume | None = None,
     ) -> Sequence:
         if self.role == "prefill":
             raise ValueError("role: a prefill engine does not import payloads")
@@ -216,8 +236,17 @@ class LLMEngine:
                 f"payload has {payload.num_tokens} prompt tokens; this engine holds "
                 f"at most {self.max_len - 1} plus the first token"
             )
-        seq = self._new_seq(request_id, payload.prompt_token_ids, params)
+        prompt = payload.prompt_token_ids
+        if resume is not None:
+            n = len(resume.token_ids)
+            if len(prompt) <= n or tuple(prompt[-n:]) != resume.token_ids:
+                raise ValueError("resume.token_ids are not the tail of the payload's tokens")
+            prompt = prompt[:-n]
+        seq = self._new_seq(request_id, prompt, params)
+        if resume is not None:
+            self._resume(seq, resume)
         seq.payload = payload
+        seq.prompt_logprobs = None  # the prefill side computed (and returned) them
         if (
             payload.rng_state is not None
             and seq.generator is not None
@@ -225,10 +254,14 @@ class LLMEngine:
         ):
             seq.generator.set_state(payload.rng_state)
         self._append_token(seq, payload.first_token, None)
-        self.sampler.replay(seq.sampling, payload.first_token)  # grammar and penalty state
-        seq.num_streamed = 1
+        self.sampler.replay(seq.sampling, [payload.first_token])  # grammar and penalty state
+        seq.num_streamed += 1  # after the resumed tokens, if any
         seq.detok.delta(final=False)  # the prefill side already streamed the first token's text
         return seq
+
+    def _resume(self, seq: Sequence, resume: Resume) -> None:
+        resume_sequence(seq, resume)
+        self.sampler.replay(seq.sampling, list(resume.token_ids))  # grammar and penalty state
 
     def _admit_payload(self, seq: Sequence) -> str:
         if seq.finish_reason is None:
@@ -312,7 +345,7 @@ class LLMEngine:
         if not batch:
             return outputs
         try:
-            logits, sampling = self.runner.run(batch)
+            logits, sampling, prompt = self.runner.run(batch)
         except Exception as e:
             log.exception("forward failed; failing the %d requests of its batch", len(batch.seqs))
             return outputs + [self._fail(seq, e) for seq in batch.seqs]
@@ -325,7 +358,11 @@ class LLMEngine:
         self.indexer_skipped_total += batch.num_tokens * self._n_shared
         if logits is None:
             return outputs
+        if prompt:  # opt-in prompt logprobs (rows after the sampling rows)
+            logits, sampling = self._prompt_logprobs(logits, sampling, batch.seqs, prompt, outputs)
         seqs = [batch.seqs[i] for i in sampling]
+        if not seqs:
+            return outputs
         tokens, lps, errors = self._sample(logits, seqs)
         ok = [i for i in range(len(seqs)) if i not in errors]
         advanced = self.sampler.advance([seqs[i] for i in ok], [tokens[i] for i in ok])
@@ -351,6 +388,26 @@ class LLMEngine:
                 log.exception("post-processing %s failed", seq.request_id)
                 outputs.append(self._fail(seq, e))
         return outputs
+
+    def _prompt_logprobs(self, logits, sampling: list[int], seqs: list[Sequence], prompt, outputs):
+        """Record the prompt rows' logprobs on their sequences (one host sync for the step); if
+        that fails, only those requests fail. -> (logits, sampling) of the requests still in."""
+        rows, targets, ks = logits[len(sampling) :], [], []
+        for b, first, n in prompt:
+            targets += seqs[b].token_ids[first + 1 : first + 1 + n]
+            ks += [seqs[b].params.prompt_logprobs] * n
+        try:
+            got = logprobs_of(rows, torch.tensor(targets, device=rows.device), ks)
+        except Exception as e:
+            log.exception("prompt logprobs failed for %d requests", len(prompt))
+            outputs.extend(self._fail(seqs[b], e) for b, _, _ in prompt)
+            keep = [j for j, i in enumerate(sampling) if not seqs[i].is_finished]
+            return logits[keep], [sampling[j] for j in keep]
+        at = 0
+        for b, _, n in prompt:
+            seqs[b].prompt_logprobs.extend(got[at : at + n])
+            at += n
+        return logits[: len(sampling)], sampling
 
     def _sample(self, logits, seqs: list[Sequence]):
         """-> (token per row, logprobs per row, {row: error}). The batched sampler runs first; if
@@ -444,17 +501,20 @@ class LLMEngine:
             lps = seq.logprobs[seq.num_logprobs_streamed :]
             seq.num_logprobs_streamed = len(seq.logprobs)
         final = seq.finish_reason is not None  # until then the stop-string holdback stays back
-        return StepOutput(seq.request_id, new, seq.detok.delta(final), seq.finish_reason, lps)
+        out = StepOutput(seq.request_id, new, seq.detok.delta(final), seq.finish_reason, lps)
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            out.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        return out
 
     def _export(self, seq: Sequence) -> StepOutput:
         """Prefill role: the prompt's KV leaves as a payload; the pages are freed right after."""
         self.scheduler.running.remove(seq)
         seq.status = SequenceStatus.EXPORTING
-        payload = export_rows(
+        payload = export_rows(  # every cached token: the prompt, and resumed tokens if any
             self.cache,
             seq.pages,
-            seq.num_prompt_tokens,
-            seq.prompt_token_ids,
+            seq.num_tokens - 1,
+            seq.token_ids[:-1],
             seq.token_ids[-1],
             seq.generator,
         )
@@ -470,6 +530,7 @@ class LLMEngine:
             seq.finish_reason,
             out.text,
             out.logprobs,
+            out.prompt_logprobs,
         )
         return out
 
@@ -553,4 +614,5 @@ class LLMEngine:
             seq.detok.text,
             seq.finish_reason,
             seq.logprobs,
+            seq.prompt_logprobs,
         )

@@ -6,7 +6,10 @@ tile plan), and step_state moves them in one pinned copy; no per-sequence device
 decode-only batch that fits a captured bucket replays its CUDA graph; anything else runs eagerly.
 
 Only a sequence whose pending tokens all ran in this step samples; a prefill chunk that stops
-short of the prompt's end produces KV only, so its logits are never computed.
+short of the prompt's end produces KV only, so its logits are never computed. The exception is
+opt-in: a request asking for prompt logprobs gets logits for its prompt rows too (after the
+sampling rows, in the same lm_head call). Such a chunk always runs eagerly; a CUDA graph replays
+only batches in which every row is its sequence's one pending token.
 
 Tensor parallelism (model.par.size > 1): the runner of rank 0, the driver, walks the batch and
 broadcasts the step's flat lists to the other ranks' runners (`serve`), which build the same
@@ -123,15 +126,22 @@ class ModelRunner:
 
     # -- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
-        """Forward the batch (writing its KV); -> (logits [S, V] of the sampling rows, their
-        indices into batch.seqs). Logits are None when no sequence samples this step."""
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int], list[tuple]]:
+        """Forward the batch (writing its KV); -> (logits, sampling, prompt). `logits` [S + P, V]:
+        first the S sampling rows, whose indices into batch.seqs are `sampling`, then P prompt
+        rows; `prompt` lists (index into batch.seqs, first position, rows) in that order, the
+        row at position p predicting prompt token p + 1. Logits are None when no row needs them."""
         self._glue()
         seqs, num_new = batch.seqs, batch.num_new
         rows, upd_idx, upd_pages = self.tables.rows_and_updates(seqs)
         decode = all(n == 1 for n in num_new)
-        if decode and self.graphs is not None and len(seqs) <= self.graphs.max_batch:
-            return self._replay(seqs, rows, upd_idx, upd_pages), list(range(len(seqs)))
+        if (
+            decode
+            and self.graphs is not None
+            and len(seqs) <= self.graphs.max_batch
+            and all(s.num_cached + 1 == s.num_tokens for s in seqs)  # no 1-token prompt chunk
+        ):
+            return self._replay(seqs, rows, upd_idx, upd_pages), list(range(len(seqs))), []
         return self._eager(seqs, num_new, rows, upd_idx, upd_pages, decode)
 
     def _replay(self, seqs, rows, upd_idx, upd_pages) -> torch.Tensor:
@@ -157,6 +167,7 @@ class ModelRunner:
     def _eager(self, seqs, num_new, rows, upd_idx, upd_pages, decode: bool):
         ps = self.page_size
         ids, pos, slots, cu, lens, logit_rows, sampling = [], [], [], [0], [], [], []
+        prompt, prompt_rows = [], []  # opt-in prompt logprobs: (b, first position, rows), rows
         width = 0
         for b, (seq, n) in enumerate(zip(seqs, num_new, strict=True)):
             c, end = seq.num_cached, seq.num_cached + n
@@ -173,6 +184,12 @@ class ModelRunner:
             if end == seq.num_tokens:
                 sampling.append(b)
                 logit_rows.append(cu[-1] - 1)  # the sequence's last row predicts its next token
+            if seq.prompt_logits_pending:
+                # positions not yet recorded whose next token is a prompt token
+                lo, hi = max(c, len(seq.prompt_logprobs) - 1), min(end, seq.num_prompt_tokens - 1)
+                if lo < hi:
+                    prompt.append((b, lo, hi - lo))
+                    prompt_rows.extend(range(cu[-2] + lo - c, cu[-2] + hi - c))
         segs = {
             "ids": ids,
             "pos": pos,
@@ -180,7 +197,7 @@ class ModelRunner:
             "cu": cu,
             "lens": lens,
             "rows": rows,
-            "logits": logit_rows,
+            "logits": logit_rows + prompt_rows,
             "upd_idx": upd_idx,
             "upd_pages": upd_pages,
         }
@@ -188,10 +205,10 @@ class ModelRunner:
         if self._plans_tiles and not decode:
             tiles, groups = plan_prefill(cu, lens, self._tile_cfg)
             segs["tiles"] = [x for t in tiles for x in t]
-        all_rows = len(sampling) == len(ids)
+        all_rows = len(sampling) == len(ids) and not prompt
         self._send("eager", segs, width, decode, groups, all_rows)
         logits = self._eager_forward(segs, width, decode, groups, all_rows)
-        return (logits if sampling else None), sampling
+        return (logits if sampling or prompt else None), sampling, prompt
 
     def _eager_forward(
         self, segs: dict, width: int, decode: bool, groups, all_rows: bool

@@ -32,6 +32,7 @@ class Output:
     text: str
     finish_reason: FinishReason | None
     logprobs: list[Logprob] | None = None
+    prompt_logprobs: list[Logprob | None] | None = None  # entry 0 is None
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class TokenDelta:
     text: str
     finish_reason: FinishReason | None = None
     logprobs: list[Logprob] | None = None
+    prompt_logprobs: list[Logprob | None] | None = None  # with the request's first delta only
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class PrefillResult:
     finish_reason: FinishReason | None = None  # set when the first token already ends the request
     text: str = ""  # the first token's streamable text (held back while it may start a stop string)
     logprobs: list[Logprob] | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 @dataclass
@@ -67,6 +70,7 @@ class StepOutput:
     logprobs: list[Logprob] | None = None
     prefill: PrefillResult | None = None
     error: BaseException | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
 
     @property
     def finished(self) -> bool:

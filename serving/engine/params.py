@@ -10,6 +10,9 @@ from dataclasses import dataclass
 GREEDY_TEMPERATURE = 1e-5
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGIT_BIAS = 100.0
+# A repetition penalty divides positive logits of seen tokens by it: a 100x boost is already a
+# forced repeat, and below ~1e-37 the fp32 logits overflow to inf (the draw then degenerates).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # matched on the detokenized text, trimmed from the output
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k >= 0: sampled token's logprob + k alternatives
+    # None = off; k >= 0: each prompt token's logprob + k alternatives, with the first output
+    # (the completions API's echo). Costs logits for every prompt row and skips the prefix cache.
+    prompt_logprobs: int | None = None
     # OpenAI penalties over the generated tokens: logit -= frequency * count + presence * (count>0)
     presence_penalty: float = 0.0  # [-2, 2]
     frequency_penalty: float = 0.0  # [-2, 2]
@@ -67,15 +73,18 @@ class SamplingParams:
             )
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {v!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_real(v) or not -2 <= v <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
-        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+        lo, hi = MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY
+        if not _is_real(self.repetition_penalty) or not lo <= self.repetition_penalty <= hi:
             raise ValueError(
-                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}"
+                f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty!r}"
             )
         if not isinstance(self.logit_bias, tuple) or not all(
             isinstance(e, tuple)

@@ -127,16 +127,19 @@ class Sampler:
             st.mask = (self._worker().submit([st.matcher]), 0)  # overlaps the prefill
         return st
 
-    def replay(self, st: RequestSampling | None, token: int) -> None:
-        """Decode role: the prefill side sampled `token`; bring the state to where it would be."""
-        if st is None:
+    def replay(self, st: RequestSampling | None, tokens: list[int]) -> None:
+        """Tokens sampled elsewhere (the prefill side's first token, a resumed request's tokens):
+        bring the state to where it would be had this sampler drawn them."""
+        if st is None or not tokens:
             return
         if st.counts is not None:
-            st.counts[token] += 1
+            for token in tokens:
+                st.counts[token] += 1
         if st.matcher is not None:
             _settle(st)  # the matcher is not shared with a running mask job
-            if not st.matcher.consume_token(token):
-                raise ValueError(f"grammar: the first token is refused: {st.matcher.get_error()}")
+            for token in tokens:
+                if not st.matcher.consume_token(token):
+                    raise ValueError(f"grammar: token {token} is refused: {st.matcher.get_error()}")
             st.mask = (self._worker().submit([st.matcher]), 0)
 
     def _worker(self) -> MaskWorker:

@@ -28,6 +28,10 @@ the prefix cache, so readmission recomputes only what was evicted meanwhile) and
 the front of the queue with its generated tokens kept. The sequence with the most progress is
 never the victim while another candidate remains, so it always advances and the loop cannot
 livelock.
+
+A request that asks for prompt logprobs needs logits for every prompt row it computes: it skips
+the prefix cache (cached rows would have none) and its chunks are capped at `max_num_seqs`
+tokens, so a long prompt's [rows, vocab] logits come a slice of the sampling rows' size at a time.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_pending, budget)
+            n = self._cap(seq, min(seq.num_pending, budget))
             if n > 1:  # a prompt chunk (or a recompute), not a decode row
                 if prefill_left <= 0:
                     capped.append((-1, seq))
@@ -142,7 +146,7 @@ class Scheduler:
             if budget <= 0:
                 break
             have = batch.num_new[row] if row >= 0 else 0
-            extra = min(seq.num_pending - have, budget)
+            extra = min(self._cap(seq, seq.num_pending) - have, budget)
             if extra <= 0 or not self.bm.can_allocate(seq, seq.num_cached + have + extra):
                 continue
             self.bm.allocate(seq, seq.num_cached + have + extra)
@@ -186,6 +190,8 @@ class Scheduler:
         else:  # the whole (re)computation is reserved; chunks then run inside it
             total = seq.num_tokens
             max_hit = (total - 1) // self.bm.page_size  # at least one token left to compute
+            if seq.prompt_logits_pending:
+                max_hit = 0
         if not self.bm.admit(seq, total, max_hit, reserve):
             return None
         if seq.payload is not None:
@@ -194,7 +200,10 @@ class Scheduler:
         if not seq.completion_token_ids:  # a first admission, not a recompute
             self.prefix.queries += seq.num_prompt_tokens
             self.prefix.hits += seq.num_cached
-        return min(seq.num_pending, budget)
+        return self._cap(seq, min(seq.num_pending, budget))
+
+    def _cap(self, seq: Sequence, n: int) -> int:
+        return min(n, self.max_num_seqs) if seq.prompt_logits_pending else n
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -59,6 +59,10 @@ class Sequence:
         self.detok = detokenizer
         self.generator = generator
         self.logprobs: list[Logprob] | None = [] if params.logprobs is not None else None
+        # Entry i: prompt token i's logprob (None for the first token, which nothing predicts).
+        want = params.prompt_logprobs is not None
+        self.prompt_logprobs: list[Logprob | None] | None = [None] if want else None
+        self.prompt_logprobs_sent = False
         self.finish_reason: FinishReason | None = None
         self.payload: KVPayload | None = None  # decode role: imported on admission, then dropped
         self.num_streamed = 0  # generated tokens already reported (stream deltas)
@@ -81,6 +85,12 @@ class Sequence:
     def num_pending(self) -> int:
         """Tokens still needing a forward before the next sample."""
         return len(self.token_ids) - self.num_cached
+
+    @property
+    def prompt_logits_pending(self) -> bool:
+        """Prompt logprobs asked for and not all computed: its prompt rows need logits."""
+        pl = self.prompt_logprobs
+        return pl is not None and len(pl) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

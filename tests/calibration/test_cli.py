@@ -127,8 +127,8 @@ def test_publish_without_registry_fails_before_searching(
 def test_publish_calls_the_registry(model_dir, text_file, tmp_path, monkeypatch):
     calls = []
 
-    def publish(model, plan, provenance, *, address=None):
-        calls.append((model, plan, provenance, address))
+    def publish(model, plan, provenance, *, address=None, num_layers=None):
+        calls.append((model, plan, provenance, address, num_layers))
         return 7
 
     fake = types.ModuleType("serving.plan_registry")
@@ -149,8 +149,9 @@ def test_publish_calls_the_registry(model_dir, text_file, tmp_path, monkeypatch)
         )
         == 0
     )
-    [(name, plan, prov, address)] = calls
+    [(name, plan, prov, address, num_layers)] = calls
     assert name == "tiny-llama" and address == "ray://head:10001"
+    assert num_layers == 4  # the checkpoint's layer count: the registry checks the plan with it
     assert plan == read_plan(out / "plan.json", 4) and prov["source"] == "calibration"
     assert (
         prov["calibration_data_hash"]

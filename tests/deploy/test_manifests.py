@@ -18,6 +18,7 @@ EXPECTED_KINDS = {
     "PrometheusRule",
     "ConfigMap",
 }
+PROD_ONLY = {"StatefulSet", "Service"}  # the Redis of GCS fault tolerance
 
 
 def test_kustomize_is_the_pinned_kubectl():
@@ -27,7 +28,7 @@ def test_kustomize_is_the_pinned_kubectl():
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_document_validates(rendered, target):
     docs = rendered[target]
-    assert {d["kind"] for d in docs} == EXPECTED_KINDS
+    assert {d["kind"] for d in docs} == EXPECTED_KINDS | (PROD_ONLY if target == "prod" else set())
     errors = [e for d in docs for e in k8s.validate(d)]
     assert errors == []
 
@@ -147,13 +148,13 @@ def test_strict_schema_rules():
     assert "additionalProperties" not in schema  # the input is not modified
 
 
-def test_rayjob_skeleton_grafts_the_shared_raycluster_types():
+def test_rayjob_skeleton_grafts_the_vendored_raycluster_types():
     skeleton = yaml.safe_load(k8s.RAYJOB_SKELETON.read_text())
     spec = skeleton["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["properties"]["rayClusterSpec"] == "GRAFT_RAYCLUSTER_SPEC"
     assert spec["properties"]["submitterPodTemplate"] == "GRAFT_POD_TEMPLATE"
     crd = k8s.rayjob_crd()
-    cluster = yaml.safe_load((k8s.SHARED_SCHEMAS / "ray.io_rayclusters.yaml").read_text())
+    cluster = yaml.safe_load((k8s.VENDORED_SCHEMAS / "ray.io_rayclusters.yaml").read_text())
     cluster_v1 = cluster["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     job_spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert job_spec["properties"]["rayClusterSpec"] == cluster_v1["properties"]["spec"]
@@ -161,9 +162,9 @@ def test_rayjob_skeleton_grafts_the_shared_raycluster_types():
     assert job_spec["required"] == ["entrypoint"]
 
 
-def test_missing_shared_schemas_fail_loudly(tmp_path, monkeypatch):
-    monkeypatch.setattr(k8s, "SHARED_SCHEMAS", tmp_path)
-    with pytest.raises(FileNotFoundError, match="shared/k8s-schemas"):
+def test_missing_schemas_fail_loudly(tmp_path, monkeypatch):
+    monkeypatch.setattr(k8s, "VENDORED_SCHEMAS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="PROVENANCE"):
         k8s.rayjob_crd()
 
 
@@ -225,3 +226,30 @@ def test_prod_splits_prefill_and_decode_pools(rendered):
             "workerGroupSpecs"
         ]
     ] == ["gpu"]
+
+
+def test_prod_keeps_gcs_state_in_redis(rendered):
+    """A head restart must not lose Serve's state or the plan registry (its records are GCS
+    key-value entries): prod points GCS fault tolerance at a persistent, password-protected
+    Redis of its own, the password from a Secret, never inline."""
+    docs = rendered["prod"]
+    ft = one(docs, "RayService", "indexcache")["spec"]["rayClusterConfig"]
+    ft = ft["gcsFaultToleranceOptions"]
+    host, port = ft["redisAddress"].split(":")
+    svc = one(docs, "Service", host)
+    assert [p["port"] for p in svc["spec"]["ports"]] == [int(port)]
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert "value" not in ft["redisPassword"]
+    redis = one(docs, "StatefulSet", host)
+    pod = redis["spec"]["template"]
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (c,) = pod["spec"]["containers"]
+    assert c["env"][0]["valueFrom"]["secretKeyRef"] == secret
+    assert "--appendonly" in c["args"] and c["resources"]["requests"] == c["resources"]["limits"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert mounts[claim["metadata"]["name"]] == "/data"
+    for target in ("base", "dev"):  # one GPU, no HA: documented as such
+        rs = one(rendered[target], "RayService", "indexcache")["spec"]["rayClusterConfig"]
+        assert "gcsFaultToleranceOptions" not in rs

@@ -45,8 +45,11 @@ def app_series() -> set[str]:
             "kv_capacity_tokens": 1024,
             "f_layer_ratio": 0.25,
             "plan_version": 1,
+            "plan_error": 0,
         }
     )
+    rec.count_failover(migrated=False)
+    rec.count_failover(migrated=True)
     text = metrics.render([metrics.snapshot()]).decode()
     families = list(text_string_to_metric_families(text))
     exposed = {f.name + ("_total" if f.type == "counter" else "") for f in families}

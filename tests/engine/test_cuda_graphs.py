@@ -74,3 +74,40 @@ def test_memory_stays_within_utilization(model_dir):
     eng.generate([[5] * 100], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     free, total = torch.cuda.mem_get_info()
     assert total - free <= util * total + (256 << 20)
+
+
+def test_one_token_prompt_chunks_run_eagerly(model_dir, prompts):
+    """A budget of 3 tokens a step with two requests decoding leaves 1-token chunks to a third
+    prompt, so a batch has one new token in every row while one row is mid-prompt. That row must
+    not sample (nor be replayed by a graph, which samples every row): tokens equal eager ones."""
+    kw = dict(device="cuda", num_blocks=32, max_num_seqs=8, max_num_batched_tokens=3)
+    eager = LLMEngine.from_pretrained(model_dir(), enforce_eager=True, **kw)
+    graphs = LLMEngine.from_pretrained(model_dir(), cuda_graph_max_batch=8, **kw)
+    mixed = []
+    run_batch = graphs.runner.run
+
+    def spy(batch):
+        if all(n == 1 for n in batch.num_new):
+            mixed.append(any(s.num_cached + 1 < s.num_tokens for s in batch.seqs))
+        return run_batch(batch)
+
+    graphs.runner.run = spy
+    plan = [("a", prompts[0][:3], 30, 0), ("b", prompts[1][:3], 30, 0), ("c", prompts[2], 4, 4)]
+    got = [one_token_chunks(e, plan) for e in (graphs, eager)]
+    assert got[0] == got[1]
+    assert any(mixed) and graphs.runner.graphs.replays > 0
+
+
+def one_token_chunks(engine: LLMEngine, plan) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for step in range(400):
+        for rid, p, n, at in plan:
+            if at == step:
+                sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                engine.add_request(rid, p, sp)
+        if step > 4 and not engine.has_unfinished():
+            break
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+    assert all(len(out[rid]) == n for rid, _, n, _ in plan), out
+    return out

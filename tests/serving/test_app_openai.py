@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import openai
 import pytest
 
@@ -137,3 +140,66 @@ def test_seeded_sampling_is_reproducible(app):
     a = client(app).completions.create(**kw)
     b = client(app).completions.create(**kw)
     assert a.choices[0].text == b.choices[0].text
+
+
+def test_echo_with_logprobs_returns_the_prompts_logprobs(app, tiny_model, offline_engine):
+    """Completions `echo` + `logprobs`: the prompt's tokens lead the logprobs (the first one
+    null), equal to a full recomputation of the prompt's log-softmax with the plain model;
+    max_tokens 0 scores the prompt alone; streamed, they come with the echo."""
+    import torch
+
+    from model import load_model
+
+    prompt = PROMPTS[1]  # 16 byte tokens: within index_topk, so attention is dense
+    ids = offline_engine.tokenizer.encode(prompt)
+    model = load_model(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        lp = model(torch.tensor(ids)).float().log_softmax(-1)
+    want = [None] + [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+    top = [None] + [lp[i - 1].topk(2).values.tolist() for i in range(1, len(ids))]
+
+    def check_prompt_part(lps, n_gen):
+        assert len(lps.tokens) == len(ids) + n_gen
+        assert "".join(lps.tokens[: len(ids)]) == prompt
+        assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+        assert lps.token_logprobs[1 : len(ids)] == pytest.approx(want[1:], abs=1e-3)
+        for i in range(1, len(ids)):
+            assert sorted(lps.top_logprobs[i].values(), reverse=True) == pytest.approx(
+                top[i], abs=1e-3
+            )
+        assert lps.text_offset[: len(ids)] == list(range(len(ids)))  # one character each
+
+    c = client(app)
+    r = c.completions.create(
+        model=app.model, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2
+    )
+    ch = r.choices[0]
+    assert ch.text.startswith(prompt) and r.usage.completion_tokens == 2
+    check_prompt_part(ch.logprobs, 2)
+    assert ch.logprobs.text_offset[len(ids)] == len(prompt)
+    r0 = c.completions.create(
+        model=app.model, prompt=prompt, max_tokens=0, temperature=0, echo=True, logprobs=2
+    )
+    assert r0.choices[0].text == prompt and r0.usage.completion_tokens == 0
+    check_prompt_part(r0.choices[0].logprobs, 0)
+    # Streamed: the first chunk carries the echo and the prompt's logprobs.
+    with httpx.stream(
+        "POST",
+        app.v1 + "/completions",
+        json={
+            "model": app.model,
+            "prompt": prompt,
+            "max_tokens": 2,
+            "temperature": 0,
+            "echo": True,
+            "logprobs": 2,
+            "stream": True,
+        },
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    ) as s:
+        events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+    first = events[0]["choices"][0]
+    assert first["text"].startswith(prompt)
+    assert first["logprobs"]["token_logprobs"][0] is None
+    assert first["logprobs"]["token_logprobs"][1 : len(ids)] == pytest.approx(want[1:], abs=1e-3)

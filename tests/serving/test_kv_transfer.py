@@ -141,3 +141,19 @@ def test_released_handle_is_refused(cfg):
 
         asyncio.run(make_transport(cfg.backend, cfg.tensor_transport).get(handle, 1))
     ray.kill(prod)
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (ray.exceptions.ReferenceCountingAssertionError("ab" * 14, None, ""), "kv_released"),
+        (ray.exceptions.ObjectFreedError("ab" * 14, None, ""), "kv_released"),
+        (ray.exceptions.OwnerDiedError("ab" * 14, None, ""), "kv_transfer_failed"),
+    ],
+)
+def test_a_freed_payload_is_told_apart_from_a_lost_one(error, code):
+    """Freed: its holders gave it up (the request is gone, decode ends quietly). Lost: its owner
+    died (the request is retried on another prefill replica)."""
+    from serving.kv_transfer import _failed
+
+    assert _failed(error, "KV transfer").code == code

@@ -60,7 +60,7 @@ def plan_chat(tok, lltok, body: bytes, limits: Limits = LIMITS):
         (chat(temperature=3), "temperature", "invalid_value"),
         (chat(top_k=0), "top_k", "unsupported_parameter"),
         (chat(top_k=2**63), "top_k", "invalid_value"),
-        (chat(seed=2**63), "seed", "invalid_value"),
+        (chat(seed=9223372036854776001), "seed", "invalid_value"),  # past the spec's bound
         (chat(n=129), "n", "invalid_value"),
         (chat(stop=["a", "b", "c", "d", "e"]), "stop", "unsupported_parameter"),
         (chat(bogus=True), "bogus", "unknown_parameter"),
@@ -169,6 +169,11 @@ def test_choices_n_prompts_and_seeds(tok, lltok):
     assert [c.params["seed"] for c in p.choices] == [7, 8, 7, 8]
     assert [c.echo for c in p.choices] == ["ab", "ab", "cd", "cd"]
     assert p.num_prompt_tokens == 4  # each prompt once
+    # the spec's published bound (int64's limit through a float) is served, wrapped into int64
+    top = 9223372036854776000
+    for seed, want in [(top, [top - 2**64, top + 1 - 2**64]), (2**63 - 1, [2**63 - 1, -(2**63)])]:
+        req = parse(completion(n=2, seed=seed), CompletionRequest, LIMITS)
+        assert [c.params["seed"] for c in plan(req, tok, LIMITS, None).choices] == want
     with pytest.raises(BadRequest) as e:
         plan_chat(tok, lltok, chat(n=17))
     assert (e.value.param, e.value.code) == ("n", "unsupported_parameter")
@@ -251,3 +256,36 @@ def test_logprobs_bytes_of_partial_characters_and_hidden_specials(tok, lltok):
     assert first["token"] == "bytes:\\xc3" and first["top_logprobs"][0]["bytes"] == [0xC3]
     c = ResponseBuilder(False, "tiny", tok, lltok).logprobs(0, [Logprob(ids[0], -1.0)] * 2, "ab")
     assert c["text_offset"][0] == 2  # after the echoed prompt
+
+
+def test_echo_with_logprobs_asks_for_prompt_logprobs(tok, lltok):
+    def plan_completion(**kw):
+        return plan(parse(completion(**kw), CompletionRequest, LIMITS), tok, LIMITS, None, lltok)
+
+    p = plan_completion(echo=True, logprobs=2, max_tokens=3)
+    assert p.choices[0].params["prompt_logprobs"] == 2 and not p.no_engine and not p.prompt_only
+    assert "prompt_logprobs" not in plan_completion(logprobs=2).choices[0].params
+    assert "prompt_logprobs" not in plan_completion(echo=True).choices[0].params
+    zero = plan_completion(echo=True, logprobs=0, max_tokens=0)
+    assert zero.prompt_only and not zero.no_engine  # one engine token scores the prompt
+    assert zero.choices[0].params["max_tokens"] == 1
+    assert plan_completion(echo=True, max_tokens=0).no_engine
+    SamplingParams(**p.choices[0].params)
+
+
+def test_echoed_prompt_logprobs_lead_the_completion_logprobs(tok):
+    ids = tok.encode("ab")
+    bos = 0
+    prompt = [
+        (bos, None),
+        (ids[0], Logprob(ids[0], -2.0, ((7, -1.0),))),
+        (ids[1], Logprob(ids[1], -3.0)),
+    ]
+    b = ResponseBuilder(False, "tiny", tok, hidden_ids=frozenset({bos}))
+    lp = b.logprobs(0, [Logprob(9, -0.5)], "ab", prompt)
+    assert lp["tokens"][:2] == ["a", "b"]  # the hidden BOS is left out, as in the text
+    assert lp["token_logprobs"] == [-2.0, -3.0, -0.5]
+    assert lp["top_logprobs"][0] == {b.token_text(7)[0]: -1.0}
+    assert lp["text_offset"] == [0, 1, 2]
+    first = b.logprobs(1, [], "a", [(ids[0], None)])
+    assert first["token_logprobs"] == [None] and first["top_logprobs"] == [None]

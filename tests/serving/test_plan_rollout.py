@@ -106,19 +106,30 @@ def test_pinning_a_plan_through_user_config_reconfigures_in_place(apps):
     assert _replicas(app) == replicas and _run_ratio(app) == pytest.approx(1.0)
 
 
-def test_a_plan_that_does_not_fit_keeps_serving_the_old_one(apps):
+def test_a_plan_that_does_not_fit_is_refused_and_a_stored_one_is_not_applied(apps):
     app = apps["unified"]
-    before = _plan_versions(app)
-    bad = plan_registry.publish(app.model, "FSF", {"source": "pattern"})  # 3 layers, model has 4
+    before, latest = _plan_versions(app), plan_registry.latest(app.model)
+    with pytest.raises(ValueError, match="3 letters, but model .* has 4 layers"):
+        plan_registry.publish(app.model, "FSF", {"source": "pattern"})
+    assert plan_registry.latest(app.model) == latest  # refused before anything changed
+    # A record that never went through publish's checks (written by an older registry, or
+    # straight into the store): the replica keeps serving its plan and says why.
+    bad = plan_registry.PlanRecord(
+        app.model, latest.version + 1, "FSF", "0badbadbad00", plan_registry.Provenance("pattern")
+    )
+    assert plan_registry._store(bad)
 
     def reported():
         engines = httpx.get(app.base_url + "/health", timeout=30).json()["engines"]
-        return all(e["plan_error"] and "length" in e["plan_error"] for e in engines)
+        flagged = metric_sum(scrape(app.metrics_url), "indexcache_plan_error", role="unified")
+        errors = [e["plan_error"] or "" for e in engines]
+        return flagged == 1 and all("length" in e for e in errors)
 
     try:
-        wait_for(reported, 30, "the replica to report the unusable plan on /health")
-        assert _plan_versions(app) == before and bad not in _plan_versions(app)
+        wait_for(reported, 30, "the replica to report the unusable plan on /health and /metrics")
+        assert _plan_versions(app) == before and bad.version not in _plan_versions(app)
         assert _run_ratio(app, 1) == pytest.approx(1.0)  # still serving, on the old plan
     finally:
         back = plan_registry.publish(app.model, "FFFF", {"source": "pattern"})
         wait_for(lambda: _plan_versions(app) == {back}, 30, "replica on a valid plan again")
+    assert metric_sum(scrape(app.metrics_url), "indexcache_plan_error") == 0

@@ -106,3 +106,55 @@ def test_choices_interleave_and_each_finishes():
     assert got == {0: ("ac", "length"), 1: ("b", "stop")}
     assert body["usage"]["completion_tokens"] == 3  # summed over choices, prompt counted once
     assert all(c["message"]["refusal"] is None for c in body["choices"])
+
+
+def test_closing_the_merge_closes_every_stream_without_error():
+    """A client that goes away mid-stream: closing the merge while its pumps wait inside their
+    streams ends every stream (its cleanup runs: the engine call is cancelled) and raises
+    nothing (a stream is never closed from outside while its pump runs it)."""
+    closed = []
+
+    async def slow(i):
+        try:
+            yield TokenDelta([i], "x", "stop" if i == 2 else None)  # choice 2 ends at once
+            while True:
+                await asyncio.sleep(0.01)
+                yield TokenDelta([i], "x")
+        finally:
+            closed.append(i)
+
+    async def go():
+        streams = [slow(i) for i in range(3)]
+        firsts = [await anext(s) for s in streams]
+        merged = merge(firsts, streams)
+        seen = [await anext(merged) for _ in range(5)]
+        await merged.aclose()
+        return seen
+
+    assert len(asyncio.run(go())) == 5
+    assert sorted(closed) == [0, 1, 2]
+
+
+def test_prompt_only_streams_the_echo_and_prompt_logprobs_alone():
+    """max_tokens 0 with echo + logprobs: the engines' one token is dropped; the stream is the
+    echoed prompt with its logprobs, then finish_reason length, and no completion tokens."""
+    from serving.engine import Logprob
+    from serving.streaming import prompt_only
+
+    timer = RequestTimer(Recorder("stream-test", "ingress", "s6"), 0.0)
+    builder = ResponseBuilder(False, "stream-test", Tok())
+    choices = [Choice(0, [0, 1], {}, echo="ab")]
+    plp = [None, Logprob(1, -0.25)]
+    first = TokenDelta([7], "h", "length", [Logprob(7, -1.0)], plp)
+
+    async def go():
+        merged = prompt_only(merge([first], [stream([])]))
+        return [e async for e in sse_events(merged, builder, 2, True, timer, choices)]
+
+    out = events(asyncio.run(go()))
+    ch = out[0]["choices"][0]
+    assert ch["text"] == "ab" and ch["finish_reason"] is None
+    assert ch["logprobs"]["tokens"] == ["a", "b"]
+    assert ch["logprobs"]["token_logprobs"] == [None, -0.25]
+    assert out[1]["choices"][0]["finish_reason"] == "length"
+    assert out[2]["usage"]["completion_tokens"] == 0 and out[3] == "[DONE]"
