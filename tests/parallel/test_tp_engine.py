@@ -1,7 +1,9 @@
 """The tensor-parallel engine on CPU: rank 0 drives (scheduler, pages, sampling) and broadcasts
 each step; the other ranks run the same forwards on their shards. Greedy tokens equal the
 single-process engine's, with chunked prefill mixing prefill and decode rows, an S-layer plan
-and expert parallelism; a prefill -> payload -> decode round trip imports into every rank."""
+and expert parallelism, and so do the prompt logprobs one request asks for (its prompt rows join
+the broadcast step's logits rows); a prefill -> payload -> decode round trip imports into every
+rank."""
 
 from __future__ import annotations
 
@@ -14,13 +16,36 @@ from tests.parallel.spawn import run_ranks
 SETTINGS = {"max_num_batched_tokens": 64, "num_blocks": 16}
 
 
+def _params():
+    """Greedy; the second prompt (two chunks, beside the others) asks for prompt logprobs."""
+    from serving.engine import SamplingParams
+
+    return [SamplingParams(**GREEDY, prompt_logprobs=3 if i == 1 else None) for i in range(3)]
+
+
+def _results(outs):
+    return [(o.token_ids, o.prompt_logprobs) for o in outs]
+
+
+def _same_results(got, want) -> None:
+    for (tokens, lps), (want_tokens, want_lps) in zip(got, want, strict=True):
+        assert tokens == want_tokens, f"TP engine tokens {tokens} != single-process {want_tokens}"
+        assert (lps is None) == (want_lps is None)
+        for a, b in zip(lps or [], want_lps or [], strict=True):
+            if b is None:
+                assert a is None
+                continue
+            assert a.token_id == b.token_id and [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4)
+
+
 def _prompts():
     g = torch.Generator().manual_seed(1234)
     return [torch.randint(5, 300, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
 def _drive(par, path, plan, want, result_file):
-    from serving.engine import SamplingParams
     from serving.engine.tp import start_rank
 
     settings = {**SETTINGS, "tensor_parallel_size": par.size, "expert_parallel": True}
@@ -30,9 +55,7 @@ def _drive(par, path, plan, want, result_file):
     if eng is None:
         return  # a follower: served every forward until the driver shut down
     try:
-        outs = eng.generate(_prompts(), SamplingParams(**GREEDY))
-        got = [o.token_ids for o in outs]
-        assert got == want, f"TP engine tokens {got} != single-process {want}"
+        _same_results(_results(eng.generate(_prompts(), _params())), want)
         assert eng.block_manager.num_free == eng.block_manager.num_blocks
     finally:
         eng.shutdown()
@@ -41,11 +64,12 @@ def _drive(par, path, plan, want, result_file):
 @pytest.mark.slow
 @pytest.mark.parametrize("plan", [None, "FSSF"])
 def test_tp2_engine_greedy_equals_single_process(plan, tiny_dir, tmp_path):
-    from serving.engine import LLMEngine, SamplingParams
+    from serving.engine import LLMEngine
 
     path = tiny_dir("glm_moe_dsa", **HEADS)
     single = LLMEngine.from_pretrained(path, plan, **SETTINGS)
-    want = [o.token_ids for o in single.generate(_prompts(), SamplingParams(**GREEDY))]
+    want = _results(single.generate(_prompts(), _params()))
+    assert want[1][1] is not None and want[0][1] is None
     run_ranks(2, _drive, path, plan, want, f"file://{tmp_path}/x", timeout_s=150)
 
 
