@@ -12,6 +12,12 @@ A rank that dies is seen two ways, and neither hangs: the driver's next collecti
 step fails its requests), and `alive()` finds the actor's task finished, so the replica's
 health check raises (the ingress answers /health with 503, Serve replaces the replica) and new
 requests get 503 at once.
+
+A replica process belongs to one process group at a time, so it holds one tensor-parallel
+engine: it cannot build a second one beside it (a plan swap, or a decode replica's engine for
+payloads of another plan). `start` refuses that at once (503, `plan_mismatch`); the plan
+follower reports it as the replica's plan_error and keeps the running plan, and replicas that
+start later (a redeploy, a replacement) load the new plan.
 """
 
 from __future__ import annotations
@@ -56,8 +62,18 @@ class TPAsyncEngine(AsyncLLMEngine):
     def start(cls, path: str, pattern, settings: dict, num_cpus: float, num_gpus: float, name: str):
         """Start ranks 1..N-1 as actors named `{name}-rank{i}` (in this job's namespace), then
         rank 0 here; returns once every rank has loaded its shard."""
+        import torch.distributed as dist
+
         from serving.engine.tp import start_rank
 
+        if dist.is_initialized():
+            plan = f"plan {pattern}" if pattern else "the checkpoint's plan"
+            raise Unavailable(
+                "this tensor-parallel replica already runs an engine (one process group per "
+                f"process), so it cannot build one for {plan} beside it; replicas started from "
+                "now on (a redeploy, a replacement) load it",
+                code="plan_mismatch",
+            )
         n = settings["tensor_parallel_size"]
         backend = "nccl" if str(settings.get("device", "cpu")).startswith("cuda") else "gloo"
         init = _rendezvous()

@@ -1,7 +1,9 @@
 """A tensor-parallel replica through Ray Serve on CPU bundles: one replica owns a placement
 group of two bundles, is rank 0 itself and starts rank 1 as an actor; the official openai
-client gets the single-process engine's greedy text. Killing rank 1 fails the replica cleanly:
-/health answers 503 and requests get 503 (not a hang) until Serve replaces it."""
+client gets the single-process engine's greedy text. A published plan cannot be built beside the
+running engine (one process group per process): the replica reports it as its plan_error and
+keeps serving its plan. Killing rank 1 fails the replica cleanly: /health answers 503 and
+requests get 503 (not a hang) until Serve replaces it."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _config(model_dir: str):
             },
         },
         ingress={"route_prefix": "/tp", "num_cpus": 0.1, "api_keys": [API_KEY]},
-        plans={"version": "checkpoint"},
+        plans={"version": "latest", "poll_interval_s": 0.5},
     )
 
 
@@ -40,6 +42,7 @@ def test_tp2_replica_serves_then_fails_cleanly(ray_cluster, tiny_dir):
     import ray
     from ray import serve
 
+    from serving import plan_registry
     from serving.app import build_app, deployment_options
     from serving.cli.serve import wait_running
     from serving.engine import LLMEngine, SamplingParams
@@ -62,6 +65,15 @@ def test_tp2_replica_serves_then_fails_cleanly(ray_cluster, tiny_dir):
         health = httpx.get(base + "/health", timeout=30).json()
         (ranks,) = [e["tp_ranks"] for e in health["engines"]]
         assert len(ranks) == 1, health
+
+        def plan_error():
+            (engine,) = httpx.get(base + "/health", timeout=30).json()["engines"]
+            return engine["plan_error"] or ""
+
+        plan_registry.publish("tiny-tp", "FSSF", {"source": "pattern"})
+        wait_for(lambda: "already runs an engine" in plan_error(), 60, "the plan to be refused")
+        r = client.completions.create(model="tiny-tp", prompt=prompt, max_tokens=10, temperature=0)
+        assert r.choices[0].text == want.text  # still the checkpoint's plan
 
         ray.kill(ray.get_actor(ranks[0]["name"], namespace=ranks[0]["namespace"]))
         wait_for(
