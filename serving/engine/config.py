@@ -72,6 +72,21 @@ class EngineConfig:
     max_queue_bypass: int = _f(
         8, "requests admitted ahead of a queue head that does not fit yet, before it waits"
     )
+    tensor_parallel_size: int = _f(
+        1,
+        "ranks (GPUs) one replica's model is split over: MLA heads, MLP and vocabulary split, "
+        "indexer replicated (model/parallel); MLA families only",
+    )
+    expert_parallel: bool = _f(
+        False,
+        "with tensor_parallel_size > 1, place whole routed experts on ranks (E / N each) instead "
+        "of splitting every expert's intermediate size",
+    )
+    fp8_weights: bool = _f(
+        False,
+        "FP8 checkpoints keep linears and experts in e4m3 with their 128x128 block scales "
+        "(kernels/fp8_gemm, fused_moe_fp8); false: dequantise them to dtype at load",
+    )
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):  # accepted for convenience, stored by name
@@ -84,7 +99,7 @@ class EngineConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
-        for name in ("max_num_seqs", "cuda_graph_max_batch"):
+        for name in ("max_num_seqs", "cuda_graph_max_batch", "tensor_parallel_size"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -92,7 +107,14 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
-        for name in ("index_fp8", "enforce_eager", "torch_compile", "enable_prefix_caching"):
+        for name in (
+            "index_fp8",
+            "enforce_eager",
+            "torch_compile",
+            "enable_prefix_caching",
+            "expert_parallel",
+            "fp8_weights",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         u = self.gpu_memory_utilization

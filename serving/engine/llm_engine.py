@@ -35,7 +35,7 @@ from serving.engine.memory import resolve_num_blocks
 from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
-from serving.engine.payload import KVPayload, check_payload, export_rows, import_rows
+from serving.engine.payload import KVPayload, check_payload, export_rows
 from serving.engine.prefix_cache import model_fingerprint, root_hash
 from serving.engine.resume import Resume, resume_sequence
 from serving.engine.sampler import Sampler, logprobs_of
@@ -69,6 +69,13 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mcfg.max_position_embeddings}"
             )
+        if model.par.size != config.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size: the config says {config.tensor_parallel_size}, the model "
+                f"is split over {model.par.size} ranks"
+            )
+        if not model.par.driver:
+            raise ValueError("an engine runs on rank 0; other ranks run ModelRunner.serve()")
         self.layout = model.kv_layout(config.index_fp8)
         self.runner = ModelRunner(model, config)
         if cache is not None:
@@ -126,8 +133,24 @@ class LLMEngine:
         from model.loader import load_model
 
         config = EngineConfig.from_kwargs(**settings)
-        model = load_model(path, index_cache, dtype=config.torch_dtype, device=config.device)
+        if config.tensor_parallel_size > 1:
+            raise ValueError(
+                f"tensor_parallel_size={config.tensor_parallel_size}: a tensor-parallel engine "
+                "needs one process per rank (serving.engine.tp.start_rank, or the Serve replica "
+                "in serving/tp_replica.py)"
+            )
+        model = load_model(
+            path,
+            index_cache,
+            dtype=config.torch_dtype,
+            device=config.device,
+            keep_fp8=config.fp8_weights,
+        )
         return cls(model.eval(), Tokenizer.from_pretrained(path), config)
+
+    def shutdown(self) -> None:
+        """Release the other ranks of a tensor-parallel replica (a no-op for one rank)."""
+        self.runner.shutdown()
 
     # -- requests ---------------------------------------------------------------------------
     @property
@@ -512,7 +535,7 @@ class LLMEngine:
         return out
 
     def _import(self, seq: Sequence) -> None:
-        import_rows(self.cache, seq.pages, seq.payload, start=seq.num_cached)
+        self.runner.import_rows(seq.pages, seq.payload, seq.num_cached)
         seq.num_cached = seq.payload.num_tokens
         seq.payload = None  # the CPU copy is no longer needed
 
