@@ -77,11 +77,12 @@ def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | Com
         req = cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
-        param = ".".join(loc) or None
+        loc = _body_path(data, err["loc"], missing=err["type"] == "missing")
+        param = ".".join(loc) if loc else None  # a field named "" is still named
         if err["type"] == "extra_forbidden":  # OpenAI's wording for a field it does not define
+            shown = param if loc and loc[-1] else f"{param or ''}''"  # an empty name, visibly
             raise BadRequest(
-                f"Unrecognized request argument supplied: {param}",
+                f"Unrecognized request argument supplied: {shown}",
                 param=param,
                 code="unknown_parameter",
             ) from e
@@ -94,9 +95,24 @@ def parse(body: bytes, cls: type, limits: Limits) -> ChatCompletionRequest | Com
     return req
 
 
-def _is_union_tag(p) -> bool:
-    # pydantic puts the union member it tried in the location ("str", "list[int]", ...)
-    return isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p)
+def _body_path(data: Any, loc: tuple, missing: bool = False) -> list[str]:
+    """pydantic's error location as a path into the body: the names of the union members it
+    tried ("str", "list[int]", a tagged union's tag) sit between the keys; keep only the steps
+    that exist in the body (so a field named "[x" or "" is still named), and a missing field's
+    name."""
+    path, node = [], data
+    if missing and loc:
+        *loc, last = loc
+        return _body_path(data, tuple(loc)) + [str(last)]
+    for p in loc:
+        if isinstance(node, dict) and isinstance(p, str) and p in node:
+            node = node[p]
+        elif isinstance(node, list) and isinstance(p, int) and 0 <= p < len(node):
+            node = node[p]
+        else:
+            continue  # a union member's name
+        path.append(str(p))
+    return path
 
 
 def check_json(data: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
@@ -152,19 +168,24 @@ def chat_messages(req: ChatCompletionRequest, fmt: ToolFormat | None, tools, nat
     of earlier turns as the template expects them, or (templates without tool support) as text
     in the model's format, with the tool list in a system message."""
     out = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         role = {"developer": "system", "function": "tool"}.get(m.role, m.role)
         msg: dict[str, Any] = {"role": role, "content": m.text()}
-        calls = [c.function for c in m.tool_calls or () if c.function] + (
-            [m.function_call] if m.function_call else []
+        calls = [
+            (c.function, f"messages.{i}.tool_calls.{j}.function.arguments")
+            for j, c in enumerate(m.tool_calls or ())
+            if c.function
+        ] + (
+            [(m.function_call, f"messages.{i}.function_call.arguments")] if m.function_call else []
         )
+        calls = [(c.name, _args(c.arguments, where)) for c, where in calls]
         if calls and native:
             msg["tool_calls"] = [
-                {"type": "function", "function": {"name": c.name, "arguments": _args(c.arguments)}}
-                for c in calls
+                {"type": "function", "function": {"name": name, "arguments": args}}
+                for name, args in calls
             ]
         elif calls and fmt is not None:
-            text = "\n".join(fmt.render_call(c.name, _args(c.arguments)) for c in calls)
+            text = "\n".join(fmt.render_call(name, args) for name, args in calls)
             msg["content"] = (msg["content"] + "\n" + text).strip()
         if m.tool_call_id is not None:
             msg["tool_call_id"] = m.tool_call_id
@@ -180,11 +201,20 @@ def chat_messages(req: ChatCompletionRequest, fmt: ToolFormat | None, tools, nat
     return out
 
 
-def _args(arguments: str) -> Any:
+def _args(arguments: str, param: str) -> dict[str, Any]:
+    """An earlier turn's call arguments as the object templates and tool formats render key by
+    key (as vLLM does, which fails on anything else); a clear 400 instead of a broken prompt."""
     try:
-        return json.loads(arguments) if arguments else {}
+        args = json.loads(arguments) if arguments else {}
     except ValueError:
-        return arguments
+        args = None
+    if not isinstance(args, dict):
+        raise BadRequest(
+            f"{param} must be a JSON object, got {arguments[:80]!r}",
+            param=param,
+            code="invalid_value",
+        )
+    return args
 
 
 def tokenize_chat(req: ChatCompletionRequest, tokenizer, fmt, tools) -> list[int]:

@@ -298,3 +298,48 @@ def test_a_forced_function_must_be_a_tool_and_the_error_names_the_field_sent(tok
             plan_chat(tok, lltok, body)
         assert (e.value.param, e.value.code) == (field, "invalid_value")
         assert "'x', which is not in tools" in e.value.message
+
+
+def test_assistant_function_call_history_renders_or_names_bad_arguments(tok, lltok):
+    """A past assistant turn in the deprecated function_call form is history the template
+    renders; arguments that are not a JSON object get a 400 naming them, not a 500 (found by the
+    spec fuzz)."""
+    user = {"role": "user", "content": "hi"}
+    for args, ok in (("{}", True), ("", True), ("{x", False), ("[1]", False)):
+        msg = {"role": "assistant", "function_call": {"name": "f", "arguments": args}}
+        body = chat(messages=[user, msg], function_call="auto")
+        if ok:
+            assert plan_chat(tok, lltok, body).choices[0].prompt_ids
+            continue
+        with pytest.raises(BadRequest) as e:
+            plan_chat(tok, lltok, body)
+        assert (e.value.param, e.value.code) == (
+            "messages.1.function_call.arguments",
+            "invalid_value",
+        )
+
+
+def test_a_field_named_empty_is_named():
+    for body, param in (
+        (chat(**{"": 1}), ""),
+        (chat(messages=[{"role": "user", "content": "x", "": 1}]), "messages.0."),
+    ):
+        with pytest.raises(BadRequest) as e:
+            parse(body, ChatCompletionRequest, LIMITS)
+        assert (e.value.param, e.value.code) == (param, "unknown_parameter")
+        assert e.value.message.endswith("''")
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (chat(**{"[x": 1}), "[x"),  # not a pydantic union tag
+        (chat(messages=[{"role": "user", "content": "a", "str": 1}]), "messages.0.str"),
+        (json.dumps({}).encode(), "messages"),  # missing: named
+        (chat(stop=5), "stop"),  # the union members it tried are not in the path
+    ],
+)
+def test_error_paths_are_paths_into_the_body(body, param):
+    with pytest.raises(BadRequest) as e:
+        parse(body, ChatCompletionRequest, LIMITS)
+    assert e.value.param == param
