@@ -72,6 +72,11 @@ class EngineConfig:
     max_queue_bypass: int = _f(
         8, "requests admitted ahead of a queue head that does not fit yet, before it waits"
     )
+    max_queued_handoffs: int = _f(
+        64,
+        "decode: KV handoffs that may wait for pages at once (they hold no pages and no payload "
+        "bytes while they wait); one more is refused and its request gets a 503",
+    )
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):  # accepted for convenience, stored by name
@@ -84,7 +89,7 @@ class EngineConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
-        for name in ("max_num_seqs", "cuda_graph_max_batch"):
+        for name in ("max_num_seqs", "cuda_graph_max_batch", "max_queued_handoffs"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
