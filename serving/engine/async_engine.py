@@ -112,9 +112,12 @@ class AsyncLLMEngine:
         self._submit(("add", request_id, ids, params, resume, hold_s))
         try:
             return await req.future
+        except BaseException:
+            # Whatever phase (a result that came as the caller was cancelled included: its
+            # pages would be held for hold_s for nobody): free it.
+            self.abort(request_id)
+            raise
         finally:
-            if not req.done:
-                self.abort(request_id)
             self._unregister(request_id)
 
     def release_export(self, request_id: str) -> None:
