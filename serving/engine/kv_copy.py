@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from model.kv_cache import KVCache
@@ -35,9 +36,15 @@ class Copy:
 
 
 def slots_of(pages: list[int], n: int, page_size: int, device) -> torch.Tensor:
-    pos = torch.arange(n, device=device)
-    table = torch.tensor(pages, dtype=torch.long, device=device)
-    return table[pos // page_size] * page_size + pos % page_size
+    """Pool slot of each of the first n tokens of `pages`, on `device`. Built on the host and
+    moved from pinned memory: a copy from pageable memory would first wait for the side stream,
+    i.e. for the copies still in flight, on the engine thread."""
+    pos = np.arange(n)
+    host = torch.from_numpy(np.asarray(pages, dtype=np.int64)[pos // page_size] * page_size)
+    host += torch.from_numpy(pos % page_size)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class KVCopier:
@@ -93,14 +100,14 @@ class KVCopier:
         # The main stream never touches these pages before the import completes (the sequence
         # is not scheduled until then), so the side stream need not wait for it.
         with torch.no_grad(), self._side(wait_main=False) as copy:
-            src = payload.data.to(self.device, non_blocking=True)
             slots = slots_of(pages, payload.num_tokens, lay.page_size, self.device)[start:]
 
             def put(dst: torch.Tensor, rows: torch.Tensor) -> None:
-                dst.view(-1, *dst.shape[2:])[slots] = rows[start:]
+                dst.view(-1, *dst.shape[2:])[slots] = rows
 
             for p in parts(payload.header.layout, payload.num_tokens):
-                rows = view(src, p)
+                # Part by part: the device holds one layer's rows in transit, not the payload.
+                rows = view(payload.data, p)[start:].to(self.device, non_blocking=True)
                 if p.kind == "attn" and lay.attn_kind == "gqa":
                     put(c.k[p.layer], rows[..., : lay.k_dim])
                     put(c.v[p.layer], rows[..., lay.k_dim :])
