@@ -6,7 +6,10 @@ model.layers.mlp.Experts ran before the fused op: stable sort by expert, one F.l
 expert, index_add_; one host sync per call), beside two floors: the GEMM FLOPs at the measured
 bf16 matmul rate and the bytes of the experts the routing touches at the copy bandwidth.
 Routing: k distinct experts per token, uniformly at random. --sweep also times the candidate
-configs of the token count's regime (kernels/moe/triton.py SWEEP). --quick: toy shapes in fp32
+configs of the token count's regime (kernels/moe/triton.py SWEEP). --fp8 adds, per row, the FP8
+variant (fused_moe_fp8: the same experts block-quantised to e4m3 with 128 x 128 scales, the
+activations per token and 128-block) checked against its reference and timed (fp8_ms).
+--quick: toy shapes in fp32
 on the CPU under the Triton interpreter, timed with a wall clock: the smoke test
 (tests/kernels/test_bench_smoke.py; its conftest sets TRITON_INTERPRET and patches the
 interpreter's loop bounds for numpy 2).
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.moe import fused_moe
+from kernels.moe import fused_moe, fused_moe_fp8
 from kernels.moe import triton as mtri
 from kernels.testing import rms_rel_err
 
@@ -35,6 +38,7 @@ SHAPES = [
     (("deepseek-v3.2", 256, 8, 7168, 2048), (1, 64, 4096)),
 ]
 QUICK = [(("toy", 8, 2, 48, 40), (1, 33))]
+QUICK_FP8 = [(("toy-fp8", 4, 2, 128, 128), (1, 9))]
 TARGET_X_FLOP_FLOOR = 2.0  # GLM-4.7-Flash at 8192 tokens: within 2x of the FLOP floor
 
 
@@ -85,10 +89,26 @@ def _inputs(e, k, d, i, t, dtype, device, weights):
     return (x, *weights, torch.rand(t, k, device=device), ids)
 
 
-def bench_shape(shape, tokens, dtype, device, sweep: bool, out: dict) -> None:
+def quant_experts(w: torch.Tensor):
+    """[E, N, K] -> e4m3 [E, N, K] and fp32 block scales [E, N/128, K/128], expert by expert
+    (an fp32 copy of all of DeepSeek's experts would not fit beside them)."""
+    e, n, k = w.shape
+    q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty(e, n // 128, k // 128, dtype=torch.float32, device=w.device)
+    for j in range(e):
+        blocks = w[j].float().view(n // 128, 128, k // 128, 128)
+        s[j] = blocks.abs().amax((1, 3)).clamp(min=1e-12) / 448
+        q[j] = (blocks / s[j][:, None, :, None]).to(torch.float8_e4m3fn).view(n, k)
+    return q, s
+
+
+def bench_shape(shape, tokens, dtype, device, sweep: bool, out: dict, fp8: bool = False) -> None:
     name, e, k, d, i = shape
     wg = torch.randn(e, 2 * i, d, device=device, dtype=dtype).mul_(d**-0.5)
     wd = torch.randn(e, d, i, device=device, dtype=dtype).mul_(i**-0.5)
+    fp8 = fp8 and d % 128 == 0 and i % 128 == 0
+    if fp8:
+        (qg, sg), (qd, sd) = quant_experts(wg), quant_experts(wd)
     expert_bytes = 3 * d * i * wg.element_size()
     for t in tokens:
         args = _inputs(e, k, d, i, t, dtype, device, (wg, wd))
@@ -118,6 +138,17 @@ def bench_shape(shape, tokens, dtype, device, sweep: bool, out: dict) -> None:
         r["x_flop_floor"] = _sig(r["fused_ms"] / r["flop_floor_ms"])
         r["x_bytes_floor"] = _sig(r["fused_ms"] / r["bytes_floor_ms"])
         r["tflops"] = _sig(flops / r["fused_ms"] / 1e9)
+        if fp8:
+            fargs = (args[0], qg, sg, qd, sd, *args[3:])
+            ferr = rms_rel_err(
+                fused_moe_fp8(*fargs, impl="ref").float(),
+                fused_moe_fp8(*fargs, impl="triton").float(),
+            )
+            r["fp8_check"] = "ok" if ferr <= limit else "FAILED"
+            r["fp8_rms_rel_err"] = _sig(ferr)
+            r["fp8_ms"] = _sig(time_ms(fused_moe_fp8, *fargs, impl="triton"))
+            r["fp8_speedup_vs_bf16_fused"] = _sig(r["fused_ms"] / r["fp8_ms"])
+            r["fp8_tflops"] = _sig(flops / r["fp8_ms"] / 1e9)
         if sweep:
             cands = mtri.SWEEP[r["regime"]] if device.type == "cuda" else [mtri.INTERPRET]
             r["sweep_ms"] = {}
@@ -129,6 +160,8 @@ def bench_shape(shape, tokens, dtype, device, sweep: bool, out: dict) -> None:
         out["results"].append(r)
         print("  " + json.dumps(r), flush=True)
     del wg, wd
+    if fp8:
+        del qg, sg, qd, sd
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -153,10 +186,22 @@ def table(results: list[dict]) -> str:
             f"{r['torch_sort_loop_ms']} | {r['speedup_vs_torch']}x | {r['flop_floor_ms']} | "
             f"{r['bytes_floor_ms']} | {r['x_flop_floor']} | {r['x_bytes_floor']} | {_best(r)} |"
         )
+    fp8 = [r for r in results if "fp8_ms" in r]
+    if fp8:
+        lines += [
+            "",
+            "| shape | T | FP8 check | FP8 ms | bf16 fused ms | FP8 speedup | FP8 TFLOP/s |",
+        ]
+        lines.append("| --- " * 7 + "|")
+        for r in fp8:
+            lines.append(
+                f"| {r['shape']} | {r['T']} | {r['fp8_check']} | {r['fp8_ms']} | {r['fused_ms']} "
+                f"| {r['fp8_speedup_vs_bf16_fused']}x | {r['fp8_tflops']} |"
+            )
     return "\n".join(lines)
 
 
-def run(quick: bool, sweep: bool) -> dict:
+def run(quick: bool, sweep: bool, fp8: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not quick:
         raise SystemExit("kernels.bench_moe: no CUDA device; use --quick (with TRITON_INTERPRET=1)")
@@ -173,8 +218,9 @@ def run(quick: bool, sweep: bool) -> dict:
         "results": [],
     }
     torch.manual_seed(0)
-    for shape, tokens in QUICK if quick else SHAPES:
-        bench_shape(shape, tokens, dtype, device, sweep, out)
+    shapes = (QUICK + (QUICK_FP8 if fp8 else [])) if quick else SHAPES
+    for shape, tokens in shapes:
+        bench_shape(shape, tokens, dtype, device, sweep, out, fp8)
     glm = [r for r in out["results"] if r["shape"] == "glm-4.7-flash" and r["T"] == 8192]
     if glm:
         out["target_glm_8192"] = {
@@ -190,13 +236,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON results file")
     ap.add_argument("--quick", action="store_true", help="toy shapes (CPU smoke run)")
     ap.add_argument("--sweep", action="store_true", help="also time the regime's candidate configs")
+    ap.add_argument("--fp8", action="store_true", help="also check and time fused_moe_fp8")
     a = ap.parse_args(argv)
-    out = run(a.quick, a.sweep)
+    out = run(a.quick, a.sweep, a.fp8)
     print(table(out["results"]))
     if "target_glm_8192" in out:
         print(f"GLM-4.7-Flash T=8192 target (<= 2x FLOP floor): {out['target_glm_8192']}")
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    return 0 if all(r["check"] == "ok" for r in out["results"]) else 1
+    ok = all(r["check"] == "ok" and r.get("fp8_check", "ok") == "ok" for r in out["results"])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

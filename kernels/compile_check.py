@@ -28,10 +28,14 @@ def _ptr(t: str) -> str:
 
 def _specs():
     """(name, jit function, {arg: type}, {constexpr: value}, num_warps, num_stages)."""
+    import triton.language as tl
+
     from kernels.fp8 import triton as fp8_tri
+    from kernels.fp8_gemm import triton as gtri
     from kernels.index_fp8 import triton as ifp8
     from kernels.indexer import decode
     from kernels.indexer import triton as itri
+    from kernels.moe import triton_fp8 as mfp8
     from kernels.topk import split
     from kernels.topk import triton as ttri
 
@@ -70,6 +74,37 @@ def _specs():
             name = f"topk split write parts={parts} {cfg}"
             ce = common | {"SP": split.MAX_SPLITS * 2}
             out.append((name, split._write_kernel, wsig, ce, cfg["num_warps"], 3))
+    e4 = "*fp8e4nv"
+    for cfg in gtri.SWEEP:
+        sig = {"a_ptr": e4, "as_ptr": _ptr(F32), "b_ptr": e4, "bs_ptr": _ptr(F32)}
+        sig |= {"c_ptr": "*bf16", "M": I32, "N": I32, "K": I32}
+        sig |= dict.fromkeys(("stride_am", "stride_asm", "stride_bn", "stride_bsn"), I32)
+        sig["stride_cm"] = I32
+        ce = {"SCALE_BLOCK": 128} | {k: cfg[k] for k in ("BM", "BN", "BK", "GROUP_M")}
+        name = f"fp8_gemm {cfg}"
+        out.append((name, gtri._fp8_gemm_kernel, sig, ce, cfg["num_warps"], cfg["num_stages"]))
+    for regime, t in (("decode", 4), ("mid", 512), ("prefill", 16384)):
+        cfg = mfp8.fp8_config(t, 8, 256, 7168, 2048, _Cuda())  # DeepSeek-V3.2 experts
+        up, down = cfg["up"], cfg["down"]
+        meta = {"sorted_ptr": _ptr(I32), "expert_ptr": _ptr(I32), "total_ptr": _ptr(I32)}
+        meta |= {"n_pairs": I32, "n_blocks": I32, "D": I32, "I": I32}
+        sig = {"x_ptr": e4, "xs_ptr": _ptr(F32), "w_ptr": e4, "ws_ptr": _ptr(F32)}
+        sig |= {"h_ptr": e4, "hs_ptr": _ptr(F32)} | meta
+        sig |= dict.fromkeys(("stride_xt", "stride_xst", "stride_we", "stride_wn"), I32)
+        sig |= dict.fromkeys(("stride_wse", "stride_wsn", "stride_ht", "stride_hst"), I32)
+        ce = {"TOPK": 8, "BM": cfg["BM"], "BN": up["BN"], "BK": up["BK"], "SB": 128}
+        ce |= {"GROUP_M": up["GROUP_M"], "X_DTYPE": tl.bfloat16, "UE8M0": True}
+        ce |= {"FMAX": 448.0, "INV_FMAX": 1 / 448}
+        name = f"moe fp8 gate_up {regime} {up}"
+        out.append((name, mfp8._gate_up_fp8_kernel, sig, ce, up["num_warps"], up["num_stages"]))
+        sig = {"h_ptr": e4, "hs_ptr": _ptr(F32), "w_ptr": e4, "ws_ptr": _ptr(F32)}
+        sig |= {"y_ptr": "*bf16", "tw_ptr": _ptr(F32)} | meta
+        sig |= dict.fromkeys(("stride_ht", "stride_hst", "stride_we", "stride_wn"), I32)
+        sig |= dict.fromkeys(("stride_wse", "stride_wsn", "stride_yt"), I32)
+        ce = {"BM": cfg["BM"], "BN": down["BN"], "BK": down["BK"], "SB": 128}
+        ce["GROUP_M"] = down["GROUP_M"]
+        name = f"moe fp8 down {regime} {down}"
+        out.append((name, mfp8._down_fp8_kernel, sig, ce, down["num_warps"], down["num_stages"]))
     for dt, scale in (("bf16", False), ("fp8e4nv", True)):
         base = {"q_ptr": _ptr(dt), "k_ptr": _ptr(dt), "ks_ptr": _ptr(F32), "bt_ptr": _ptr(I32)}
         for cfg in itri.PREFILL_CONFIGS:
@@ -93,6 +128,12 @@ def _specs():
             kern = decode._decode_parts_kernel
             out.append((name, kern, sig, ce, cfg["num_warps"], cfg["num_stages"]))
     return out
+
+
+class _Cuda:
+    """A stand-in device: config pickers choose their CUDA tables for it."""
+
+    type = "cuda"
 
 
 def _usage(cubin: bytes) -> str:

@@ -91,6 +91,12 @@ class RopeConfig:
 @dataclass(frozen=True, slots=True)
 class Fp8Quant:
     block: tuple[int, int] = (128, 128)
+    # "ue8m0": activation scales rounded up to powers of two (DeepSeek-V3.1+ scale_fmt)
+    scale_fmt: str | None = None
+
+    @property
+    def ue8m0(self) -> bool:
+        return self.scale_fmt == "ue8m0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,4 +254,4 @@ def _parse_quant(q: dict | None) -> Fp8Quant | None:
             "supported (fp8 with block scales)"
         )
     block = tuple(q.get("weight_block_size") or (128, 128))
-    return Fp8Quant(block=(int(block[0]), int(block[1])))
+    return Fp8Quant(block=(int(block[0]), int(block[1])), scale_fmt=q.get("scale_fmt"))

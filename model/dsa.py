@@ -20,16 +20,20 @@ from model.layers.glue import add_rms_norm
 from model.layers.mlp import MLP, MoE
 from model.layers.norm import RMSNorm
 from model.layers.rotary import Rotary
+from model.parallel.group import SINGLE, Parallel
+from model.parallel.layers import VocabParallelEmbedding, VocabParallelLMHead
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool):
+    def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool, par: Parallel):
         super().__init__()
         attn_cls = MLAttention if cfg.is_mla else GQAttention
-        self.self_attn = attn_cls(cfg, layer_id, runs_indexer)
-        self.mlp = (
-            MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
-        )
+        self.self_attn = attn_cls(cfg, layer_id, runs_indexer, par)
+        if cfg.is_moe_layer(layer_id):
+            self.mlp = MoE(cfg, par)
+        else:
+            inter = par.split(cfg.intermediate_size, "intermediate_size")[1]
+            self.mlp = MLP(cfg.hidden_size, inter, par)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -40,11 +44,14 @@ class DecoderLayer(nn.Module):
 
 
 class DSAModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, plan: IndexCacheConfig):
+    def __init__(self, cfg: ModelConfig, plan: IndexCacheConfig, par: Parallel):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if par.size > 1:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, plan.is_full(i)) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, plan.is_full(i), par) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -52,19 +59,27 @@ class DSAModel(nn.Module):
 class DSAForCausalLM(nn.Module):
     """`model(input_ids)` with ids [B, S] (or [S]) runs a one-shot forward on a scratch cache and
     returns logits [B, S, V]; the engine passes packed ids [T] with its own `ForwardContext` and
-    gets logits for `ctx.logits_indices` (all rows when None)."""
+    gets logits for `ctx.logits_indices` (all rows when None).
 
-    def __init__(self, cfg: ModelConfig, plan: IndexCacheConfig | None = None):
+    `par`: this rank's place in a tensor-parallel replica (model/parallel); the modules are
+    built with this rank's shard shapes, and every rank returns the same full logits."""
+
+    def __init__(
+        self, cfg: ModelConfig, plan: IndexCacheConfig | None = None, par: Parallel = SINGLE
+    ):
         super().__init__()
-        self.config = cfg
+        self.config, self.par = cfg, par
         self.plan = plan or cfg.index_cache
         if self.plan.num_layers != cfg.num_hidden_layers:
             raise ValueError(
                 f"IndexCache plan has {self.plan.num_layers} layers, the model has "
                 f"{cfg.num_hidden_layers}"
             )
-        self.model = DSAModel(cfg, self.plan)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = DSAModel(cfg, self.plan, par)
+        if par.size > 1:
+            self.lm_head = VocabParallelLMHead(cfg.hidden_size, cfg.vocab_size, par)
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotaries = {

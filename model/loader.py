@@ -6,14 +6,13 @@ unexpected or misshapen tensors raise one ValueError listing them, so a bad chec
 leaves a half-loaded model. Indexer weights of S layers are skipped (S layers have no indexer
 module), MTP layers (index >= num_hidden_layers) are ignored, per-expert MoE weights are stacked
 into the packed expert tensors, and FP8 weights with 128x128 `weight_scale_inv` blocks are
-dequantised at load.
+dequantised at load, or, with `keep_fp8=True`, kept in e4m3 beside their scales (the linears
+become model.layers.linear.Fp8Linear; see `_fp8_kept` for what stays dequantised).
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +20,10 @@ from safetensors import safe_open
 
 from model.config import ModelConfig
 from model.dsa import DSAForCausalLM
+from model.fp8_load import plan_fp8
 from model.index_cache import IndexCacheConfig
+from model.parallel import SINGLE, Parallel, ShardPlan
+from model.sources import Source, headers_of, shards
 
 # Kept in fp32 whatever the load dtype: routing and indexer head weights decide discrete choices.
 FP32_PARAMS = re.compile(
@@ -31,40 +33,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
-@dataclass(frozen=True)
-class _Src:
-    key: str  # checkpoint tensor
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str
-    target: str  # model parameter it fills
-    index: tuple = ()  # where inside the target (expert stacking), () = whole tensor
-
-
-def _shards(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / f for f in files]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path}")
-    return files
-
-
-def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    out = {}
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint shard {f.name} is missing from {f.parent}")
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                sl = h.get_slice(k)
-                out[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
-    return out
-
-
-def _plan_sources(model: DSAForCausalLM, headers: dict) -> tuple[list[_Src], dict[str, str]]:
+def _plan_sources(model: DSAForCausalLM, headers: dict) -> tuple[list[Source], dict[str, str]]:
     """Map checkpoint tensors to parameters; returns (sources, scale key -> weight key)."""
     cfg = model.config
     i_inter = cfg.moe_intermediate_size
@@ -92,11 +61,13 @@ def _plan_sources(model: DSAForCausalLM, headers: dict) -> tuple[list[_Src], dic
                 target, index = f"{base}.gate_up_proj", (e, rows)
         else:
             target, index = key, ()
-        sources.append(_Src(key, file, shape, dtype, target, index))
+        sources.append(Source(key, file, shape, dtype, target, index))
     return sources, scales
 
 
-def _check(model: DSAForCausalLM, sources: list[_Src], scales: dict[str, str]):
+def _check(model: DSAForCausalLM, sources: list[Source], scales: dict[str, str], weights: set[str]):
+    """`weights`: every weight key of the checkpoint this model uses (before sharding: another
+    rank's experts are not missing scales' weights)."""
     params = dict(model.named_parameters())
     unexpected = sorted(s.key for s in sources if s.target not in params)
     bad_shape, covered = [], {}
@@ -118,7 +89,6 @@ def _check(model: DSAForCausalLM, sources: list[_Src], scales: dict[str, str]):
                 missing.append(f"{name} ({have} of {need} expert tensors)")
         elif name not in covered:
             missing.append(name)
-    weights = {s.key for s in sources}
     orphan_scales = sorted(k for k, w in scales.items() if w not in weights and _kept(w, model))
     fp8_unscaled = sorted(
         s.key for s in sources if s.dtype.startswith("F8") and s.key + "_scale_inv" not in scales
@@ -147,12 +117,22 @@ def _kept(weight_key: str, model: DSAForCausalLM) -> bool:
     return not (m and ".indexer." in weight_key and not model.plan.is_full(int(m.group(1))))
 
 
-def dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """W[i, j] * scale_inv[i // bm, j // bn] in fp32 (DeepSeek `weight_dequant`)."""
+def dequant_fp8(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], offset: tuple = (0, 0)
+) -> torch.Tensor:
+    """W[i, j] * scale_inv[i // bm, j // bn] in fp32 (DeepSeek `weight_dequant`). `offset`: where
+    `w` starts inside the full weight (a tensor-parallel shard), (0, 0) for the whole weight."""
     bm, bn = block
     m, n = w.shape
-    s = scale_inv.float().repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]
-    return w.float() * s
+    r0, c0 = offset
+    s = scale_inv.float()[r0 // bm : -(-(r0 + m) // bm), c0 // bn : -(-(c0 + n) // bn)]
+    s = s.repeat_interleave(bm, 0)[r0 % bm : r0 % bm + m]
+    return w.float() * s.repeat_interleave(bn, 1)[:, c0 % bn : c0 % bn + n]
+
+
+def _read(h, s: Source) -> torch.Tensor:
+    """The source's tensor, or only this rank's slice of it."""
+    return h.get_slice(s.key)[s.slices] if s.slices else h.get_tensor(s.key)
 
 
 def load_model(
@@ -160,39 +140,55 @@ def load_model(
     index_cache: IndexCacheConfig | str | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
+    keep_fp8: bool = False,
+    parallel: Parallel = SINGLE,
 ) -> DSAForCausalLM:
     """`index_cache`: an IndexCacheConfig, a pattern such as "FSSF...", or None for the
-    checkpoint's own plan. Applying a plan to an all-F checkpoint is the training-free use."""
+    checkpoint's own plan. Applying a plan to an all-F checkpoint is the training-free use.
+    `keep_fp8`: FP8 checkpoints keep their linears in e4m3 + `weight_scale_inv` (a no-op for
+    unquantised ones); by default every FP8 weight is dequantised to `dtype`.
+    `parallel`: this rank's place in a tensor-parallel replica: the model gets this rank's shard
+    shapes and only this rank's slices are read from the files (model/parallel/shard.py)."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     path = Path(path)
     cfg = ModelConfig.from_pretrained(path)
     plan = IndexCacheConfig.coerce(index_cache, cfg.num_hidden_layers, cfg.index_cache)
     with torch.device("meta"):
-        model = DSAForCausalLM(cfg, plan)
-    headers = _headers(_shards(path))
+        model = DSAForCausalLM(cfg, plan, parallel)
+    headers = headers_of(shards(path))
     sources, scales = _plan_sources(model, headers)
-    _check(model, sources, scales)
+    weights = {s.key for s in sources}
+    sources = ShardPlan(cfg, parallel).apply(sources)
+    kept_keys: set[str] = set()
+    if keep_fp8:
+        kept_keys, scale_sources = plan_fp8(model, sources, scales, headers)
+        sources += scale_sources
+    _check(model, sources, scales, weights)
 
     model.to_empty(device=device)
     for name, p in model.named_parameters():
+        if p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale_inv"):
+            continue  # kept FP8 weights and their fp32 scales
         p.data = p.data.to(torch.float32 if FP32_PARAMS.search(name) else dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
     block = cfg.quantization.block if cfg.quantization else (128, 128)
-    by_file: dict[Path, list[_Src]] = {}
+    by_file: dict[Path, list[Source]] = {}
     for s in sources:
         by_file.setdefault(s.file, []).append(s)
     with torch.no_grad():
         for file, srcs in by_file.items():
             with safe_open(file, "pt", device="cpu") as h:
                 for s in srcs:
-                    t = h.get_tensor(s.key)
-                    if s.key + "_scale_inv" in scales:
+                    t = _read(h, s)
+                    if s.key + "_scale_inv" in scales and s.key not in kept_keys:
                         sf = headers[s.key + "_scale_inv"][0]
+                        offset = tuple(sl.start for sl in s.slices) if s.slices else (0, 0)
                         with safe_open(sf, "pt", device="cpu") as hs:
-                            t = dequant_fp8(t, hs.get_tensor(s.key + "_scale_inv"), block)
+                            sc = hs.get_tensor(s.key + "_scale_inv")
+                        t = dequant_fp8(t, sc, block, offset)
                     dst = params[s.target]
                     (dst[s.index] if s.index else dst).copy_(t.to(dst.dtype))
     return model.eval()

@@ -50,6 +50,8 @@ def engine_spec(config: ServingConfig, role: str) -> EngineSpec:
         kv_timeout_s=config.kv_transfer.timeout_s,
         metrics_interval_s=config.metrics_interval_s,
         max_local_prefill_tokens=config.routing.max_local_prefill_tokens,
+        rank_num_cpus=g.num_cpus,
+        rank_num_gpus=g.num_gpus,
     )
 
 
@@ -87,6 +89,13 @@ def deployment_options(config: ServingConfig, role: str) -> dict[str, Any]:
         # In-flight requests get this long to finish when a replica is scaled down.
         "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
     }
+    tp = g.engine.tensor_parallel_size
+    if tp > 1:
+        # One bundle per rank: Serve puts the replica (rank 0) in bundle 0, the replica starts
+        # the other ranks' actors in the others (serving/tp_replica.py); one node, for NCCL.
+        bundle = {k: v for k, v in (("CPU", g.num_cpus), ("GPU", g.num_gpus)) if v > 0}
+        opts["placement_group_bundles"] = [bundle] * tp
+        opts["placement_group_strategy"] = "STRICT_PACK"
     router = config.routing.router_config()
     if router is not None:
         opts["request_router_config"] = router

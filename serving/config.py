@@ -113,14 +113,30 @@ class ReplicaGroupConfig(_Strict):
     autoscaling: AutoscalingArgs | None = Field(
         None, description="scale this pool with the IndexCache policy instead of a fixed count"
     )
-    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs per replica (fractions allowed)")
-    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs per replica")
+    num_cpus: float = Field(
+        1.0,
+        ge=0,
+        description="Ray CPUs per replica (fractions allowed); per rank when "
+        "engine.tensor_parallel_size > 1 (one placement-group bundle each)",
+    )
+    num_gpus: float = Field(
+        0.0, ge=0, description="Ray GPUs per replica; per rank with tensor parallelism"
+    )
     max_ongoing_requests: int = Field(
         256,
         ge=1,
         description="requests a replica accepts at once; the engine's scheduler queues the rest",
     )
     engine: EngineArgs = Field(default_factory=EngineArgs)
+
+    @model_validator(mode="after")
+    def _bundles(self):
+        if self.engine.tensor_parallel_size > 1 and self.num_cpus + self.num_gpus <= 0:
+            raise ValueError(
+                "num_cpus or num_gpus must be > 0 with engine.tensor_parallel_size > 1: each "
+                "rank gets a placement-group bundle of these resources"
+            )
+        return self
 
 
 class IngressConfig(_Strict):

@@ -48,6 +48,9 @@ class EngineSpec:
     kv_timeout_s: float = 30.0
     metrics_interval_s: float = 1.0
     max_local_prefill_tokens: int = 0  # decode: prefill locally when this few tokens are uncached
+    # per rank of a tensor-parallel replica (engine_kwargs' tensor_parallel_size > 1)
+    rank_num_cpus: float = 1.0
+    rank_num_gpus: float = 0.0
 
 
 class _EngineServer:
@@ -76,6 +79,17 @@ class _EngineServer:
             # A plan swap: the new pool gets the old one's bytes, not a share of what is free
             # while the old engine still holds its pool.
             kw["kv_memory_bytes"] = kv_pool_bytes
+        if kw.get("tensor_parallel_size", 1) > 1:
+            from serving.tp_replica import TPAsyncEngine
+
+            return TPAsyncEngine.start(
+                self.spec.model_path,
+                pattern,
+                {**kw, "role": self.spec.role},
+                self.spec.rank_num_cpus,
+                self.spec.rank_num_gpus,
+                f"{self.spec.app_name}-{self.spec.role}-{self.replica}",
+            )
         return AsyncLLMEngine.from_pretrained(
             self.spec.model_path,
             index_cache=pattern,
@@ -98,6 +112,9 @@ class _EngineServer:
         self.recorder.update_engine({**stats, "plan_error": float(self.plans.error is not None)})
 
     async def check(self) -> dict[str, Any]:
+        problem = self.host.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
         plan, stats = self.host.plan, self.host.stats()
         return {
             "role": self.spec.role,
@@ -118,11 +135,14 @@ class _EngineServer:
             "handoffs_waiting": int(stats.get("handoffs_waiting", 0)),
             "handoffs_reserved": int(stats.get("handoffs_reserved", 0)),
             "kv_bytes_received": self.kv.bytes_received if self.kv is not None else 0,
+            # the other ranks' actors of a tensor-parallel engine (empty: one rank)
+            "tp_ranks": list(getattr(self.host.current.engine, "ranks", [])),
         }
 
     def check_health(self) -> None:
-        if not self.host.healthy():
-            raise RuntimeError("engine thread died")
+        problem = self.host.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         s = self.host.stats()

@@ -210,10 +210,19 @@ class EngineHost:
 
     # -- health and statistics ------------------------------------------------------------------
     def healthy(self) -> bool:
-        return all(
-            getattr(getattr(s.engine, "_thread", None), "is_alive", lambda: True)()
-            for s in self._slots
-        )
+        return self.problem() is None
+
+    def problem(self) -> str | None:
+        """None when every engine runs; else what is wrong (a dead engine thread, or a
+        tensor-parallel engine's rank that stopped)."""
+        for s in self._slots:
+            if not getattr(getattr(s.engine, "_thread", None), "is_alive", lambda: True)():
+                return "engine thread died"
+            alive = getattr(s.engine, "alive", None)
+            err = alive() if alive is not None else None
+            if err is not None:
+                return err
+        return None
 
     def stats(self) -> dict[str, float]:
         """Replica-wide values for metrics and autoscaling: counters summed over live and retired

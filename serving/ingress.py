@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serving import metrics, openapi_doc
 from serving.config import ServingConfig
@@ -121,6 +122,13 @@ async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONRespo
     if e.status_code == 405:
         err.type = "invalid_request_error"
     return _error(err, getattr(e, "headers", None))  # 405 keeps its Allow header
+
+
+@app.exception_handler(ClientDisconnect)
+async def _client_gone(_request: Request, _e: ClientDisconnect) -> Response:
+    # The client left while sending its body: no work started and nobody reads an answer (499,
+    # nginx's "client closed request"); not an error of ours to log.
+    return Response(status_code=499)
 
 
 @app.exception_handler(Exception)

@@ -26,20 +26,20 @@ def _json_grammar(schema: dict[str, Any] | bool) -> str:
 def tool_plan(req: ChatCompletionRequest) -> tuple[list[FunctionDef], str, str | None]:
     """(tools offered, mode auto|none|required|named, forced function name)."""
     tools = req.function_tools()
+    # the deprecated function_call is tool_choice's older name; errors name the field sent
+    field = "tool_choice" if req.tool_choice is not None else "function_call"
     choice = req.tool_choice if req.tool_choice is not None else req.function_call
     if choice is None:
         return tools, ("auto" if tools else "none"), None
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
             raise BadRequest(
-                f"tool_choice must be none, auto, required or a function, got {choice!r}",
-                param="tool_choice",
+                f"{field} must be none, auto, required or a function, got {choice!r}",
+                param=field,
                 code="invalid_value",
             )
         if choice == "required" and not tools:
-            raise BadRequest(
-                "tool_choice 'required' needs tools", param="tool_choice", code="invalid_value"
-            )
+            raise BadRequest(f"{field} 'required' needs tools", param=field, code="invalid_value")
         return tools, choice, None
     kind = choice.get("type", "function")
     if kind == "allowed_tools":
@@ -53,15 +53,15 @@ def tool_plan(req: ChatCompletionRequest) -> tuple[list[FunctionDef], str, str |
     if kind != "function" and "name" not in choice:
         raise BadRequest(
             "custom tool choices are not supported",
-            param="tool_choice",
+            param=field,
             code="unsupported_parameter",
         )
     name = (choice.get("function") or {}).get("name") or choice.get("name")
     match = [t for t in tools if t.name == name]
     if not match:
         raise BadRequest(
-            f"tool_choice names function {name!r}, which is not in tools",
-            param="tool_choice",
+            f"{field} names function {name!r}, which is not in tools",
+            param=field,
             code="invalid_value",
         )
     return match, "named", name

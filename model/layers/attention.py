@@ -12,8 +12,10 @@ from model.config import ModelConfig
 from model.context import ForwardContext
 from model.layers.glue import mla_out, mla_qkv
 from model.layers.indexer import LightningIndexer
+from model.layers.linear import weight_of
 from model.layers.norm import RMSNorm
 from model.layers.rotary import apply_rotary
+from model.parallel.group import SINGLE, Parallel
 
 # The latent norms use a fixed 1e-6, not rms_norm_eps: DeepSeek's reference and transformers do so
 # (vLLM passes rms_norm_eps, which differs only for GLM's 1e-5 and can flip near-tied top-k picks).
@@ -33,12 +35,16 @@ def _attend(q, k_cache, v_cache, ctx: ForwardContext, scale: float) -> torch.Ten
 class MLAttention(nn.Module):
     """Multi-head latent attention computed in MQA ("absorbed") form: the cache holds one 576-d row
     per token [latent c (512) | rope key (64)], queries are mapped into latent space with W_UK and
-    outputs back with W_UV (dsa.md 2.2)."""
+    outputs back with W_UV (dsa.md 2.2).
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool):
+    Under tensor parallelism this rank holds H / N heads (q_b_proj, kv_b_proj by head rows,
+    o_proj by head columns) and all-reduces o_proj's partial sums; q_a_proj, kv_a_proj and the
+    latent cache are per token, not per head, so they are the same on every rank."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool, par: Parallel = SINGLE):
         super().__init__()
-        self.layer_id = layer_id
-        self.n_heads = cfg.num_attention_heads
+        self.layer_id, self.par = layer_id, par
+        self.n_heads = par.split(cfg.num_attention_heads, "num_attention_heads")[1]
         self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank, self.interleave, self.scale = (
             cfg.kv_lora_rank,
@@ -66,11 +72,11 @@ class MLAttention(nn.Module):
         lora = hasattr(self, "q_a_proj")
         qr, q, k = mla_qkv(
             x,
-            self.q_a_proj.weight if lora else None,
+            weight_of(self.q_a_proj) if lora else None,
             self.q_a_proj.bias if lora else None,
             self.q_a_layernorm.weight if lora else None,
-            self.q_b_proj.weight if lora else self.q_proj.weight,
-            self.kv_a_proj_with_mqa.weight,
+            weight_of(self.q_b_proj if lora else self.q_proj),
+            weight_of(self.kv_a_proj_with_mqa),
             self.kv_a_proj_with_mqa.bias,
             self.kv_a_layernorm.weight,
             self.kv_b_proj.weight,
@@ -87,8 +93,16 @@ class MLAttention(nn.Module):
         return qr, q, k, k[..., : self.rank]
 
     def output(self, o_lat: torch.Tensor) -> torch.Tensor:
-        """Attention output in latent space [T, H, C] -> [T, d]."""
-        return mla_out(o_lat, self.kv_b_proj.weight, self.o_proj.weight, self.o_proj.bias, self.dn)
+        """Attention output in latent space [T, H, C] -> [T, d] (this rank's heads' share,
+        summed over ranks; the bias once, after the sum)."""
+        if self.par.size == 1:
+            return mla_out(
+                o_lat, self.kv_b_proj.weight, weight_of(self.o_proj), self.o_proj.bias, self.dn
+            )
+        out = self.par.all_reduce(
+            mla_out(o_lat, self.kv_b_proj.weight, weight_of(self.o_proj), None, self.dn)
+        )
+        return out if self.o_proj.bias is None else out + self.o_proj.bias
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qr, q, k, _ = self.qkv(x, ctx)
@@ -102,8 +116,10 @@ class MLAttention(nn.Module):
 class GQAttention(nn.Module):
     """Llama-style grouped-query attention with a lightning indexer on the normed hidden state."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool):
+    def __init__(self, cfg: ModelConfig, layer_id: int, runs_indexer: bool, par: Parallel = SINGLE):
         super().__init__()
+        if par.size > 1:
+            raise ValueError("tensor parallelism supports the MLA families, not dsa_llama")
         self.layer_id = layer_id
         self.n_heads, self.n_kv, self.hd = (
             cfg.num_attention_heads,

@@ -19,6 +19,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from model.layers.linear import linear
 from model.layers.rotary import apply_rotary
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,12 @@ def mla_qkv(
     `q_a_w` None: the model has no q LoRA and `q_w` is q_proj."""
     t = x.shape[0]
     if q_a_w is not None:
-        qr = _rms(F.linear(x, q_a_w, q_a_b), q_norm_w, eps)
+        qr = _rms(linear(x, q_a_w, q_a_b), q_norm_w, eps)
     else:
         qr = x
-    q = F.linear(qr, q_w).view(t, heads, dn + dr)
+    q = linear(qr, q_w).view(t, heads, dn + dr)
     q_nope, q_pe = q[..., :dn], apply_rotary(q[..., dn:], cos, sin, interleave)
-    kv = F.linear(x, kv_a_w, kv_a_b)
+    kv = linear(x, kv_a_w, kv_a_b)
     c = _rms(kv[:, :rank], kv_norm_w, eps)
     k_pe = apply_rotary(kv[:, rank:], cos, sin, interleave)
     w = kv_b_w.view(heads, dn + dv, rank)
@@ -133,7 +134,7 @@ def mla_out(
     t, h, rank = o_lat.shape
     w = kv_b_w.view(h, -1, rank)
     o = torch.einsum("thr,hvr->thv", o_lat, w[:, dn:])
-    return F.linear(o.reshape(t, -1), o_w, o_b)
+    return linear(o.reshape(t, -1), o_w, o_b)
 
 
 @glue
@@ -155,8 +156,8 @@ def indexer_project(
 ):
     """-> q [T, HI, DI], k [T, DI] (both rotated), w [T, HI] fp32 with HI^-.5 DI^-.5 folded."""
     t = x.shape[0]
-    q = F.linear(q_in, wq_b).view(t, heads, head_dim)
-    k = F.layer_norm(F.linear(x, wk).float(), (head_dim,), kn_w.float(), kn_b.float(), kn_eps)
+    q = linear(q_in, wq_b).view(t, heads, head_dim)
+    k = F.layer_norm(linear(x, wk).float(), (head_dim,), kn_w.float(), kn_b.float(), kn_eps)
     k = k.to(x.dtype)
     # The rotated dims come first in the indexer head (MLA puts them last).
     r = rope_dim
@@ -196,4 +197,4 @@ def route(
 
 @glue
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
-    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+    return linear(F.silu(linear(x, w_gate)) * linear(x, w_up), w_down)

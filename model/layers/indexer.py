@@ -14,6 +14,7 @@ from kernels.kv_store import store_rows
 from model.config import ModelConfig
 from model.context import ForwardContext
 from model.layers.glue import indexer_project
+from model.layers.linear import weight_of
 
 
 class LightningIndexer(nn.Module):
@@ -36,8 +37,8 @@ class LightningIndexer(nn.Module):
         return indexer_project(
             x,
             q_in,
-            self.wq_b.weight,
-            self.wk.weight,
+            weight_of(self.wq_b),
+            weight_of(self.wk),
             self.k_norm.weight,
             self.k_norm.bias,
             self.k_norm.eps,

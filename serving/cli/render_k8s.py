@@ -8,7 +8,8 @@ render differs from what this command produces now.
 
 Each engine role's replicas are pinned to a Ray custom resource `indexcache_<role>` that only
 that role's worker group offers (rayStartParams), so prefill and decode land on their own node
-pools and the Ray autoscaler grows the right pool.
+pools and the Ray autoscaler grows the right pool. A tensor-parallel role also gets its
+placement-group bundles (one per rank, the pin in bundle 0, where the replica runs).
 """
 
 from __future__ import annotations
@@ -44,7 +45,15 @@ def serve_config(config) -> dict[str, Any]:
     for role in config.roles:
         opts = deployment_options(config, role)
         actor = {**opts["ray_actor_options"], "resources": {role_resource(role): 1}}
-        deployments.append({"name": opts["name"], "ray_actor_options": actor})
+        dep = {"name": opts["name"], "ray_actor_options": actor}
+        if "placement_group_bundles" in opts:
+            # A tensor-parallel replica: the replica (rank 0) runs in bundle 0, so that bundle
+            # carries the pin too; STRICT_PACK keeps the other ranks on its node.
+            bundles = [dict(b) for b in opts["placement_group_bundles"]]
+            bundles[0][role_resource(role)] = 1
+            dep["placement_group_bundles"] = bundles
+            dep["placement_group_strategy"] = opts["placement_group_strategy"]
+        deployments.append(dep)
     app = {
         "name": config.app_name,
         "import_path": IMPORT_PATH,

@@ -275,6 +275,10 @@ class AsyncLLMEngine:
         for rid in [*self.engine.seqs, *pending]:
             self.engine.abort(rid)
             self._deliver(StepOutput(rid, [], "", "abort"))
+        try:
+            self.engine.shutdown()  # a tensor-parallel engine releases its other ranks
+        except Exception:
+            log.exception("engine shutdown failed (a tensor-parallel rank may be gone)")
 
     def _idle_timeout(self) -> float | None:
         """Seconds until the next handoff deadline (None: sleep until a command comes)."""

@@ -77,6 +77,21 @@ class EngineConfig:
         "decode: KV handoffs that may wait for pages at once (they hold no pages and no payload "
         "bytes while they wait); one more is refused and its request gets a 503",
     )
+    tensor_parallel_size: int = _f(
+        1,
+        "ranks (GPUs) one replica's model is split over: MLA heads, MLP and vocabulary split, "
+        "indexer replicated (model/parallel); MLA families only",
+    )
+    expert_parallel: bool = _f(
+        False,
+        "with tensor_parallel_size > 1, place whole routed experts on ranks (E / N each) instead "
+        "of splitting every expert's intermediate size",
+    )
+    fp8_weights: bool = _f(
+        False,
+        "FP8 checkpoints keep linears and experts in e4m3 with their 128x128 block scales "
+        "(kernels/fp8_gemm, fused_moe_fp8); false: dequantise them to dtype at load",
+    )
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype):  # accepted for convenience, stored by name
@@ -89,7 +104,12 @@ class EngineConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
-        for name in ("max_num_seqs", "cuda_graph_max_batch", "max_queued_handoffs"):
+        for name in (
+            "max_num_seqs",
+            "cuda_graph_max_batch",
+            "max_queued_handoffs",
+            "tensor_parallel_size",
+        ):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -97,7 +117,14 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {v!r}")
-        for name in ("index_fp8", "enforce_eager", "torch_compile", "enable_prefix_caching"):
+        for name in (
+            "index_fp8",
+            "enforce_eager",
+            "torch_compile",
+            "enable_prefix_caching",
+            "expert_parallel",
+            "fp8_weights",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         u = self.gpu_memory_utilization

@@ -69,8 +69,11 @@ class EngineKVConnector:
         scheduler: Scheduler,
         max_queued: int,
         clock: Callable[[], float] = time.monotonic,
+        mirror: Callable[[list[int], KVPayload, int], None] | None = None,
     ):
         self.copier = KVCopier(cache)
+        # tensor parallelism: the other ranks' caches take the same rows (ModelRunner)
+        self.mirror = mirror
         self.layout = cache.layout
         self.sched = scheduler
         self.max_queued = max_queued
@@ -134,6 +137,8 @@ class EngineKVConnector:
         self._start_import(imp)
 
     def _start_import(self, imp: _Import) -> None:
+        if self.mirror is not None:
+            self.mirror(imp.seq.pages, imp.payload, imp.seq.num_cached)
         imp.copy = self.copier.import_(imp.seq.pages, imp.payload, start=imp.seq.num_cached)
 
     def discard(self, request_id: str) -> None:

@@ -72,6 +72,13 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mcfg.max_position_embeddings}"
             )
+        if model.par.size != config.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size: the config says {config.tensor_parallel_size}, the model "
+                f"is split over {model.par.size} ranks"
+            )
+        if not model.par.driver:
+            raise ValueError("an engine runs on rank 0; other ranks run ModelRunner.serve()")
         self.layout = model.kv_layout(config.index_fp8)
         self.runner = ModelRunner(model, config)
         if cache is not None:
@@ -105,7 +112,9 @@ class LLMEngine:
         # A sequence can never outgrow the pool, so the effective limit is the smaller one.
         self.max_len = min(self.max_model_len, self.kv_capacity_tokens)
         self.runner.bind(self.cache, self.max_len)  # captures the decode CUDA graphs
-        self.kv = EngineKVConnector(self.cache, self.scheduler, config.max_queued_handoffs)
+        self.kv = EngineKVConnector(
+            self.cache, self.scheduler, config.max_queued_handoffs, mirror=self.runner.mirror_import
+        )
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(mcfg.eos_token_id)
         self.sampler = Sampler(mcfg.vocab_size, model.device, tokenizer, sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
@@ -129,8 +138,24 @@ class LLMEngine:
         from model.loader import load_model
 
         config = EngineConfig.from_kwargs(**settings)
-        model = load_model(path, index_cache, dtype=config.torch_dtype, device=config.device)
+        if config.tensor_parallel_size > 1:
+            raise ValueError(
+                f"tensor_parallel_size={config.tensor_parallel_size}: a tensor-parallel engine "
+                "needs one process per rank (serving.engine.tp.start_rank, or the Serve replica "
+                "in serving/tp_replica.py)"
+            )
+        model = load_model(
+            path,
+            index_cache,
+            dtype=config.torch_dtype,
+            device=config.device,
+            keep_fp8=config.fp8_weights,
+        )
         return cls(model.eval(), Tokenizer.from_pretrained(path), config)
+
+    def shutdown(self) -> None:
+        """Release the other ranks of a tensor-parallel replica (a no-op for one rank)."""
+        self.runner.shutdown()
 
     # -- requests ---------------------------------------------------------------------------
     @property

@@ -10,6 +10,12 @@ short of the prompt's end produces KV only, so its logits are never computed. Th
 opt-in: a request asking for prompt logprobs gets logits for its prompt rows too (after the
 sampling rows, in the same lm_head call). Such a chunk always runs eagerly; a CUDA graph replays
 only batches in which every row is its sequence's one pending token.
+
+Tensor parallelism (model.par.size > 1): the runner of rank 0, the driver, walks the batch and
+broadcasts the step's flat lists to the other ranks' runners (`serve`), which build the same
+tensors and run the same forward on their shards; KV page bookkeeping stays on the driver,
+whose block-table updates every rank applies. Start-up (the KV pool size, graph capture,
+profiling) and KV imports are broadcast the same way, so every rank's cache is the driver's.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from model.kv_cache import KVCache
 from model.layers import glue
 from serving.engine.config import EngineConfig
 from serving.engine.cuda_graph import DecodeGraphs, pad_rows
+from serving.engine.kv_copy import KVCopier
 from serving.engine.memory import Profile
 from serving.engine.scheduler import ScheduledBatch
 from serving.engine.step_state import BlockTables, StepPacker
@@ -34,6 +41,7 @@ from serving.engine.step_state import BlockTables, StepPacker
 class ModelRunner:
     def __init__(self, model: DSAForCausalLM, config: EngineConfig):
         self.model, self.config = model, config
+        self.par = model.par
         self.device = model.device
         self.packer = StepPacker(self.device)
         self.cache: KVCache | None = None
@@ -53,8 +61,57 @@ class ModelRunner:
         set before each forward: engines with different choices may share a process)."""
         glue.set_compile(self.config.torch_compile and self.device.type == "cuda")
 
+    def _send(self, *msg) -> None:
+        """Driver: the other ranks run what this message says, in step with this rank (on the
+        others, the same code path sends nothing: they are the receivers)."""
+        if self.par.size > 1 and self.par.driver:
+            self.par.broadcast(msg)
+
+    @torch.inference_mode()
+    def serve(self) -> None:
+        """Ranks other than the driver: run the driver's start-up, forwards and imports until it
+        says stop. If the driver dies, the next broadcast raises (the group's timeout) and so
+        does this; a dead peer likewise makes the driver's next collective raise."""
+        while True:
+            kind, *args = self.par.broadcast()
+            if kind == "stop":
+                return
+            getattr(self, "_on_" + kind)(*args)
+
+    def shutdown(self) -> None:
+        """Driver: release the other ranks' serve loops and leave the group."""
+        if self.par.size > 1:
+            try:
+                self._send("stop")
+            finally:
+                self.par.close()
+
+    def _on_bind(self, num_blocks: int, max_len: int) -> None:
+        self.bind(
+            KVCache(self.model.kv_layout(self.config.index_fp8), num_blocks, self.device), max_len
+        )
+
+    def _on_profile(self, max_model_len: int) -> None:
+        self.profile(max_model_len)
+
+    def _on_eager(self, segs: dict, width: int, decode: bool, groups, all_rows: bool) -> None:
+        self._eager_forward(segs, width, decode, groups, all_rows)
+
+    def _on_replay(self, segs: dict, bs: int) -> None:
+        self._replay_forward(segs, bs)
+
+    def _on_import(self, pages: list[int], payload, start: int) -> None:
+        # in step with the driver's own copy, so the rows are in before the next forward
+        KVCopier(self.cache).import_(pages, payload, start).wait()
+
+    def mirror_import(self, pages: list[int], payload, start: int) -> None:
+        """Driver: the other ranks write the imported KV payload into the same pages (the
+        driver's own copy is the KV connector's)."""
+        self._send("import", pages, payload, start)
+
     def bind(self, cache: KVCache, max_len: int) -> None:
         """Attach the KV pool; on CUDA (unless enforce_eager) capture the decode graphs."""
+        self._send("bind", cache.num_blocks, max_len)
         self._glue()
         self.cache = cache
         max_pages = math.ceil(max_len / self.page_size)
@@ -99,9 +156,14 @@ class ModelRunner:
             lens.append(c + 1)
         g = self.graphs
         flat = pad_rows([ids, pos, slots, lens, rows], len(seqs), g.max_batch, self.tables.pad_row)
-        v = self.packer.pack({"graph": flat, "upd_idx": upd_idx, "upd_pages": upd_pages})
+        segs = {"graph": flat, "upd_idx": upd_idx, "upd_pages": upd_pages}
+        self._send("replay", segs, len(seqs))
+        return self._replay_forward(segs, len(seqs))
+
+    def _replay_forward(self, segs: dict, bs: int) -> torch.Tensor:
+        v = self.packer.pack(segs)
         self.tables.apply(v["upd_idx"], v["upd_pages"])
-        return g.replay(v["graph"], len(seqs))
+        return self.graphs.replay(v["graph"], bs)
 
     def _eager(self, seqs, num_new, rows, upd_idx, upd_pages, decode: bool):
         ps = self.page_size
@@ -140,13 +202,22 @@ class ModelRunner:
             "upd_idx": upd_idx,
             "upd_pages": upd_pages,
         }
-        plan = None
+        groups = None
         if self._plans_tiles and not decode:
             tiles, groups = plan_prefill(cu, lens, self._tile_cfg)
             segs["tiles"] = [x for t in tiles for x in t]
+        all_rows = len(sampling) == len(ids) and not prompt
+        self._send("eager", segs, width, decode, groups, all_rows)
+        logits = self._eager_forward(segs, width, decode, groups, all_rows)
+        return (logits if sampling or prompt else None), sampling, prompt
+
+    def _eager_forward(
+        self, segs: dict, width: int, decode: bool, groups, all_rows: bool
+    ) -> torch.Tensor:
         v = self.packer.pack(segs)
+        plan = None
         self.tables.apply(v["upd_idx"], v["upd_pages"])
-        if self._plans_tiles and not decode:
+        if groups is not None:
             plan = PrefillTiles(v["tiles"].view(-1, 4), tuple(groups), v["pos"] + 1, self._tile_cfg)
         ctx = ForwardContext(
             positions=v["pos"],
@@ -156,17 +227,17 @@ class ModelRunner:
             slot_mapping=v["slots"],
             cache=self.cache,
             is_decode=decode,
-            logits_indices=None if len(sampling) == len(ids) and not prompt else v["logits"],
+            logits_indices=None if all_rows else v["logits"],
             indexer_plan=plan,
         )
-        logits = self.model(v["ids"], ctx)
-        return (logits if sampling or prompt else None), sampling, prompt
+        return self.model(v["ids"], ctx)
 
     # -- start-up -------------------------------------------------------------------------------
     @torch.inference_mode()
     def profile(self, max_model_len: int) -> Profile:
         """Peak memory of the largest eager step (one full chunk) and of the largest graph batch,
         each above the steady state, measured on a scratch cache before the KV pool exists."""
+        self._send("profile", max_model_len)
         self._glue()
         dev = self.device
         chunk = min(self.config.chunk, max_model_len)

@@ -1,4 +1,4 @@
-"""Rendered kustomizations, once per session: {"base" | "dev" | "prod": [documents]}."""
+"""Rendered kustomizations, once per session: {"base" | "dev" | "prod" | "tp8": [documents]}."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ TARGETS = {
     "base": k8s.K8S / "base",
     "dev": k8s.K8S / "overlays" / "dev",
     "prod": k8s.K8S / "overlays" / "prod",
+    "tp8": k8s.K8S / "overlays" / "tp8",
 }
 # The serving YAML whose render each target runs (dev inherits the base's).
 SERVING_YAML = {
     "base": k8s.K8S / "base" / "serving.yaml",
     "dev": k8s.K8S / "base" / "serving.yaml",
     "prod": k8s.K8S / "overlays" / "prod" / "serving.yaml",
+    "tp8": k8s.K8S / "overlays" / "tp8" / "serving.yaml",
 }
 
 

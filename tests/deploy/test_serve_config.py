@@ -118,9 +118,10 @@ def test_each_role_has_its_own_pool_with_room_for_max_replicas(rendered, target)
         pool, g = pools[0], config.group(role)
         most = g.autoscaling.max_replicas if g.autoscaling else g.num_replicas
         container = pool["template"]["spec"]["containers"][0]
-        assert most * g.num_gpus <= pool["maxReplicas"] * _gpus(container), role
-        assert most * g.num_cpus <= pool["maxReplicas"] * _cpus(container), role
-        spare_cpus += pool["maxReplicas"] * _cpus(container) - most * g.num_cpus
+        ranks = g.engine.tensor_parallel_size  # resources are per rank, one bundle each
+        assert most * ranks * g.num_gpus <= pool["maxReplicas"] * _gpus(container), role
+        assert most * ranks * g.num_cpus <= pool["maxReplicas"] * _cpus(container), role
+        spare_cpus += pool["maxReplicas"] * _cpus(container) - most * ranks * g.num_cpus
     assert config.ingress.num_replicas * config.ingress.num_cpus <= spare_cpus
 
 
@@ -159,3 +160,21 @@ def test_calibrate_job_calibrates_and_publishes_the_served_model(rendered, targe
     assert args.out.startswith("/models/")
     assert job["spec"]["suspend"] is True  # `kubectl apply -k` must not start a GPU job
     assert job["spec"]["entrypointNumGpus"] >= 1
+
+
+def test_tp8_replica_takes_a_whole_node(rendered):
+    """The tensor-parallel overlay: 8 one-GPU bundles per replica, packed on one node, the role
+    pin in the replica's bundle, on a worker group of 8-GPU pods."""
+    (app,) = serve_doc(rendered["tp8"])["applications"]
+    (dep,) = app["deployments"]
+    bundles = dep["placement_group_bundles"]
+    assert len(bundles) == 8 and dep["placement_group_strategy"] == "STRICT_PACK"
+    assert bundles[0] == {"CPU": 12.0, "GPU": 1.0, render_k8s.role_resource("unified"): 1}
+    assert all(b == {"CPU": 12.0, "GPU": 1.0} for b in bundles[1:])
+    assert dep["ray_actor_options"]["num_gpus"] == 1.0
+    engine = app["args"]["unified"]["engine"]
+    assert engine["tensor_parallel_size"] == 8 and engine["fp8_weights"] is True
+    rs = one(rendered["tp8"], "RayService", "indexcache")["spec"]["rayClusterConfig"]
+    (group,) = rs["workerGroupSpecs"]
+    (c,) = group["template"]["spec"]["containers"]
+    assert _gpus(c) == 8

@@ -115,12 +115,42 @@ def test_bench_moe_quick(tmp_path, device, monkeypatch):
     real = mtri.fused_moe
     monkeypatch.setattr(mtri, "fused_moe", lambda *a, **k: launches.append(1) or real(*a, **k))
     out = tmp_path / "moe.json"
-    assert bench_moe.main(["--quick", "--sweep", "--out", str(out)]) == 0
+    assert bench_moe.main(["--quick", "--sweep", "--fp8", "--out", str(out)]) == 0
     res = json.loads(out.read_text())["results"]
-    assert [r["T"] for r in res] == [1, 33]
+    assert [r["T"] for r in res] == [1, 33, 1, 9]
+    assert res[2]["fp8_check"] == "ok" and res[3]["fp8_ms"] > 0 and "fp8_ms" not in res[0]
+    assert "FP8 speedup" in bench_moe.table(res)
     for r in res:
         assert r["check"] == "ok" and r["rms_rel_err"] < 1e-5, r
         assert r["fused_ms"] > 0 and r["torch_sort_loop_ms"] > 0 and r["flop_floor_ms"] > 0
         assert all(isinstance(v, float) for v in r["sweep_ms"].values()), r["sweep_ms"]
     assert len(launches) >= 2 * 3  # check, warm-up + timed run, sweep: Triton, not the ref
     assert "torch sort+loop" in bench_moe.table(res)
+
+
+@pytest.mark.interpret
+def test_bench_fp8_gemm_quick(tmp_path, device, monkeypatch):
+    """kernels.bench_fp8_gemm --quick --sweep: check, timings, table and JSON all come out, the
+    GEMM really the Triton path (under the interpreter) and correct."""
+    if device.type != "cpu":
+        pytest.skip("the toy run is for the interpreter; the GPU runs the real bench")
+    from kernels import bench_fp8_gemm
+    from kernels.fp8_gemm import triton as gtri
+
+    launches = []
+    real = gtri.fp8_gemm
+    monkeypatch.setattr(gtri, "fp8_gemm", lambda *a, **k: launches.append(1) or real(*a, **k))
+    out = tmp_path / "g.json"
+    assert bench_fp8_gemm.main(["--quick", "--sweep", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert [(r["shape"], r["M"]) for r in res] == [
+        ("toy", 1),
+        ("toy", 33),
+        ("toy-even", 1),
+        ("toy-even", 33),
+    ]
+    for r in res:
+        assert r["check"] == "ok" and r["gemm_ms"] > 0 and r["bf16_linear_ms"] > 0, r
+        assert all(isinstance(v, float) for v in r["sweep_ms"].values()), r["sweep_ms"]
+    assert len(launches) >= 4 * 6  # check, 2 x gemm, 2 x linear, sweep per row
+    assert "share of 1410" in bench_fp8_gemm.table(res)

@@ -101,7 +101,7 @@ def test_triton_drops_out_of_range_ids(device):
         5, 4, 2, 48, 40, I64, "spread", torch.float32, device
     )
     bad = ids.clone()
-    bad[1, 0], bad[3, 1] = 4, -1
+    bad[1, 0], bad[3, 1] = 4, -2
     with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, E=4\)"):
         fused_moe(x, w_gate_up, w_down, weights, bad, impl="ref")
     zeroed = weights.clone()
@@ -109,6 +109,21 @@ def test_triton_drops_out_of_range_ids(device):
     want = fused_moe(x, w_gate_up, w_down, zeroed, ids, impl="ref")
     got = fused_moe(x, w_gate_up, w_down, weights, bad, impl="triton")
     assert_close("moe dropped slots", want, got, ratio_for(torch.float32))
+
+
+@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=interpret)])
+def test_minus_one_slots_contribute_nothing(impl, device):
+    """-1 marks a slot routed to another rank's expert (expert parallelism): the output is that
+    of the remaining slots, as if their weight were zero."""
+    x, w_gate_up, w_down, weights, ids = make_inputs(
+        9, 4, 3, 48, 40, I32, "spread", torch.float32, device
+    )
+    ep = ids.clone()
+    ep[ids >= 2] = -1  # this rank holds experts 0 and 1
+    zeroed = torch.where(ids >= 2, 0.0, weights)
+    want = fused_moe(x, w_gate_up, w_down, zeroed, ids, impl="ref")
+    got = fused_moe(x, w_gate_up, w_down, weights, ep, impl=impl)
+    assert_close("moe -1 slots", want, got, ratio_for(torch.float32))
 
 
 def test_ref_matches_per_token_formula():

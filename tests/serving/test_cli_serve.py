@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -210,7 +211,9 @@ def test_sigterm_drains_then_exits_0_leaving_no_process(tmp_path, tiny_dir):
         if proc.poll() is None:
             proc.kill()
     out = "".join(lines) + proc.stdout.read()
-    assert "draining: 2 request(s) in flight" in out and "stopped" in out, out[-3000:]
+    # the two streams, plus any probe that reached the ingress before it began refusing
+    drained = re.search(r"draining: (\d+) request\(s\) in flight", out)
+    assert drained and int(drained.group(1)) >= 2 and "stopped" in out, out[-3000:]
     assert not (tmp_path / "ray-cluster.json").exists()  # the record goes with the server
 
 

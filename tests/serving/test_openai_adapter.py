@@ -289,3 +289,12 @@ def test_echoed_prompt_logprobs_lead_the_completion_logprobs(tok):
     assert lp["text_offset"] == [0, 1, 2]
     first = b.logprobs(1, [], "a", [(ids[0], None)])
     assert first["token_logprobs"] == [None] and first["top_logprobs"] == [None]
+
+
+def test_a_forced_function_must_be_a_tool_and_the_error_names_the_field_sent(tok, lltok):
+    for field in ("tool_choice", "function_call"):
+        body = chat(**{field: {"type": "function", "function": {"name": "x"}, "name": "x"}})
+        with pytest.raises(BadRequest) as e:
+            plan_chat(tok, lltok, body)
+        assert (e.value.param, e.value.code) == (field, "invalid_value")
+        assert "'x', which is not in tools" in e.value.message

@@ -79,6 +79,9 @@ def _allowed_refusal(r: httpx.Response, spec_names: set) -> bool:
         "stop_token_ids",
     ):
         return "token ids" in err["message"]  # the spec's keys/items are the model's token ids
+    if code == "invalid_value" and param in ("tool_choice", "function_call"):
+        # a forced function must be one of the request's tools (OpenAI refuses it too)
+        return "which is not in tools" in err["message"] or "needs tools" in err["message"]
     if code == "invalid_value" and param.split(".")[0] in ("max_tokens", "max_completion_tokens"):
         return "the limit is" in err["message"] or ">= " in err["message"]
     return code in DOCUMENTED
