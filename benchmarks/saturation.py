@@ -113,7 +113,7 @@ def quarter_pattern(layers: int) -> str:
 
 def synthetic_payload(layout, prompt: list[int], dtype: torch.dtype, seed: int):
     """A payload of random rows in `layout`: what a prefill replica would send, for timing only."""
-    from serving.engine.payload import PAYLOAD_VERSION, KVPayload
+    from serving.engine.payload import KVPayload, make_header
 
     g = torch.Generator().manual_seed(seed)
     n = len(prompt)
@@ -135,17 +135,7 @@ def synthetic_payload(layout, prompt: list[int], dtype: torch.dtype, seed: int):
         if layout.index_fp8
         else []
     )
-    return KVPayload(
-        PAYLOAD_VERSION,
-        layout.plan_id,
-        layout.to_dict(),
-        prompt,
-        prompt[-1],
-        n,
-        attn,
-        index_k,
-        scales,
-    )
+    return KVPayload.from_tensors(make_header(layout, prompt, prompt[-1]), attn, index_k, scales)
 
 
 def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -> dict:
@@ -169,6 +159,7 @@ def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -
         # admission headroom, so the pool fills with distinct requests.
         enable_prefix_caching=False,
         kv_watermark=0,
+        max_queued_handoffs=max(args.requests, 1),  # every request is queued at once here
     )
     engine = LLMEngine(model, Tokenizer(byte_tokenizer(), None, ()), cfg)
     sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True)
@@ -190,7 +181,7 @@ def run_plan(name: str, pattern: str, args, budget: int, device: torch.device) -
         total=args.requests * (args.gen - (role == "decode")), desc=f"{name} tokens", leave=False
     )
     while engine.has_unfinished():
-        waiting = len(engine.scheduler.waiting)
+        waiting = len(engine.scheduler.waiting) + len(engine.scheduler.reserving)
         t0 = time.perf_counter()
         outs = engine.step()
         if device.type == "cuda":

@@ -178,12 +178,13 @@ class KVTransferConfig(_Strict):
         description="object_store: ray.put into the Ray object store; direct: "
         "Ray Direct Transport, tensors stay on the prefill replica until decode pulls them",
     )
-    tensor_transport: str = Field("nixl", description="direct only: the RDT transport")
+    tensor_transport: str = Field("nixl", description="direct only: the RDT transport (nixl)")
     timeout_s: float = Field(
         30.0,
         gt=0,
-        description="a payload decode has not taken by then "
-        "is released and the request fails with 503",
+        description="the whole KV handoff: a decode replica that has not reserved pages for the "
+        "payload and pulled it by then gives the request a 503 and both replicas free what "
+        "they hold for it",
     )
 
     @field_validator("tensor_transport")
@@ -195,10 +196,15 @@ class KVTransferConfig(_Strict):
             # transports; they only work for actor-method returns inside a collective group.
             raise ValueError(
                 f"tensor_transport {v!r} is two-sided: Ray's ray.put() supports only "
-                "one-sided transports; use 'nixl' (CPU or GPU) or 'cuda_ipc'"
+                "one-sided transports; use 'nixl' (CPU or GPU)"
             )
-        if v not in ("nixl", "cuda_ipc"):
-            raise ValueError(f"tensor_transport must be 'nixl' or 'cuda_ipc', got {v!r}")
+        if v == "cuda_ipc":
+            raise ValueError(
+                "tensor_transport 'cuda_ipc' is not supported: it shares CUDA tensors only, and a "
+                "KV payload is host memory; use 'nixl'"
+            )
+        if v != "nixl":
+            raise ValueError(f"tensor_transport must be 'nixl', got {v!r}")
         return v
 
 

@@ -9,12 +9,14 @@ phase. All three:
 - publish metrics snapshots to the app's hub, and autoscaling signals to Serve
   (`record_autoscaling_stats`, read by autoscale/ray_policy.py);
 - abort a request when its caller goes away (Serve cancels the call; the engine's stream closes).
+
+The prefill and decode sides of the KV handoff are serving/kv_connector.py's; these classes only
+bind it to the replica's engine.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -23,16 +25,10 @@ from ray import serve
 
 from serving import metrics
 from serving.engine_host import EngineHost, layout_pattern
-from serving.errors import KVTransferError
+from serving.kv_connector import KVConnector
 from serving.metrics_hub import MetricsPublisher
 from serving.plan_follower import PlanFollower
-from serving.protocol import (
-    DecodeRequest,
-    GenerateRequest,
-    KVReceived,
-    PrefillResponse,
-    PrefillRoute,
-)
+from serving.protocol import DecodeRequest, GenerateRequest, PrefillRoute
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +65,11 @@ class _EngineServer:
         self.plans = PlanFollower(
             self.host, spec.model_name, spec.model_path, spec.index_cache, spec.role
         )
+        self.kv: KVConnector | None = None  # disaggregated roles: their side of the handoff
+
+    def _connector(self) -> KVConnector:
+        s = self.spec
+        return KVConnector(s.kv_backend, s.tensor_transport, s.kv_timeout_s, self.recorder)
 
     def _build(self, pattern: str | None, kv_pool_bytes: int | None):
         from serving.engine import AsyncLLMEngine
@@ -126,6 +127,14 @@ class _EngineServer:
             "plan_error": self.plans.error,
             # prompt + output tokens one request can have here (model limit and KV pool)
             "max_model_len": plan_max_len(self.host),
+            # KV pages and handoffs (disaggregated: what the handoff holds on this replica)
+            "kv_blocks_total": int(stats.get("kv_blocks_total", 0)),
+            "kv_blocks_used": int(stats.get("kv_blocks_used", 0)),
+            "kv_blocks_handoff": int(stats.get("kv_blocks_handoff", 0)),
+            "num_exporting": int(stats.get("num_exporting", 0)),
+            "handoffs_waiting": int(stats.get("handoffs_waiting", 0)),
+            "handoffs_reserved": int(stats.get("handoffs_reserved", 0)),
+            "kv_bytes_received": self.kv.bytes_received if self.kv is not None else 0,
             # the other ranks' actors of a tensor-parallel engine (empty: one rank)
             "tp_ranks": list(getattr(self.host.current.engine, "ranks", [])),
         }
@@ -170,41 +179,30 @@ class UnifiedServer(_EngineServer):
 class PrefillServer(_EngineServer):
     def __init__(self, spec: EngineSpec):
         super().__init__(spec)
-        from serving.kv_transfer import make_transport
-
-        self.transport = make_transport(spec.kv_backend, spec.tensor_transport)
+        self.kv = self._connector()
         self._queued_tokens = 0  # prompt tokens accepted and not yet prefilled
         self._latency = deque(maxlen=128)  # recent arrival -> first token seconds
 
-    async def prefill(self, req: GenerateRequest) -> PrefillResponse:
-        start, n = time.monotonic(), len(req.prompt_token_ids)
+    async def prefill(self, req: GenerateRequest):
+        """Streams the PrefillResponse, then holds the KV payload's pages until the caller
+        closes the stream (the decode side has it) or the transfer timeout passes."""
+        n = len(req.prompt_token_ids)
         self._queued_tokens += n
+        prefilled = False
+
+        def done(seconds: float) -> None:
+            nonlocal prefilled
+            prefilled = True
+            self._queued_tokens -= n
+            self._latency.append(seconds)
+
         try:
             async with self.host.acquire() as engine:
-                res = await engine.prefill(
-                    req.request_id, list(req.prompt_token_ids), req.params, req.resume
-                )
+                async for resp in self.kv.send(engine, req, done):
+                    yield resp
         finally:
-            self._queued_tokens -= n
-        elapsed = time.monotonic() - start
-        self._latency.append(elapsed)
-        kv = None
-        if res.finish_reason is None:
-            t0 = time.monotonic()
-            kv = self.transport.put(res.payload)
-            self.recorder.observe_kv_transfer(time.monotonic() - t0, 0)  # put side: time only
-        return PrefillResponse(
-            req.request_id,
-            res.first_token,
-            res.text,
-            res.finish_reason,
-            res.num_prompt_tokens,
-            kv,
-            res.payload.plan_id,
-            res.logprobs,
-            elapsed,
-            res.prompt_logprobs,
-        )
+            if not prefilled:
+                self._queued_tokens -= n
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         lat = sorted(self._latency)
@@ -220,9 +218,7 @@ class PrefillServer(_EngineServer):
 class DecodeServer(_EngineServer):
     def __init__(self, spec: EngineSpec):
         super().__init__(spec)
-        from serving.kv_transfer import make_transport
-
-        self.transport = make_transport(spec.kv_backend, spec.tensor_transport)
+        self.kv = self._connector()
         for local in (True, False):  # exported from the start, at 0
             self.recorder.count_prefill_route(local, 0)
 
@@ -244,27 +240,13 @@ class DecodeServer(_EngineServer):
                     yield delta
 
     async def decode(self, req: DecodeRequest):
-        start = time.monotonic()
-        try:
-            payload = await self.transport.get(req.kv, self.spec.kv_timeout_s)
-        except KVTransferError as e:
-            if e.code != "kv_released":
-                raise
-            # Given up before we could take it (client gone, transfer timed out): nobody waits
-            # for this stream, and an error here would only be a traceback in the logs.
-            log.info("request %s: %s", req.request_id, e.message)
-            return
-        req.kv.release()
-        seconds = time.monotonic() - start
-        self.recorder.observe_kv_transfer(seconds, payload.nbytes)
-        yield KVReceived(payload.nbytes, seconds, payload.plan_id)
-        if not self.host.has_plan(payload.plan_id):
+        """KVReceived once pages are reserved and the payload pulled, then the tokens."""
+        plan_id = req.kv.plan_id
+        if not self.host.has_plan(plan_id):
             await self.sync_plan()  # the prefill side may have rolled out a newer plan first
         # Still another plan (a prefill replica behind or ahead, or one that could not load
         # the new plan): decode it with an engine of that plan rather than fail the request.
-        pattern = layout_pattern(payload.layout)
-        async with self.host.acquire_plan(payload.plan_id, pattern) as engine:
-            stream = engine.decode(req.request_id, payload, req.params, req.resume)
-            del payload  # the engine holds it until imported
-            async for delta in stream:
-                yield delta
+        pattern = layout_pattern(req.kv.header.layout)
+        async with self.host.acquire_plan(plan_id, pattern) as engine:
+            async for item in self.kv.receive(engine, req):
+                yield item

@@ -233,6 +233,12 @@ class EngineHost:
         }
         out["num_running"] = sum(s.num_running for s in live)
         out["num_waiting"] = sum(s.num_waiting for s in live)
+        out["num_exporting"] = sum(s.num_exporting for s in live)
+        out["handoffs_waiting"] = sum(s.num_handoffs_waiting for s in live)
+        out["handoffs_reserved"] = sum(s.num_handoffs_reserved for s in live)
+        out["kv_blocks_handoff"] = sum(s.kv_blocks_handoff for s in live)
+        out["kv_blocks_used"] = sum(s.kv_blocks_used for s in live)
+        out["kv_blocks_total"] = sum(s.kv_blocks_total for s in live)
         total = sum(s.kv_blocks_total for s in live)
         out["kv_usage"] = sum(s.kv_blocks_used for s in live) / total if total else 0.0
         out["kv_cached"] = sum(s.kv_blocks_cached_free for s in live) / total if total else 0.0

@@ -187,14 +187,9 @@ class OpenAIIngress:
         own_request_id()
         return _cancel_on_exit(self._unified.options(stream=True).generate.remote(req))
 
-    async def prefill(self, req: GenerateRequest) -> PrefillResponse:
+    def prefill(self, req: GenerateRequest):
         own_request_id()
-        resp = self._prefill.prefill.remote(req)
-        try:
-            return await resp
-        except asyncio.CancelledError:
-            resp.cancel()
-            raise
+        return _cancel_on_exit(self._prefill.options(stream=True).prefill.remote(req))
 
     def decode(self, req):
         own_request_id()

@@ -1,20 +1,24 @@
-"""Moving a prefilled prompt's KV payload from a prefill replica to a decode replica.
+"""How a KV payload's bytes travel from a prefill replica to a decode replica: the transports
+under the KV connector (serving/kv_connector.py, which owns the handoff's protocol).
 
-One interface, two transports:
+Two transports, one interface:
 - `ObjectStoreTransport` (default): `ray.put(payload)` into the Ray object store; the decode
   replica awaits the ref. Works everywhere Ray runs; the payload is copied through shared memory
   (and the network between nodes).
-- `DirectTransport`: Ray Direct Transport, `ray.put(payload, _tensor_transport=...)`. Tensors stay
-  in the prefill replica (NIXL-registered CPU or GPU memory, or a CUDA IPC handle) and the
-  decode replica pulls them directly. Ray 2.60 allows only one-sided transports for ray.put:
-  `nixl` (UCX; also on CPU, which is how CPU tests exercise this path) and `cuda_ipc`.
+- `DirectTransport`: Ray Direct Transport over NIXL, `ray.put(payload, _tensor_transport="nixl")`.
+  The payload's one flat tensor stays in the prefill replica (NIXL-registered memory) and the
+  decode replica pulls it directly; NIXL runs over UCX on CPU too, which is how CPU tests exercise
+  this path. Ray 2.60 allows only one-sided transports for ray.put (NIXL and CUDA IPC); CUDA IPC
+  is not offered: it shares CUDA tensors only, and a payload is host memory.
 
-The object lives while a reference to it does: the handle keeps the ref in a one-item list (so Ray
-does not resolve it when the handle travels through a Serve handle), `release()` drops the
-holder's ref. The orchestrator releases on every path (decode took it, timeout, failure,
-disconnect), so a payload nobody consumes is freed once the timeout passes. A decode replica that
-finds the payload already freed (`kv_released`) knows the request was given up before it could
-take it (the client went away, the transfer timed out): nobody waits for its answer.
+A `KVHandle` carries the payload's header (tokens, layout: what the decode side needs to reserve
+pages) next to the reference to its bytes, so nothing large moves before the decode side has
+room. The object lives while a reference to it does: the handle keeps the ref in a one-item list
+(so Ray does not resolve it when the handle travels through a Serve handle), `release()` drops
+the holder's ref. The orchestrator and the prefill replica release on every path (decode took
+it, timeout, failure, disconnect). A decode replica that finds the payload already freed
+(`kv_released`) knows the request was given up before it could take it (the client went away,
+the transfer timed out): nobody waits for its answer.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import ray
 
 from serving.errors import KVTransferError
+
+if TYPE_CHECKING:
+    from serving.engine import KVHeader, KVPayload
 
 # Ray's errors for "the object was freed": its holders let go of it before it was fetched.
 _FREED = ("ReferenceCountingAssertionError", "ObjectFreedError")
@@ -43,11 +50,18 @@ def _failed(e: Exception, what: str) -> KVTransferError:
 
 @dataclass(frozen=True)
 class KVHandle:
-    transport: str  # "object_store" | "nixl" | "cuda_ipc"
-    nbytes: int
-    plan_id: str
+    transport: str  # "object_store" | "nixl"
+    header: KVHeader
     created_at: float
     box: list = field(default_factory=list, compare=False)  # [ObjectRef] until released
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.nbytes
+
+    @property
+    def plan_id(self) -> str:
+        return self.header.plan_id
 
     @property
     def released(self) -> bool:
@@ -61,18 +75,18 @@ class KVHandle:
 class KVTransport(Protocol):
     name: str
 
-    def put(self, payload: Any) -> KVHandle: ...
+    def put(self, payload: KVPayload) -> KVHandle: ...
 
-    async def get(self, handle: KVHandle, timeout_s: float) -> Any: ...
+    async def get(self, handle: KVHandle, timeout_s: float) -> KVPayload: ...
 
 
 class ObjectStoreTransport:
     name = "object_store"
 
-    def put(self, payload: Any) -> KVHandle:
-        return KVHandle(self.name, payload.nbytes, payload.plan_id, time.time(), [ray.put(payload)])
+    def put(self, payload: KVPayload) -> KVHandle:
+        return KVHandle(self.name, payload.header, time.time(), [ray.put(payload)])
 
-    async def get(self, handle: KVHandle, timeout_s: float) -> Any:
+    async def get(self, handle: KVHandle, timeout_s: float) -> KVPayload:
         if handle.released:
             raise KVTransferError("KV payload was already released")
         try:
@@ -93,11 +107,11 @@ class DirectTransport:
     def __init__(self, tensor_transport: str):
         self.name = tensor_transport
 
-    def put(self, payload: Any) -> KVHandle:
+    def put(self, payload: KVPayload) -> KVHandle:
         ref = ray.put(payload, _tensor_transport=self.name)
-        return KVHandle(self.name, payload.nbytes, payload.plan_id, time.time(), [ref])
+        return KVHandle(self.name, payload.header, time.time(), [ref])
 
-    async def get(self, handle: KVHandle, timeout_s: float) -> Any:
+    async def get(self, handle: KVHandle, timeout_s: float) -> KVPayload:
         if handle.released:
             raise KVTransferError("KV payload was already released")
         ref = handle.box[0]

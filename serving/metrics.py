@@ -160,6 +160,14 @@ PREFIX_CACHE_EVICTIONS = _counter(
 PREFIX_CACHE_PAGES = _gauge(
     "prefix_cache_pages", "KV pages registered in the prefix cache, referenced or not"
 )
+KV_HANDOFFS_WAITING = _gauge(
+    "kv_handoffs_waiting",
+    "Decode: KV handoffs queued for pages (they hold no pages and no payload bytes yet)",
+)
+KV_EXPORTS_HELD = _gauge(
+    "kv_exports_held",
+    "Prefill: prompts whose KV pages are held until the decode side has taken the payload",
+)
 LOCAL_PREFILL_REQUESTS = _counter(
     "local_prefill_requests",
     "Disaggregated: requests a decode replica prefilled itself (short uncached prompt part)",
@@ -213,6 +221,8 @@ METRIC_NAMES: tuple[str, ...] = tuple(
         PREFIX_CACHE_HITS,
         PREFIX_CACHE_EVICTIONS,
         PREFIX_CACHE_PAGES,
+        KV_HANDOFFS_WAITING,
+        KV_EXPORTS_HELD,
         LOCAL_PREFILL_REQUESTS,
         REMOTE_PREFILL_REQUESTS,
         KV_CACHE_CAPACITY_TOKENS,
@@ -241,6 +251,8 @@ _ENGINE_GAUGES = {
     "kv_usage": KV_CACHE_USAGE_RATIO,
     "kv_cached": KV_CACHE_CACHED_RATIO,
     "prefix_cache_pages": PREFIX_CACHE_PAGES,
+    "handoffs_waiting": KV_HANDOFFS_WAITING,
+    "num_exporting": KV_EXPORTS_HELD,
     "kv_capacity_tokens": KV_CACHE_CAPACITY_TOKENS,
     "f_layer_ratio": F_LAYER_RATIO,
     "plan_version": PLAN_VERSION,

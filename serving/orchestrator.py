@@ -1,15 +1,19 @@
 """The request flow between the ingress and the engine deployments, as pure async code.
 
-Disaggregated: prefill (first token + KV handle) -> the first token is streamed at once (TTFT
-ends here) -> decode takes the payload (acknowledged with `KVReceived`, under a timeout) ->
-decode streams the rest. Unified: one engine streams everything. Selective (disaggregated with a
-local-prefill threshold): the decode replica the router picks first looks the prompt up in its
-prefix cache and, when the uncached part is short, prefills it itself and streams everything;
-otherwise it answers so at once and the request takes the disaggregated path.
+Disaggregated: prefill (first token + KV handle; the prefill stream then stays open, holding
+the payload's pages) -> the first token is streamed at once (TTFT ends here) -> decode reserves
+pages for the payload and pulls it (acknowledged with `KVReceived`, the whole handoff under the
+transfer timeout) -> the prefill stream is closed, which frees the prefill side -> decode streams
+the rest (serving/kv_connector.py has both sides). Unified: one engine streams everything.
+Selective (disaggregated with a local-prefill threshold): the decode replica the router picks
+first looks the prompt up in its prefix cache and, when the uncached part is short, prefills it
+itself and streams everything; otherwise it answers so at once and the request takes the
+disaggregated path.
 
 Whatever ends the request early (client disconnect, task cancelled, an error at any step), the
-`finally` blocks close the downstream streams, which cancels the remote calls and makes the
-replicas abort the request and free its KV pages, and release the KV handle. Clients are
+`finally` blocks close the downstream streams (the prefill one included), which cancels the
+remote calls and makes the replicas abort the request and free its KV pages (a handoff's on
+both sides), and release the KV handle. Clients are
 typing.Protocols; the Ray-backed ones live in the ingress, fakes in the tests.
 
 With a `FailoverPolicy`, a flow whose replica dies is run again for what the client has not
@@ -38,7 +42,7 @@ class EngineClient(Protocol):
 
 
 class PrefillClient(Protocol):
-    async def prefill(self, req: GenerateRequest) -> PrefillResponse: ...
+    def prefill(self, req: GenerateRequest) -> AsyncIterator[PrefillResponse]: ...
 
 
 class DecodeClient(Protocol):
@@ -105,9 +109,14 @@ async def _disaggregated_once(
     on_kv_received: Callable[[KVReceived], None] | None,
     make_delta: Callable[[PrefillResponse], Any],
 ) -> AsyncIterator[Any]:
-    resp = await prefill.prefill(req)
-    kv, stream = resp.kv, None
+    held = prefill.prefill(req)  # open while the prefill replica holds the payload
+    kv = stream = None
     try:
+        try:
+            resp = await anext(held)
+        except StopAsyncIteration as e:
+            raise InternalError("the prefill replica ended the stream without a response") from e
+        kv = resp.kv
         yield make_delta(resp)
         if resp.finish_reason is not None:
             return
@@ -121,7 +130,8 @@ async def _disaggregated_once(
                 ack = await anext(stream)
         except TimeoutError as e:
             raise KVTransferError(
-                f"no decode replica took the KV payload within {kv_timeout_s:.1f}s",
+                f"the KV handoff did not complete within {kv_timeout_s:.1f}s: no decode replica "
+                "had KV pages free for it in time, or the transfer stalled; retry later",
                 code="kv_transfer_timeout",
             ) from e
         except StopAsyncIteration as e:
@@ -133,7 +143,8 @@ async def _disaggregated_once(
             raise InternalError(
                 f"decode stream must start with KVReceived, got {type(ack).__name__}"
             )
-        kv.release()  # decode holds the payload now
+        kv.release()  # decode holds the payload now: the prefill side may let go
+        await _aclose(held)
         if on_kv_received is not None:
             on_kv_received(ack)
         async for delta in stream:
@@ -141,6 +152,7 @@ async def _disaggregated_once(
     finally:
         if kv is not None:
             kv.release()
+        await _aclose(held)
         if stream is not None:
             await _aclose(stream)
 

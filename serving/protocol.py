@@ -25,8 +25,10 @@ class GenerateRequest:
 
 @dataclass(frozen=True, slots=True)
 class PrefillResponse:
-    """What a prefill replica returns: the first token (already streamable) and a handle to the
-    prompt's KV payload. `kv` is None when the first token already finished the request."""
+    """The first item of a prefill replica's stream: the first token (already streamable) and a
+    handle to the prompt's KV payload, whose header travels in it. `kv` is None when the first
+    token already finished the request. The replica holds the payload's pages until the stream
+    is closed (serving/kv_connector.py)."""
 
     request_id: str
     first_token: int
@@ -62,9 +64,11 @@ class PrefillRoute:
 
 @dataclass(frozen=True, slots=True)
 class KVReceived:
-    """The decode replica's first stream item: it holds the payload now, so the sender's copy
-    can go. Until it arrives the orchestrator counts down the KV transfer timeout."""
+    """The decode replica's first stream item: it reserved pages for the payload and pulled it,
+    so the prefill replica's pages and copy can go. Until it arrives the orchestrator counts down
+    the KV transfer timeout."""
 
     nbytes: int
-    seconds: float
+    seconds: float  # pulling the bytes
     plan_id: str = ""
+    wait_s: float = 0.0  # waiting for KV pages before the pull

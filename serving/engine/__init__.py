@@ -7,9 +7,11 @@ outputs = engine.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16
 
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.config import EngineConfig
+from serving.engine.kv_connector import HandoffRefused, HandoffTimeout
 from serving.engine.llm_engine import LLMEngine
 from serving.engine.outputs import (
     EngineStats,
+    HandoffReserved,
     Logprob,
     Output,
     PrefillResult,
@@ -17,7 +19,7 @@ from serving.engine.outputs import (
     TokenDelta,
 )
 from serving.engine.params import SamplingParams
-from serving.engine.payload import PAYLOAD_VERSION, KVPayload
+from serving.engine.payload import PAYLOAD_VERSION, KVHeader, KVPayload
 from serving.engine.resume import Resume
 
 __all__ = [
@@ -25,6 +27,10 @@ __all__ = [
     "AsyncLLMEngine",
     "EngineConfig",
     "EngineStats",
+    "HandoffRefused",
+    "HandoffReserved",
+    "HandoffTimeout",
+    "KVHeader",
     "KVPayload",
     "LLMEngine",
     "Logprob",

@@ -8,6 +8,13 @@ Only the engine thread touches engine state, so the engine needs no locks. Reque
 in the caller first, so bad input raises ValueError there and never reaches the thread. A caller
 that stops iterating (client disconnect, task cancelled) aborts its request, which frees its pages
 in whatever phase it is.
+
+KV handoffs (disaggregated serving): `prefill(..., hold_s)` keeps the prompt's pages after the
+payload is returned until `release_export` (the decode side has it) or `hold_s` passes. On the
+decode side `reserve` streams a `HandoffReserved` first, once pages are held for the payload
+(waiting for them if need be, bounded); only then does the caller pull the bytes and `fill` them
+in, and the tokens follow. Pulled payloads are pinned off the engine thread (CUDA), so the
+engine's host-to-device copy is asynchronous.
 """
 
 from __future__ import annotations
@@ -15,14 +22,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from serving.engine.llm_engine import LLMEngine
-from serving.engine.outputs import EngineStats, PrefillResult, StepOutput, TokenDelta
+from serving.engine.outputs import (
+    EngineStats,
+    HandoffReserved,
+    PrefillResult,
+    StepOutput,
+    TokenDelta,
+)
 from serving.engine.params import SamplingParams
-from serving.engine.payload import KVPayload, check_payload
+from serving.engine.payload import KVHeader, KVPayload, check_header
 from serving.engine.resume import Resume
 
 log = logging.getLogger(__name__)
@@ -34,6 +48,7 @@ class _Request:
     queue: asyncio.Queue | None = None  # streamed requests
     future: asyncio.Future | None = None  # prefill requests
     done: bool = False
+    started: float = 0.0  # time.monotonic() of the call (handoff wait)
 
 
 class AsyncLLMEngine:
@@ -72,7 +87,7 @@ class AsyncLLMEngine:
         if resume is not None:
             resume.check(len(ids), params, self.engine.max_len)
         req = self._register(request_id, stream=True)
-        self._submit(("add", request_id, ids, params, resume))
+        self._submit(("add", request_id, ids, params, resume, None))
         async with aclosing(self._stream(request_id, req)) as deltas:
             async for delta in deltas:
                 yield delta
@@ -83,22 +98,59 @@ class AsyncLLMEngine:
         prompt_token_ids: list[int] | str,
         params: SamplingParams,
         resume: Resume | None = None,
+        *,
+        hold_s: float | None = None,
     ) -> PrefillResult:
         """Prefill role: compute the prompt (and `resume`'s tokens), sample the next token,
-        return the KV payload."""
+        return the KV payload. `hold_s`: keep the pages until `release_export` or that long."""
         self._need_role("prefill", ("prefill",))
         ids = self.engine.tokenize(prompt_token_ids)
         self.engine.validate(ids, params, request_id)
         if resume is not None:
             resume.check(len(ids), params, self.engine.max_len)
         req = self._register(request_id, stream=False)
-        self._submit(("add", request_id, ids, params, resume))
+        self._submit(("add", request_id, ids, params, resume, hold_s))
         try:
             return await req.future
+        except BaseException:
+            # Whatever phase (a result that came as the caller was cancelled included: its
+            # pages would be held for hold_s for nobody): free it.
+            self.abort(request_id)
+            raise
         finally:
-            if not req.done:
-                self.abort(request_id)
             self._unregister(request_id)
+
+    def release_export(self, request_id: str) -> None:
+        """Prefill role: the decode side has the payload; free its pages (idempotent)."""
+        self._submit(("release", request_id))
+
+    async def reserve(
+        self,
+        request_id: str,
+        header: KVHeader,
+        params: SamplingParams,
+        resume: Resume | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[HandoffReserved | TokenDelta]:
+        """Decode role: a KV handoff. Streams `HandoffReserved` once pages are held for the
+        payload the header announces (HandoffRefused when too many handoffs wait already;
+        HandoffTimeout when not filled within `timeout_s`), then, after `fill`, the tokens after
+        the header's first token. Closing the stream frees whatever the handoff holds."""
+        self._need_role("decode", ("decode", "unified"))
+        check_header(header, self.engine.layout)
+        self.engine.validate(header.prompt_token_ids, params, request_id)
+        req = self._register(request_id, stream=True)
+        self._submit(("reserve", request_id, header, params, resume, timeout_s))
+        async with aclosing(self._stream(request_id, req)) as items:
+            async for item in items:
+                yield item
+
+    async def fill(self, request_id: str, payload: KVPayload) -> None:
+        """The payload of a reserved handoff (errors arrive on its stream)."""
+        if self.engine.config.torch_device.type == "cuda" and not payload.data.is_pinned():
+            pinned = await asyncio.to_thread(payload.data.pin_memory)
+            payload = KVPayload(payload.header, pinned)
+        self._submit(("fill", request_id, payload))
 
     async def decode(
         self,
@@ -107,15 +159,14 @@ class AsyncLLMEngine:
         params: SamplingParams,
         resume: Resume | None = None,
     ) -> AsyncIterator[TokenDelta]:
-        """Decode role: import the payload and stream the tokens after its first token."""
-        self._need_role("decode", ("decode", "unified"))
-        check_payload(payload, self.engine.layout)
-        self.engine.validate(payload.prompt_token_ids, params, request_id)
-        req = self._register(request_id, stream=True)
-        self._submit(("import", request_id, payload, params, resume))
-        async with aclosing(self._stream(request_id, req)) as deltas:
-            async for delta in deltas:
-                yield delta
+        """Decode role, payload in hand: reserve, fill, stream the tokens after its first."""
+        stream = self.reserve(request_id, payload.header, params, resume)
+        async with aclosing(stream) as items:
+            async for item in items:
+                if isinstance(item, HandoffReserved):
+                    await self.fill(request_id, payload)
+                else:
+                    yield item
 
     async def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
         """Prompt tokens the prefix cache holds now (an estimate: it may change before the
@@ -149,6 +200,7 @@ class AsyncLLMEngine:
         req = _Request(
             loop, asyncio.Queue() if stream else None, None if stream else loop.create_future()
         )
+        req.started = time.monotonic()
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already in use")
@@ -171,7 +223,10 @@ class AsyncLLMEngine:
                 while not req.queue.empty():
                     items.append(req.queue.get_nowait())
                 err = next((i for i in items if isinstance(i, BaseException)), None)
-                deltas = [i for i in items if not isinstance(i, BaseException)]
+                for i in items:
+                    if isinstance(i, HandoffReserved):  # always before the handoff's tokens
+                        yield i
+                deltas = [i for i in items if isinstance(i, TokenDelta)]
                 if deltas:
                     merged = merge_deltas(deltas)
                     yield merged
@@ -192,9 +247,13 @@ class AsyncLLMEngine:
                 cmds, self._commands = self._commands, []
             for cmd in cmds:
                 self._handle(cmd)
+            try:  # handoffs move on between steps, also while nothing runs
+                self._deliver_all(self.engine.poll_handoffs())
+            except Exception:
+                log.exception("KV handoff poll failed")
             if not self.engine.has_unfinished():
                 self._stats = self.engine.stats()
-                self._wake.wait()
+                self._wake.wait(self._idle_timeout())
                 continue
             try:
                 outs = self.engine.step()
@@ -210,7 +269,9 @@ class AsyncLLMEngine:
         self.engine.sampler.shutdown()
         with self._lock:
             cmds, self._commands = self._commands, []
-        pending = [c[1] for c in cmds if c[0] in ("add", "import")]
+        pending = [c[1] for c in cmds if c[0] in ("add", "reserve")]
+        for rid in list(self.engine.kv.exports):
+            self.engine.release_export(rid)
         for rid in [*self.engine.seqs, *pending]:
             self.engine.abort(rid)
             self._deliver(StepOutput(rid, [], "", "abort"))
@@ -219,13 +280,22 @@ class AsyncLLMEngine:
         except Exception:
             log.exception("engine shutdown failed (a tensor-parallel rank may be gone)")
 
+    def _idle_timeout(self) -> float | None:
+        """Seconds until the next handoff deadline (None: sleep until a command comes)."""
+        deadline = self.engine.next_handoff_deadline()
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0) + 0.001
+
     def _handle(self, cmd: tuple) -> None:
         kind, rid = cmd[0], cmd[1]
         try:
             if kind == "add":
-                self.engine.add_request(rid, cmd[2], cmd[3], cmd[4])
-            elif kind == "import":
-                self.engine.import_payload(cmd[2], cmd[3], rid, cmd[4])
+                self.engine.add_request(rid, cmd[2], cmd[3], cmd[4], export_hold_s=cmd[5])
+            elif kind == "reserve":
+                self.engine.reserve(cmd[2], cmd[3], rid, cmd[4], cmd[5])
+            elif kind == "fill":
+                self.engine.fill(rid, cmd[2])
+            elif kind == "release":
+                self.engine.release_export(rid)
             elif kind == "abort":
                 if self.engine.abort(rid):
                     self._deliver(StepOutput(rid, [], "", "abort"))
@@ -251,6 +321,8 @@ class AsyncLLMEngine:
                 continue  # the caller went away; its abort is queued
             if out.error is not None:
                 item, setter = out.error, _fail
+            elif out.reserved:
+                item, setter = HandoffReserved(out.request_id, time.monotonic() - req.started), _put
             elif req.future is not None:
                 if out.prefill is not None:
                     item, setter = out.prefill, _set_result

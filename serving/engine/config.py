@@ -72,6 +72,11 @@ class EngineConfig:
     max_queue_bypass: int = _f(
         8, "requests admitted ahead of a queue head that does not fit yet, before it waits"
     )
+    max_queued_handoffs: int = _f(
+        64,
+        "decode: KV handoffs that may wait for pages at once (they hold no pages and no payload "
+        "bytes while they wait); one more is refused and its request gets a 503",
+    )
     tensor_parallel_size: int = _f(
         1,
         "ranks (GPUs) one replica's model is split over: MLA heads, MLP and vocabulary split, "
@@ -99,7 +104,12 @@ class EngineConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device {self.device!r} is not a torch device: {e}") from None
-        for name in ("max_num_seqs", "cuda_graph_max_batch", "tensor_parallel_size"):
+        for name in (
+            "max_num_seqs",
+            "cuda_graph_max_batch",
+            "max_queued_handoffs",
+            "tensor_parallel_size",
+        ):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")

@@ -6,8 +6,10 @@
     postprocess: stop checks, detokenize, export (prefill role), free finished pages
 
 Roles share everything: `unified` runs whole requests; `prefill` ends a request after its first
-token and returns a KV payload of the prompt; `decode` imports payloads into fresh pages and
-continues (and prefills a prompt itself when the ingress sends one straight to it). With prefix
+token and returns a KV payload of the prompt; `decode` reserves pages for a payload, imports it
+into them and continues (and prefills a prompt itself when the ingress sends one straight to
+it). The handoff's state and copies live in kv_connector.py and are advanced between steps, never
+inside the scheduler or the forward. With prefix
 caching (the default) each role reuses the cached full pages of earlier requests' prefixes, and
 a decode engine registers the pages it imports, so the next turn of a conversation can hit there.
 Bad requests raise ValueError naming the field before anything is allocated, so the
@@ -31,11 +33,12 @@ from model.tokenizer import Tokenizer
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig, watermark_pages
 from serving.engine.detokenizer import Detokenizer, add_tokens
+from serving.engine.kv_connector import EngineKVConnector
 from serving.engine.memory import resolve_num_blocks
 from serving.engine.model_runner import ModelRunner
 from serving.engine.outputs import EngineStats, Output, PrefillResult, StepOutput
 from serving.engine.params import SamplingParams
-from serving.engine.payload import KVPayload, check_payload, export_rows
+from serving.engine.payload import KVHeader, KVPayload, check_header, restore_rng
 from serving.engine.prefix_cache import model_fingerprint, root_hash
 from serving.engine.resume import Resume, resume_sequence
 from serving.engine.sampler import Sampler, logprobs_of
@@ -103,13 +106,15 @@ class LLMEngine:
             self.block_manager,
             config.max_num_seqs,
             config.chunk,
-            self._import,
             watermark=watermark_pages(config, num_blocks),
             max_bypass=config.max_queue_bypass,
         )
         # A sequence can never outgrow the pool, so the effective limit is the smaller one.
         self.max_len = min(self.max_model_len, self.kv_capacity_tokens)
         self.runner.bind(self.cache, self.max_len)  # captures the decode CUDA graphs
+        self.kv = EngineKVConnector(
+            self.cache, self.scheduler, config.max_queued_handoffs, mirror=self.runner.mirror_import
+        )
         self.eos_token_ids = set(tokenizer.eos_token_ids) | set(mcfg.eos_token_id)
         self.sampler = Sampler(mcfg.vocab_size, model.device, tokenizer, sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
@@ -198,15 +203,53 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         resume: Resume | None = None,
+        *,
+        export_hold_s: float | None = None,
     ) -> str:
         """Unified and prefill roles; a decode engine takes a prompt too and prefills it itself
         (selective disaggregation: short uncached parts skip the prefill pool).
-        `resume`: continue a request another engine was generating (resume.py)."""
+        `resume`: continue a request another engine was generating (resume.py).
+        `export_hold_s` (prefill role): keep the pages after export until `release_export` or
+        for this long (the decode side's acknowledgement); None frees them once staged."""
+        if export_hold_s is not None and not (
+            isinstance(export_hold_s, int | float) and export_hold_s > 0
+        ):
+            raise ValueError(f"export_hold_s must be None or > 0, got {export_hold_s!r}")
         seq = self._new_seq(request_id, self.tokenize(prompt), params)
         if resume is not None:
             resume.check(seq.num_prompt_tokens, params, self.max_len)
             self._resume(seq, resume)
+        seq.export_hold_s = export_hold_s
         return self._enqueue(seq)
+
+    def release_export(self, request_id: str) -> bool:
+        """Prefill role: the decode side has the payload; free the request's pages."""
+        return self.kv.release(request_id)
+
+    def reserve(
+        self,
+        header: KVHeader,
+        params: SamplingParams,
+        request_id: str | None = None,
+        resume: Resume | None = None,
+        timeout_s: float | None = None,
+    ) -> str:
+        """Decode role: continue a request prefilled elsewhere, in two phases. Now: check the
+        payload's header and queue the handoff for pages (HandoffRefused when too many wait).
+        When pages are reserved, a `reserved` output goes out; then `fill(request_id, payload)`
+        imports the rows and the request decodes. Not filled within `timeout_s`: it fails with
+        HandoffTimeout and the pages go back. The first token (in the header) is not re-emitted.
+        `resume`: the payload was re-prefilled after a replica died (resume.py); its cached
+        tokens end with resume.token_ids."""
+        if timeout_s is not None and not (isinstance(timeout_s, int | float) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be None or > 0, got {timeout_s!r}")
+        seq = self._payload_seq(header, params, request_id, resume)
+        return self._admit_handoff(seq, header, timeout_s, None)
+
+    def fill(self, request_id: str, payload: KVPayload) -> None:
+        """Decode role: the rows of a reserved handoff (ValueError when they are not the ones
+        the header announced, or nothing is reserved under `request_id`)."""
+        self.kv.fill(request_id, payload)
 
     def import_payload(
         self,
@@ -215,28 +258,26 @@ class LLMEngine:
         request_id: str | None = None,
         resume: Resume | None = None,
     ) -> str:
-        """Decode role: continue a request prefilled elsewhere. Pages are allocated and filled
-        when the scheduler admits it; the first token (in the payload) is not re-emitted.
-        `resume`: the payload was re-prefilled after a replica died (resume.py); its cached
-        tokens end with resume.token_ids."""
-        return self._admit_payload(self._payload_seq(payload, params, request_id, resume))
+        """Decode role, payload in hand (offline, tests): reserve, and fill once reserved."""
+        seq = self._payload_seq(payload.header, params, request_id, resume)
+        return self._admit_handoff(seq, payload.header, None, payload)
 
     def _payload_seq(
         self,
-        payload: KVPayload,
+        header: KVHeader,
         params: SamplingParams,
         request_id: str | None,
         resume: Resume | None = None,
     ) -> Sequence:
         if self.role == "prefill":
             raise ValueError("role: a prefill engine does not import payloads")
-        check_payload(payload, self.layout)
-        if payload.num_tokens + 1 > self.max_len:
+        check_header(header, self.layout)
+        if header.num_tokens + 1 > self.max_len:
             raise ValueError(
-                f"payload has {payload.num_tokens} prompt tokens; this engine holds "
+                f"payload has {header.num_tokens} prompt tokens; this engine holds "
                 f"at most {self.max_len - 1} plus the first token"
             )
-        prompt = payload.prompt_token_ids
+        prompt = header.prompt_token_ids
         if resume is not None:
             n = len(resume.token_ids)
             if len(prompt) <= n or tuple(prompt[-n:]) != resume.token_ids:
@@ -245,16 +286,10 @@ class LLMEngine:
         seq = self._new_seq(request_id, prompt, params)
         if resume is not None:
             self._resume(seq, resume)
-        seq.payload = payload
         seq.prompt_logprobs = None  # the prefill side computed (and returned) them
-        if (
-            payload.rng_state is not None
-            and seq.generator is not None
-            and payload.rng_device == seq.generator.device.type
-        ):
-            seq.generator.set_state(payload.rng_state)
-        self._append_token(seq, payload.first_token, None)
-        self.sampler.replay(seq.sampling, [payload.first_token])  # grammar and penalty state
+        restore_rng(header, seq.generator)
+        self._append_token(seq, header.first_token, None)
+        self.sampler.replay(seq.sampling, [header.first_token])  # grammar and penalty state
         seq.num_streamed += 1  # after the resumed tokens, if any
         seq.detok.delta(final=False)  # the prefill side already streamed the first token's text
         return seq
@@ -263,11 +298,14 @@ class LLMEngine:
         resume_sequence(seq, resume)
         self.sampler.replay(seq.sampling, list(resume.token_ids))  # grammar and penalty state
 
-    def _admit_payload(self, seq: Sequence) -> str:
+    def _admit_handoff(
+        self, seq: Sequence, header: KVHeader, timeout_s: float | None, payload: KVPayload | None
+    ) -> str:
         if seq.finish_reason is None:
-            return self._enqueue(seq)
+            self.kv.reserve(seq, header, timeout_s, payload)  # may refuse: nothing is held yet
+            self.seqs[seq.request_id] = seq
+            return seq.request_id
         # The first token already ends the request (the prefill side said so): no forward.
-        seq.payload = None
         seq.status = SequenceStatus.FINISHED
         self._done.append(self._step_output(seq))
         return seq.request_id
@@ -275,7 +313,7 @@ class LLMEngine:
     def _new_seq(self, request_id: str | None, ids: list[int], params: SamplingParams) -> Sequence:
         self.validate(ids, params, request_id)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.seqs:
+        if rid in self.seqs or rid in self.kv:
             raise ValueError(f"request_id {rid!r} is already in use")
         gen = None
         if not params.greedy:
@@ -292,11 +330,15 @@ class LLMEngine:
         return seq.request_id
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request and free its pages, whatever its phase; False if it is not here."""
+        """Drop a request and free its pages, whatever its phase (an export held for the decode
+        side, a handoff waiting for pages or for its rows included); False if it is not here."""
+        if self.kv.release(request_id):
+            return True
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
         if not seq.is_finished:
+            self.kv.discard(request_id)
             self.scheduler.remove(seq)
             seq.finish_reason = "abort"
             seq.status = SequenceStatus.FINISHED
@@ -307,15 +349,31 @@ class LLMEngine:
         return self.block_manager.probe(token_ids)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._done)
+        """Work for `step()`: requests to run, outputs to hand out, handoff copies in flight.
+        Handoffs waiting for pages, rows or an acknowledgement are not: `poll_handoffs()` (and
+        every step) advances them; `next_handoff_deadline()` says when one expires."""
+        return self.scheduler.has_work() or bool(self._done) or self.kv.busy
+
+    def poll_handoffs(self) -> list[StepOutput]:
+        """Advance KV handoffs (engine thread, between steps; step() does it first)."""
+        return self.kv.poll(self._fail)
+
+    def next_handoff_deadline(self) -> float | None:
+        """time.monotonic() at which the next handoff expires, if any."""
+        return self.kv.next_deadline()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
             role=self.role,
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            # Handoffs count as they did as payloads in the queue: waiting until they hold pages.
+            num_running=len(self.scheduler.running) + len(self.scheduler.reserved),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.reserving),
             num_preemptions=self.scheduler.num_preemptions,
+            num_exporting=len(self.kv.exports),
+            num_handoffs_waiting=len(self.scheduler.reserving),
+            num_handoffs_reserved=len(self.scheduler.reserved),
+            kv_blocks_handoff=self.kv.pages_held(),
             kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used,
             kv_usage=bm.num_used / bm.num_blocks,
@@ -341,8 +399,11 @@ class LLMEngine:
         fails that batch's requests, a sampling or post-processing error only its own request;
         every other request of the step still gets its output."""
         outputs, self._done = self._done, []
+        outputs += self.poll_handoffs()
         batch = self.last_batch = self.scheduler.schedule()
         if not batch:
+            if self.kv.busy:  # only copies (or pages) to wait for: do not spin
+                self.kv.wait_copies(0.002)
             return outputs
         try:
             logits, sampling, prompt = self.runner.run(batch)
@@ -379,7 +440,7 @@ class LLMEngine:
             self.generation_tokens_total += 1
             try:
                 if self.role == "prefill":
-                    outputs.append(self._export(seq))
+                    self._export(seq)  # its output goes out once the payload is staged
                     continue
                 if seq.finish_reason is not None:
                     self._finish(seq)
@@ -482,6 +543,7 @@ class LLMEngine:
     def _fail(self, seq: Sequence, err: BaseException) -> StepOutput:
         """Take a request out with its error; its pages are freed."""
         if not seq.is_finished:
+            self.kv.discard(seq.request_id)
             self.scheduler.remove(seq)
             seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "abort"
@@ -489,6 +551,7 @@ class LLMEngine:
         return StepOutput(seq.request_id, [], "", "abort", error=err)
 
     def _finish(self, seq: Sequence) -> None:
+        self.kv.discard(seq.request_id)
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.seqs.pop(seq.request_id, None)
@@ -506,38 +569,24 @@ class LLMEngine:
             out.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         return out
 
-    def _export(self, seq: Sequence) -> StepOutput:
-        """Prefill role: the prompt's KV leaves as a payload; the pages are freed right after."""
+    def _export(self, seq: Sequence) -> None:
+        """Prefill role: the prompt's KV leaves as a payload (kv_connector.py); the pages stay
+        until it is staged, or until the decode side has it (`export_hold_s`)."""
         self.scheduler.running.remove(seq)
-        seq.status = SequenceStatus.EXPORTING
-        payload = export_rows(  # every cached token: the prompt, and resumed tokens if any
-            self.cache,
-            seq.pages,
-            seq.num_tokens - 1,
-            seq.token_ids[:-1],
-            seq.token_ids[-1],
-            seq.generator,
-        )
-        self.block_manager.free(seq)
-        seq.status = SequenceStatus.FINISHED
+        self.runner.release(seq.request_id)  # its block-table row: no more forwards
         self.seqs.pop(seq.request_id, None)
         out = self._step_output(seq)
         out.prefill = PrefillResult(
             seq.request_id,
             seq.token_ids[-1],
-            payload,
+            None,  # the payload, once staged
             seq.num_prompt_tokens,
             seq.finish_reason,
             out.text,
             out.logprobs,
             out.prompt_logprobs,
         )
-        return out
-
-    def _import(self, seq: Sequence) -> None:
-        self.runner.import_rows(seq.pages, seq.payload, seq.num_cached)
-        seq.num_cached = seq.payload.num_tokens
-        seq.payload = None  # the CPU copy is no longer needed
+        self.kv.export(seq, out)
 
     # -- batch helpers ----------------------------------------------------------------------
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
@@ -599,9 +648,9 @@ class LLMEngine:
     ) -> list[Output]:
         """Continue prefilled requests; token_ids and text include the payload's first token."""
         ps = self._prepare(payloads, params or SamplingParams())
-        seqs = [self._payload_seq(p, sp, None) for p, sp in zip(payloads, ps, strict=True)]
-        for s in seqs:
-            self._admit_payload(s)
+        seqs = [self._payload_seq(p.header, sp, None) for p, sp in zip(payloads, ps, strict=True)]
+        for s, p in zip(seqs, payloads, strict=True):
+            self._admit_handoff(s, p.header, None, p)
         self._run(seqs, False)
         return [self._output(s) for s in seqs]
 

@@ -32,8 +32,8 @@ from model.kv_cache import KVCache
 from model.layers import glue
 from serving.engine.config import EngineConfig
 from serving.engine.cuda_graph import DecodeGraphs, pad_rows
+from serving.engine.kv_copy import KVCopier
 from serving.engine.memory import Profile
-from serving.engine.payload import import_rows
 from serving.engine.scheduler import ScheduledBatch
 from serving.engine.step_state import BlockTables, StepPacker
 
@@ -101,12 +101,13 @@ class ModelRunner:
         self._replay_forward(segs, bs)
 
     def _on_import(self, pages: list[int], payload, start: int) -> None:
-        import_rows(self.cache, pages, payload, start=start)
+        # in step with the driver's own copy, so the rows are in before the next forward
+        KVCopier(self.cache).import_(pages, payload, start).wait()
 
-    def import_rows(self, pages: list[int], payload, start: int) -> None:
-        """Write an imported KV payload into these pages on every rank."""
+    def mirror_import(self, pages: list[int], payload, start: int) -> None:
+        """Driver: the other ranks write the imported KV payload into the same pages (the
+        driver's own copy is the KV connector's)."""
         self._send("import", pages, payload, start)
-        import_rows(self.cache, pages, payload, start=start)
 
     def bind(self, cache: KVCache, max_len: int) -> None:
         """Attach the KV pool; on CUDA (unless enforce_eager) capture the decode graphs."""

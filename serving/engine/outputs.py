@@ -47,6 +47,15 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class HandoffReserved:
+    """First item of a KV handoff's stream (AsyncLLMEngine.reserve): the decode engine holds
+    pages for the payload now; pull it and `fill` it in."""
+
+    request_id: str
+    wait_s: float  # how long the handoff waited for pages
+
+
+@dataclass(frozen=True)
 class PrefillResult:
     request_id: str
     first_token: int
@@ -71,6 +80,7 @@ class StepOutput:
     prefill: PrefillResult | None = None
     error: BaseException | None = None
     prompt_logprobs: list[Logprob | None] | None = None
+    reserved: bool = False  # decode role: pages are reserved for the request's KV handoff
 
     @property
     def finished(self) -> bool:
@@ -95,7 +105,10 @@ class EngineStats:
     plan_id: str
     bytes_per_token: int
     index_bytes_per_token: int
-    num_exporting: int = 0  # prefill role: prompts done, payload not yet built
+    num_exporting: int = 0  # prefill role: payloads whose pages wait for the decode side
+    num_handoffs_waiting: int = 0  # decode role: KV handoffs queued for pages (holding none)
+    num_handoffs_reserved: int = 0  # decode role: handoffs holding pages, rows not yet in
+    kv_blocks_handoff: int = 0  # pages held by handoffs (either side), not running
     kv_blocks_cached_free: int = 0  # unreferenced pages holding a cached prefix (not in kv_usage)
     prefix_cache_pages: int = 0  # pages registered in the prefix cache, referenced or not
     prefix_cache_queries_total: int = 0  # prompt tokens looked up on first admission

@@ -1,10 +1,16 @@
 """KV payload: a prefilled prompt's cache rows, moved from a prefill replica to a decode replica.
 
-The payload holds, per token of the prompt, the attention rows of every layer and the indexer key
-rows (+ FP8 scales) of F layers only; top-k indices are recomputed by the decode side's F layers
-and never travel. It carries the format version, the plan id and the full KV layout, and a decode
-replica refuses (ValueError naming the field) any payload its own cache would read differently.
-Tensors are contiguous CPU copies so the payload pickles into an object store.
+A payload is a `KVHeader` (what the rows are: format version, plan id, the full KV layout, the
+tokens, the first sampled token, the request's sampler state) and one flat byte tensor holding,
+per token of the prompt, the attention rows of every layer and the indexer key rows (+ FP8
+scales) of F layers only, part after part in the order `parts()` gives. Top-k indices never
+travel: the decode side's F layers recompute them. One flat tensor means one staging copy on
+the prefill side, one registration or object-store copy in the transport and one host-to-device
+copy on the decode side, whatever the layer count.
+
+The header travels ahead of the bytes (in the transport's handle), so a decode replica can check
+it and reserve pages before anything large moves; it refuses (ValueError naming the field) any
+payload its own cache would read differently.
 """
 
 from __future__ import annotations
@@ -13,152 +19,206 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.kv_cache import KVCache, KVLayout
+from model.kv_cache import KVLayout
 
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2
+_ALIGN = 16  # every part starts on a 16-byte boundary, so its dtype view is aligned
 
 
 @dataclass(frozen=True)
-class KVPayload:
+class KVHeader:
     version: int
     plan_id: str
     layout: dict  # KVLayout.to_dict() of the exporting cache
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # every cached token: the prompt, and resumed tokens if any
     first_token: int
-    num_tokens: int  # cached rows: the prompt (the first token is computed by the decode side)
-    # Per layer [num_tokens, *row]: MLA [n, 1, k_dim]; GQA k and v joined on the last dim,
-    # [n, kv_heads, k_dim + v_dim].
-    attn: list[torch.Tensor]
-    index_k: list[torch.Tensor | None]  # [n, DI] for F layers, None for S layers
-    index_scale: list[torch.Tensor | None] = field(default_factory=list)  # FP8 only: [n] fp32
-    rng_state: torch.Tensor | None = None  # the request's sampler state, for seeded continuation
+    num_tokens: int  # cached rows (the first token is computed by the decode side)
+    rng_state: bytes | None = field(default=None, repr=False)  # for seeded continuation
     rng_device: str = "cpu"
 
     @property
     def nbytes(self) -> int:
-        ts = [*self.attn, *self.index_k, *self.index_scale]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        return payload_nbytes(self.layout, self.num_tokens)
 
 
-def _slots(pages: list[int], n: int, page_size: int, device) -> torch.Tensor:
-    pos = torch.arange(n, device=device)
-    table = torch.tensor(pages, dtype=torch.long, device=device)
-    return table[pos // page_size] * page_size + pos % page_size
+@dataclass(frozen=True)
+class Part:
+    kind: str  # "attn" | "index_k" | "index_scale"
+    layer: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]  # [num_tokens, *row]
+    offset: int  # bytes into the flat tensor
+    nbytes: int
 
 
-def export_rows(
-    cache: KVCache,
-    pages: list[int],
-    num_tokens: int,
-    prompt_token_ids: list[int],
+def parts(layout: dict, num_tokens: int) -> list[Part]:
+    """Where each layer's rows sit in the flat tensor of a payload of `layout` (a
+    KVLayout.to_dict()). MLA attention rows are [n, 1, k_dim]; GQA k and v joined on the last
+    dim, [n, kv_heads, k_dim + v_dim]; indexer keys [n, DI] for F layers; FP8 scales [n] fp32."""
+    n, out, at = num_tokens, [], 0
+    dt = getattr(torch, layout["dtype"])
+    if layout["attn_kind"] == "mla":
+        row = (1, layout["k_dim"])
+    else:
+        row = (layout["kv_heads"], layout["k_dim"] + layout["v_dim"])
+    idx_dt = torch.float8_e4m3fn if layout["index_fp8"] else dt
+
+    def add(kind: str, layer: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        nonlocal at
+        nb = dtype.itemsize
+        for s in shape:
+            nb *= s
+        out.append(Part(kind, layer, dtype, shape, at, nb))
+        at += -(-nb // _ALIGN) * _ALIGN
+
+    for layer in range(layout["num_layers"]):
+        add("attn", layer, dt, (n, *row))
+    for layer in layout["index_layers"]:
+        add("index_k", layer, idx_dt, (n, layout["index_head_dim"]))
+        if layout["index_fp8"]:
+            add("index_scale", layer, torch.float32, (n,))
+    return out
+
+
+def payload_nbytes(layout: dict, num_tokens: int) -> int:
+    ps = parts(layout, num_tokens)
+    return ps[-1].offset + -(-ps[-1].nbytes // _ALIGN) * _ALIGN if ps else 0
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    header: KVHeader
+    data: torch.Tensor  # uint8 [header.nbytes] on the host: the parts back to back
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    @property
+    def plan_id(self) -> str:
+        return self.header.plan_id
+
+    @property
+    def num_tokens(self) -> int:
+        return self.header.num_tokens
+
+    @property
+    def first_token(self) -> int:
+        return self.header.first_token
+
+    def views(self) -> list[tuple[Part, torch.Tensor]]:
+        """Each part as a typed view of `data` (no copy)."""
+        return [(p, view(self.data, p)) for p in parts(self.header.layout, self.num_tokens)]
+
+    @property
+    def attn(self) -> list[torch.Tensor]:
+        return [t for p, t in self.views() if p.kind == "attn"]
+
+    @property
+    def index_k(self) -> list[torch.Tensor | None]:
+        """Per layer: [n, DI] for F layers, None for S layers."""
+        return self._per_layer("index_k")
+
+    @property
+    def index_scale(self) -> list[torch.Tensor | None]:
+        """Per layer: [n] fp32 for F layers in FP8 mode, else None."""
+        return self._per_layer("index_scale")
+
+    def _per_layer(self, kind: str) -> list[torch.Tensor | None]:
+        got = {p.layer: t for p, t in self.views() if p.kind == kind}
+        return [got.get(i) for i in range(self.header.layout["num_layers"])]
+
+    @classmethod
+    def from_tensors(
+        cls,
+        header: KVHeader,
+        attn: list[torch.Tensor],
+        index_k: list[torch.Tensor | None],
+        index_scale: list[torch.Tensor | None] | None = None,
+    ) -> KVPayload:
+        """Pack per-layer row tensors (the shapes `parts` gives) into one payload (tests)."""
+        data = torch.zeros(header.nbytes, dtype=torch.uint8)
+        src = {("attn", i): t for i, t in enumerate(attn)}
+        src |= {("index_k", i): t for i, t in enumerate(index_k) if t is not None}
+        src |= {("index_scale", i): t for i, t in enumerate(index_scale or []) if t is not None}
+        for p in parts(header.layout, header.num_tokens):
+            view(data, p).copy_(src[p.kind, p.layer])
+        return cls(header, data)
+
+
+def view(data: torch.Tensor, p: Part) -> torch.Tensor:
+    return data[p.offset : p.offset + p.nbytes].view(p.dtype).view(p.shape)
+
+
+def make_header(
+    layout: KVLayout,
+    token_ids: list[int],
     first_token: int,
     generator: torch.Generator | None = None,
-) -> KVPayload:
-    """Copy the first `num_tokens` rows of a sequence's pages into a CPU payload."""
-    lay = cache.layout
-    slots = _slots(pages, num_tokens, lay.page_size, cache.k[0].device)
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        return t.view(-1, *t.shape[2:])[slots].cpu()  # [P, PS, *R] -> [n, *R]
-
-    if lay.attn_kind == "mla":
-        attn = [take(k) for k in cache.k]
-    else:
-        attn = [torch.cat([take(k), take(v)], -1) for k, v in zip(cache.k, cache.v, strict=True)]
-    index_k = [take(t) if t is not None else None for t in cache.index_k]
-    index_scale = (
-        [take(t) if t is not None else None for t in cache.index_scale] if lay.index_fp8 else []
-    )
-    rng = generator.get_state() if generator is not None else None
-    return KVPayload(
+) -> KVHeader:
+    rng = bytes(generator.get_state().numpy()) if generator is not None else None
+    return KVHeader(
         version=PAYLOAD_VERSION,
-        plan_id=lay.plan_id,
-        layout=lay.to_dict(),
-        prompt_token_ids=list(prompt_token_ids),
+        plan_id=layout.plan_id,
+        layout=layout.to_dict(),
+        prompt_token_ids=list(token_ids),
         first_token=int(first_token),
-        num_tokens=num_tokens,
-        attn=attn,
-        index_k=index_k,
-        index_scale=index_scale,
+        num_tokens=len(token_ids),
         rng_state=rng,
-        rng_device=generator.device.type if generator else "cpu",
+        rng_device=generator.device.type if generator is not None else "cpu",
     )
 
 
-def check_payload(payload: KVPayload, layout: KVLayout) -> None:
-    """Raise ValueError naming the first field where `payload` does not fit `layout`."""
-    if not isinstance(payload, KVPayload):
-        raise ValueError(f"payload must be a KVPayload, got {type(payload).__name__}")
-    if payload.version != PAYLOAD_VERSION:
+def restore_rng(header: KVHeader, generator: torch.Generator | None) -> None:
+    """Continue the prefill side's sampler state (same device type only: CPU and CUDA
+    generators are different algorithms)."""
+    if header.rng_state is None or generator is None:
+        return
+    if header.rng_device != generator.device.type:
+        return
+    generator.set_state(torch.frombuffer(bytearray(header.rng_state), dtype=torch.uint8))
+
+
+def check_header(header: KVHeader, layout: KVLayout) -> None:
+    """Raise ValueError naming the first field where `header` does not fit `layout`."""
+    if not isinstance(header, KVHeader):
+        raise ValueError(f"header must be a KVHeader, got {type(header).__name__}")
+    if header.version != PAYLOAD_VERSION:
         raise ValueError(
-            f"payload version {payload.version} is not supported (this engine reads "
+            f"payload version {header.version} is not supported (this engine reads "
             f"version {PAYLOAD_VERSION})"
         )
-    if payload.plan_id != layout.plan_id:
+    if header.plan_id != layout.plan_id:
         raise ValueError(
-            f"payload plan_id {payload.plan_id!r} does not match this engine's "
+            f"payload plan_id {header.plan_id!r} does not match this engine's "
             f"IndexCache plan_id {layout.plan_id!r}: prefill and decode replicas "
             "must run the same plan"
         )
     mine = layout.to_dict()
-    for key in sorted(set(mine) | set(payload.layout)):
-        if payload.layout.get(key) != mine.get(key):
+    for key in sorted(set(mine) | set(header.layout)):
+        if header.layout.get(key) != mine.get(key):
             raise ValueError(
-                f"payload layout field {key!r} is {payload.layout.get(key)!r}, this "
+                f"payload layout field {key!r} is {header.layout.get(key)!r}, this "
                 f"engine's is {mine.get(key)!r}"
             )
-    n = payload.num_tokens
-    if n < 1 or n != len(payload.prompt_token_ids):
+    n = header.num_tokens
+    if n < 1 or n != len(header.prompt_token_ids):
         raise ValueError(
             f"payload num_tokens {n} does not match its "
-            f"{len(payload.prompt_token_ids)} prompt tokens"
+            f"{len(header.prompt_token_ids)} prompt tokens"
         )
-    if len(payload.attn) != layout.num_layers or len(payload.index_k) != layout.num_layers:
+
+
+def check_payload(payload: KVPayload, header: KVHeader) -> None:
+    """Raise ValueError unless `payload` is the rows `header` (already checked) announced."""
+    if not isinstance(payload, KVPayload):
+        raise ValueError(f"payload must be a KVPayload, got {type(payload).__name__}")
+    got, want = payload.header, header
+    for name in ("version", "plan_id", "num_tokens", "first_token", "layout", "prompt_token_ids"):
+        if getattr(got, name) != getattr(want, name):
+            raise ValueError(f"payload {name} differs from the header it was reserved for")
+    d = payload.data
+    if d.dtype != torch.uint8 or d.dim() != 1 or d.numel() != want.nbytes:
         raise ValueError(
-            f"payload attn/index_k must have {layout.num_layers} layers, got "
-            f"{len(payload.attn)}/{len(payload.index_k)}"
+            f"payload data must be uint8 [{want.nbytes}], got {d.dtype} {list(d.shape)}"
         )
-    row = (
-        (1, layout.k_dim)
-        if layout.attn_kind == "mla"
-        else (layout.kv_heads, layout.k_dim + layout.v_dim)
-    )
-    for i, t in enumerate(payload.attn):
-        if tuple(t.shape) != (n, *row):
-            raise ValueError(f"payload attn[{i}] has shape {tuple(t.shape)}, expected {(n, *row)}")
-    full = set(layout.index_layers)
-    for i, t in enumerate(payload.index_k):
-        if (t is not None) != (i in full):
-            raise ValueError(
-                f"payload index_k[{i}] is {'present' if t is not None else 'missing'}"
-                f" but layer {i} is {'F' if i in full else 'S'} in this plan"
-            )
-        if t is not None and tuple(t.shape) != (n, layout.index_head_dim):
-            raise ValueError(
-                f"payload index_k[{i}] has shape {tuple(t.shape)}, expected "
-                f"{(n, layout.index_head_dim)}"
-            )
-    if layout.index_fp8 and len(payload.index_scale) != layout.num_layers:
-        raise ValueError(f"payload index_scale must have {layout.num_layers} layers in FP8 mode")
-
-
-def import_rows(cache: KVCache, pages: list[int], payload: KVPayload, start: int = 0) -> None:
-    """Write a checked payload's rows from `start` on into `pages` (already allocated for its
-    tokens); rows before `start` are already there (pages shared from the prefix cache)."""
-    lay = cache.layout
-    dev = cache.k[0].device
-    slots = _slots(pages, payload.num_tokens, lay.page_size, dev)[start:]
-
-    def put(dst: torch.Tensor, rows: torch.Tensor) -> None:
-        dst.view(-1, *dst.shape[2:])[slots] = rows[start:].to(device=dev, dtype=dst.dtype)
-
-    for layer, rows in enumerate(payload.attn):
-        if lay.attn_kind == "mla":
-            put(cache.k[layer], rows)
-        else:
-            put(cache.k[layer], rows[..., : lay.k_dim])
-            put(cache.v[layer], rows[..., lay.k_dim :])
-    for layer in lay.index_layers:
-        put(cache.index_k[layer], payload.index_k[layer])
-        if lay.index_fp8:
-            put(cache.index_scale[layer], payload.index_scale[layer])

@@ -29,6 +29,15 @@ the front of the queue with its generated tokens kept. The sequence with the mos
 never the victim while another candidate remains, so it always advances and the loop cannot
 livelock.
 
+Decode role, KV handoffs: a payload's pages are reserved before its bytes move. `reserve` queues
+a handoff (it holds nothing yet); `admit_reservations` gives queued handoffs, oldest first, pages
+for the payload's rows and the first token, and a seat among `max_num_seqs`, under the same
+watermark as admission, and only while no request waits in the queue (a preempted request there
+has already streamed tokens, and is served first). A reserved sequence holds its pages but is
+never scheduled; the engine fills them (serving/engine/kv_connector.py) and then `activate`s it,
+with the prompt cached and the first token pending, as a decoding sequence. Reserved sequences
+are never preempted: their pages are about to be written by a copy the scheduler does not see.
+
 A request that asks for prompt logprobs needs logits for every prompt row it computes: it skips
 the prefix cache (cached rows would have none) and its chunks are capped at `max_num_seqs`
 tokens, so a long prompt's [rows, vocab] logits come a slice of the sampling rows' size at a time.
@@ -37,7 +46,6 @@ tokens, so a long prompt's [rows, vocab] logits come a slice of the sampling row
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.engine.block_manager import BlockManager
@@ -76,18 +84,17 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        importer: Callable[[Sequence], None],
         *,
         watermark: int = 1,
         max_bypass: int = 8,
     ):
         self.bm = block_manager
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
-        # Copies a decode-role payload into the sequence's pages, from seq.num_cached on.
-        self.importer = importer
         self.watermark, self.max_bypass = watermark, max_bypass
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.reserving: deque[Sequence] = deque()  # KV handoffs waiting for pages
+        self.reserved: list[Sequence] = []  # handoffs holding pages, not yet filled
         self.num_preemptions = 0
         self.prefix = PrefixStats()
 
@@ -100,11 +107,42 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Take `seq` out of the queues and free its pages, whatever its phase."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        for queue in (self.running, self.waiting, self.reserving, self.reserved):
+            if seq in queue:
+                queue.remove(seq)
+                break
         self.bm.free(seq)
+
+    # -- KV handoffs (decode role) -----------------------------------------------------------
+    def reserve(self, seq: Sequence) -> None:
+        """Queue a handoff for pages: its prompt rows arrive computed, its first token pending."""
+        seq.status = SequenceStatus.RESERVING
+        self.reserving.append(seq)
+
+    def admit_reservations(self) -> list[Sequence]:
+        """Give queued handoffs pages (their cached prefix first) and a seat, oldest first;
+        -> those reserved now."""
+        out = []
+        while self.reserving and not self.waiting and self._seats_left():
+            seq = self.reserving[0]
+            reserve = self.watermark if self.running or self.reserved else 0
+            max_hit = (seq.num_tokens - 1) // self.bm.page_size  # rows before the first token
+            if not self.bm.admit(seq, seq.num_tokens, max_hit, reserve):
+                break
+            self.reserving.popleft()
+            seq.status = SequenceStatus.RESERVED
+            self.reserved.append(seq)
+            out.append(seq)
+        return out
+
+    def activate(self, seq: Sequence) -> None:
+        """A reserved handoff's rows are in its pages: it decodes from the next step on."""
+        self.reserved.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def _seats_left(self) -> bool:
+        return len(self.running) + len(self.reserved) < self.max_num_seqs
 
     def schedule(self) -> ScheduledBatch:
         for seq in self.running:  # pages the last step filled can serve other requests now
@@ -160,7 +198,7 @@ class Scheduler:
     def _admit(self, batch: ScheduledBatch, budget: int) -> int:
         """Admit waiting sequences into `batch`; -> the budget left."""
         k = 0  # queue position tried next; > 0 while the head is being bypassed
-        while k < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+        while k < len(self.waiting) and budget > 0 and self._seats_left():
             head = self.waiting[0]
             if k > 0 and head.num_bypassed >= self.max_bypass:
                 break  # the head has waited long enough: nothing more goes ahead of it
@@ -183,20 +221,14 @@ class Scheduler:
     def _try_admit(self, seq: Sequence, budget: int) -> int | None:
         """Pages for a waiting sequence (its cached prefix first); -> tokens it computes this
         step, or None (nothing changed) when the pool cannot take it now."""
-        reserve = self.watermark if self.running else 0  # alone, a request may use every page
-        if seq.payload is not None:  # decode role: the prompt arrives computed
-            total = seq.payload.num_tokens + 1
-            max_hit = seq.payload.num_tokens // self.bm.page_size  # rows before the first token
-        else:  # the whole (re)computation is reserved; chunks then run inside it
-            total = seq.num_tokens
-            max_hit = (total - 1) // self.bm.page_size  # at least one token left to compute
-            if seq.prompt_logits_pending:
-                max_hit = 0
+        # Alone, a request may use every page.
+        reserve = self.watermark if self.running or self.reserved else 0
+        total = seq.num_tokens  # the whole (re)computation is reserved; chunks run inside it
+        max_hit = (total - 1) // self.bm.page_size  # at least one token left to compute
+        if seq.prompt_logits_pending:
+            max_hit = 0
         if not self.bm.admit(seq, total, max_hit, reserve):
             return None
-        if seq.payload is not None:
-            self.importer(seq)  # copies rows from seq.num_cached on, then drops the payload
-            return 1
         if not seq.completion_token_ids:  # a first admission, not a recompute
             self.prefix.queries += seq.num_prompt_tokens
             self.prefix.hits += seq.num_cached

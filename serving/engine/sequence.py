@@ -3,16 +3,16 @@
 One invariant drives scheduling: tokens `token_ids[num_cached:]` still need a forward. A fresh
 prompt has all of them pending (prefill, possibly in chunks); a decoding sequence has exactly one
 (the last sampled token); a preempted sequence drops its pages, sets num_cached to 0 and so
-recomputes prompt + generated tokens in one prefill; an imported payload arrives with the prompt
-cached and the first token pending. With prefix caching an admitted sequence starts with
-`num_cached` at the end of its longest cached prefix (whole pages shared with other sequences).
+recomputes prompt + generated tokens in one prefill; a KV handoff (decode role) is reserved pages,
+filled with the payload's rows and then runs with the prompt cached and the first token pending.
+With prefix caching an admitted sequence starts with `num_cached` at the end of its longest
+cached prefix (whole pages shared with other sequences).
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,17 +20,15 @@ from serving.engine.detokenizer import Detokenizer
 from serving.engine.outputs import FinishReason, Logprob
 from serving.engine.params import SamplingParams
 
-if TYPE_CHECKING:
-    from serving.engine.payload import KVPayload
-
-
 _ARRIVALS = itertools.count()  # admission order ties are broken by arrival
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not admitted, or preempted: holds no pages
     RUNNING = "running"  # admitted: holds pages for its cached tokens
-    EXPORTING = "exporting"  # prefill role: prompt done, pages held until the payload is built
+    EXPORTING = "exporting"  # prefill role: prompt done, pages held until decode has the payload
+    RESERVING = "reserving"  # decode role: a KV handoff waiting for pages (holds none)
+    RESERVED = "reserved"  # decode role: pages held for a handoff, its rows not yet in them
     FINISHED = "finished"
 
 
@@ -64,7 +62,9 @@ class Sequence:
         self.prompt_logprobs: list[Logprob | None] | None = [None] if want else None
         self.prompt_logprobs_sent = False
         self.finish_reason: FinishReason | None = None
-        self.payload: KVPayload | None = None  # decode role: imported on admission, then dropped
+        # Prefill role, under the serving stack: how long the pages stay after export, waiting for
+        # the decode side's acknowledgement (None: freed as soon as the payload is staged).
+        self.export_hold_s: float | None = None
         self.num_streamed = 0  # generated tokens already reported (stream deltas)
         self.num_logprobs_streamed = 0
         self.sampling = None  # the sampler's per-request state (penalties, grammar), if any

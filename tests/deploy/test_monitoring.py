@@ -39,6 +39,8 @@ def app_series() -> set[str]:
             "kv_usage": 0.5,
             "kv_cached": 0.25,
             "prefix_cache_pages": 4,
+            "handoffs_waiting": 1,
+            "num_exporting": 2,
             "prefix_cache_queries_total": 100,
             "prefix_cache_hits_total": 64,
             "prefix_cache_evictions_total": 1,

@@ -53,7 +53,7 @@ class Driver:
 @pytest.mark.parametrize("watermark", [0, 1])
 def test_watermark_keeps_the_just_admitted_request(watermark):
     bm = BlockManager(4, PS)
-    sched = Scheduler(bm, 8, 1000, importer=None, watermark=watermark, max_bypass=0)
+    sched = Scheduler(bm, 8, 1000, watermark=watermark, max_bypass=0)
     d = Driver(sched)
     a, b = seq("a", 127, 40), seq("b", 100, 4)
     sched.add(a)
@@ -75,7 +75,7 @@ def test_preemption_takes_the_least_progress():
     """x needs a page; y (10 tokens in) and z (100 tokens in) are the candidates. The old rule
     took the newest, z, losing 10x the work that preempting y loses."""
     bm = BlockManager(5, PS)
-    sched = Scheduler(bm, 8, 1000, importer=None, watermark=0, max_bypass=0)
+    sched = Scheduler(bm, 8, 1000, watermark=0, max_bypass=0)
     d = Driver(sched)
     x, y, z = seq("x", 127, 40), seq("y", 10, 40), seq("z", 100, 40)
     sched.add(x)
@@ -96,7 +96,7 @@ def test_preemption_takes_the_least_progress():
 def test_long_head_is_bypassed_boundedly(max_bypass):
     """x holds 2 of 4 pages for 30 steps; l (3 pages) heads the queue; s1..s4 need 1 page each."""
     bm = BlockManager(4, PS)
-    sched = Scheduler(bm, 8, 1000, importer=None, watermark=0, max_bypass=max_bypass)
+    sched = Scheduler(bm, 8, 1000, watermark=0, max_bypass=max_bypass)
     d = Driver(sched)
     sched.add(seq("x", 100, 30))
     d.step()
@@ -120,7 +120,7 @@ def test_long_prefill_shares_the_step_with_waiting_requests():
     steps, and a 10-token request behind it got its first token only after all of them. Now
     the long prefill takes half the budget while others wait, plus what admission leaves."""
     bm = BlockManager(16, PS)
-    sched = Scheduler(bm, 8, 64, importer=None)
+    sched = Scheduler(bm, 8, 64)
     d = Driver(sched)
     long, short = seq("l", 640, 2), seq("s", 10, 2)
     sched.add(long)

@@ -48,7 +48,7 @@ def test_block_manager_pages():
 
 def test_chunked_prefill_then_mixed_batches():
     bm = BlockManager(16, PS)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=50, importer=None)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=50)
     a, b = seq("a", 30), seq("b", 100)
     sched.add(a)
     sched.add(b)
@@ -62,7 +62,7 @@ def test_chunked_prefill_then_mixed_batches():
 
 def test_max_num_seqs_and_budget_limit_admission():
     bm = BlockManager(16, PS)
-    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=1000, importer=None)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=1000)
     for i in range(3):
         sched.add(seq(f"s{i}", 10))
     batch = sched.schedule()
@@ -73,7 +73,7 @@ def test_max_num_seqs_and_budget_limit_admission():
 
 def test_preemption_takes_the_least_progress_and_requeues_it_first():
     bm = BlockManager(3, PS)
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1000, importer=None, watermark=0)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1000, watermark=0)
     a, b, c = seq("a", 64), seq("b", 64), seq("c", 60)
     for s in (a, b, c):
         sched.add(s)
@@ -92,7 +92,7 @@ def test_preemption_takes_the_least_progress_and_requeues_it_first():
 
 def test_remove_frees_from_any_queue():
     bm = BlockManager(2, PS)
-    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=1000, importer=None)
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=1000)
     a, b = seq("a", 70), seq("b", 10)
     sched.add(a)
     sched.add(b)

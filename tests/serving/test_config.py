@@ -62,6 +62,11 @@ def test_two_sided_transports_are_refused_with_the_reason(transport):
         ServingConfig(model="m", kv_transfer={"backend": "direct", "tensor_transport": transport})
 
 
+def test_cuda_ipc_is_refused_with_the_reason():
+    with pytest.raises(ValidationError, match="host memory"):
+        ServingConfig(model="m", kv_transfer={"backend": "direct", "tensor_transport": "cuda_ipc"})
+
+
 def test_bad_values_name_the_field():
     with pytest.raises(ValidationError, match="max_replicas"):
         ServingConfig(model="m", decode={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})

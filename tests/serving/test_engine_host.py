@@ -131,7 +131,7 @@ def test_decode_builds_the_engine_of_a_payload_plan_it_does_not_run(tiny_dir):
         await host.load(PlanInfo(0, None))
         own = host.plan_ids[0]
         assert not host.has_plan(res.payload.plan_id)
-        assert layout_pattern(res.payload.layout) == "FSFS"
+        assert layout_pattern(res.payload.header.layout) == "FSFS"
         ids = [res.first_token]
         async with host.acquire_plan(res.payload.plan_id, "FSFS") as eng:
             async for d in eng.decode("p", res.payload, params):

@@ -50,13 +50,14 @@ class Replicas:
     def _seen(self, req) -> int:  # tokens the client already has
         return len(req.resume.token_ids) if req.resume else 0
 
-    async def prefill(self, req):
+    async def prefill(self, req):  # a stream: the response, then held until closed
         self.prefills.append(req)
         fail = self.prefill_script.pop(0) if self.prefill_script else None
         if fail is not None:
             raise fail
         d = deltas(self._seen(req), self._seen(req) + 1)[0]
-        return PrefillResponse(req.request_id, d.token_ids[0], d.text, None, 3, FakeKV(), "p")
+        yield PrefillResponse(req.request_id, d.token_ids[0], d.text, None, 3, FakeKV(), "p")
+        await asyncio.sleep(3600)
 
     def decode(self, req):
         self.decodes.append(req)

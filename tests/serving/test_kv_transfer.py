@@ -22,27 +22,39 @@ CONFIGS = {
 }
 
 
+LAYOUT = {
+    "num_layers": 2,
+    "attn_kind": "mla",
+    "kv_heads": 1,
+    "k_dim": 64,
+    "v_dim": 48,
+    "index_layers": [0],
+    "index_head_dim": 8,
+    "index_fp8": False,
+    "dtype": "float32",
+    "plan_id": "plan-x",
+    "page_size": 64,
+}
+
+
+def header(n: int = 1000):
+    from serving.engine import PAYLOAD_VERSION, KVHeader
+
+    return KVHeader(PAYLOAD_VERSION, "plan-x", LAYOUT, list(range(n)), 9, n)
+
+
 def payload(seed: int):
-    from serving.engine import PAYLOAD_VERSION, KVPayload
+    from serving.engine import KVPayload
 
     # Large enough (~0.5 MB) for the object store proper: Ray inlines objects under 100 KB
     # into the task spec, where they would outlive their owner.
     g, n = torch.Generator().manual_seed(seed), 1000
     attn = [torch.randn(n, 1, 64, generator=g) for _ in range(2)]
-    return KVPayload(
-        PAYLOAD_VERSION,
-        "plan-x",
-        {},
-        list(range(n)),
-        9,
-        n,
-        attn,
-        [torch.randn(n, 8, generator=g), None],
-    )
+    return KVPayload.from_tensors(header(n), attn, [torch.randn(n, 8, generator=g), None])
 
 
 def checksum(p) -> float:
-    return float(sum(t.double().sum() for t in [*p.attn, *p.index_k] if t is not None))
+    return float(p.data.view(torch.float32).double().sum())
 
 
 @ray.remote(num_cpus=0)
@@ -80,7 +92,8 @@ def test_payload_arrives_intact(cfg):
     handle = ray.get(prod.put.remote(3))
     assert handle.transport == (cfg.tensor_transport if cfg.backend == "direct" else "object_store")
     expected = payload(3)
-    assert handle.nbytes == expected.nbytes > 0
+    assert handle.nbytes == expected.nbytes > 500_000
+    assert handle.header.prompt_token_ids == expected.header.prompt_token_ids  # ahead of bytes
     status, plan, first, total, nbytes = ray.get(cons.get.remote(handle, 30))
     assert (status, plan, first, nbytes) == ("ok", "plan-x", 9, expected.nbytes)
     assert total == pytest.approx(checksum(expected))
@@ -123,7 +136,7 @@ def test_payload_that_never_arrives_times_out(ray_cluster):
     cons = Consumer.remote(KVTransferConfig())
     start = time.monotonic()
     status, code, message = ray.get(
-        cons.get.remote(KVHandle("object_store", 1, "p", 0, [ref]), 1.0), timeout=60
+        cons.get.remote(KVHandle("object_store", header(1), 0, [ref]), 1.0), timeout=60
     )
     assert (status, code) == ("error", "kv_transfer_timeout") and "1.0s" in message
     assert time.monotonic() - start < 20

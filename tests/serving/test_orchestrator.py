@@ -1,5 +1,6 @@
 """The pure request flow with fake engine clients: order, early finish, errors, timeouts and
-cancellation at every step release the KV handle and close the downstream streams."""
+cancellation at every step release the KV handle and close the downstream streams, the prefill
+stream (which holds the payload's pages on the prefill replica) included."""
 
 from __future__ import annotations
 
@@ -24,11 +25,17 @@ class FakeKV:
 
 
 class FakePrefill:
+    """Yields the response, then holds (as a prefill replica holds the pages) until closed."""
+
     def __init__(self, finish=None, error=None, delay=0.0):
         self.kv, self.finish, self.error, self.delay = FakeKV(), finish, error, delay
         self.cancelled = False
+        self.held = None  # True while the response is out and the stream open; then False
 
-    async def prefill(self, req):
+    def prefill(self, req):
+        return self._gen(req)
+
+    async def _gen(self, req):
         try:
             await asyncio.sleep(self.delay)
         except asyncio.CancelledError:
@@ -36,16 +43,22 @@ class FakePrefill:
             raise
         if self.error:
             raise self.error
-        return PrefillResponse(
-            req.request_id, 7, "a", self.finish, 3, None if self.finish else self.kv, "plan"
-        )
+        self.held = True
+        try:
+            yield PrefillResponse(
+                req.request_id, 7, "a", self.finish, 3, None if self.finish else self.kv, "plan"
+            )
+            await asyncio.sleep(3600)
+        finally:
+            self.held = False
 
 
 class FakeDecode:
-    def __init__(self, items, ack_delay=0.0, per_item_delay=0.0):
+    def __init__(self, items, ack_delay=0.0, per_item_delay=0.0, prefill=None):
         self.items, self.ack_delay, self.per_item_delay = items, ack_delay, per_item_delay
         self.closed = False
         self.requests = []
+        self.prefill, self.held_after_ack = prefill, None  # prefill.held once decode resumes
 
     def decode(self, req):
         self.requests.append(req)
@@ -55,6 +68,7 @@ class FakeDecode:
         try:
             await asyncio.sleep(self.ack_delay)
             yield KVReceived(100, 0.01, "plan")
+            self.held_after_ack = self.prefill.held if self.prefill else None
             for item in self.items:
                 await asyncio.sleep(self.per_item_delay)
                 if isinstance(item, Exception):
@@ -85,19 +99,22 @@ async def collect(gen):
 
 def test_disaggregated_happy_path():
     prefill = FakePrefill()
-    decode = FakeDecode([TokenDelta([8], "b"), TokenDelta([9], "c", "length")])
+    decode = FakeDecode([TokenDelta([8], "b"), TokenDelta([9], "c", "length")], prefill=prefill)
     acks = []
     out = asyncio.run(collect(run(prefill, decode, acks=acks)))
     assert [d.token_ids for d in out] == [[7], [8], [9]]
     assert out[-1].finish_reason == "length" and len(acks) == 1
     assert decode.requests[0].kv is prefill.kv and prefill.kv.released and decode.closed
+    # The ack closes the prefill stream before decode's first token: its pages go at once.
+    assert decode.held_after_ack is False and prefill.held is False
 
 
 def test_first_token_finishes_without_decode():
     decode = FakeDecode([])
-    out = asyncio.run(collect(run(FakePrefill(finish="stop"), decode)))
+    prefill = FakePrefill(finish="stop")
+    out = asyncio.run(collect(run(prefill, decode)))
     assert [(d.token_ids, d.finish_reason) for d in out] == [([7], "stop")]
-    assert decode.requests == []
+    assert decode.requests == [] and prefill.held is False
 
 
 def test_prefill_error_propagates_before_any_token():
@@ -115,7 +132,7 @@ def test_decode_never_takes_the_payload_times_out_and_releases():
             await anext(gen)
 
     asyncio.run(go())
-    assert prefill.kv.released and decode.closed
+    assert prefill.kv.released and decode.closed and prefill.held is False
 
 
 def test_decode_error_mid_stream_releases_and_closes():
@@ -123,7 +140,26 @@ def test_decode_error_mid_stream_releases_and_closes():
     decode = FakeDecode([TokenDelta([8], "b"), RuntimeError("engine died")])
     with pytest.raises(RuntimeError, match="engine died"):
         asyncio.run(collect(run(prefill, decode)))
-    assert prefill.kv.released and decode.closed
+    assert prefill.kv.released and decode.closed and prefill.held is False
+
+
+def test_decode_lost_before_the_ack_frees_the_prefill_side():
+    """The decode replica dies while the handoff is in flight: the prefill stream is closed
+    (its pages freed) and the handle released, whatever the error."""
+    prefill = FakePrefill()
+
+    class Dies(FakeDecode):
+        async def _gen(self):
+            try:
+                await asyncio.sleep(0.01)
+                raise RuntimeError("decode replica died")
+                yield  # an async generator
+            finally:
+                self.closed = True
+
+    with pytest.raises(RuntimeError, match="died"):
+        asyncio.run(collect(run(prefill, Dies([]))))
+    assert prefill.kv.released and prefill.held is False
 
 
 def test_decode_stream_must_start_with_the_ack():
@@ -146,7 +182,26 @@ def test_client_disconnect_after_first_token_closes_decode():
         await gen.aclose()  # what the ingress does when the client goes away
 
     asyncio.run(go())
-    assert prefill.kv.released and decode.closed
+    assert prefill.kv.released and decode.closed and prefill.held is False
+
+
+def test_client_disconnect_while_decode_waits_for_pages_frees_both_sides():
+    prefill = FakePrefill()
+    decode = FakeDecode([], ack_delay=5)  # a decode replica queueing the handoff for pages
+
+    async def go():
+        gen = run(prefill, decode, timeout=10)
+        await anext(gen)
+        task = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0.05)
+        assert prefill.held and not decode.closed
+        task.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await gen.aclose()
+
+    asyncio.run(go())
+    assert prefill.kv.released and decode.closed and prefill.held is False
 
 
 def test_cancel_during_prefill_cancels_the_prefill_call():
