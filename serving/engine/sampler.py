@@ -23,7 +23,7 @@ import torch
 
 from serving.engine.grammar import (
     MaskWorker,
-    allowed_from_bitmask,
+    apply_bitmask,
     ll_tokenizer,
     mask_words,
     new_matcher,
@@ -224,8 +224,12 @@ class Sampler:
             if w.shape[1] != mask_words(work.shape[1]):
                 raise RuntimeError("grammar bitmask width does not match the vocabulary")
             w = w.to(work.device, non_blocking=True)
-            allowed = allowed_from_bitmask(w, work.shape[1])
-            work[rows] = work[rows].masked_fill(~allowed, float("-inf"))
+            if len(rows) == work.shape[0]:
+                apply_bitmask(work, w)
+            else:
+                sub = work[rows]
+                apply_bitmask(sub, w)
+                work[rows] = sub
 
     def advance(self, seqs: list, tokens: list[int]) -> dict[int, Exception]:
         """After the host has the sampled ids: feed grammars, start the next masks."""
