@@ -19,6 +19,13 @@ def _entry(rank, size, init, backend, fn, args):
 
     par = init_parallel(rank, size, init, backend, timeout_s=60)
     fn(par, *args)
+    # Leave the group together before the interpreter exits: a gloo group still alive at exit
+    # can destroy a joinable thread, and a rank that passed then dies of SIGABRT (seen in CI).
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    par.close()
 
 
 def run_ranks(size: int, fn, *args, timeout_s: float = 120.0, backend: str = "gloo") -> None:
