@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     for sp in (plain, constrained):
         warm = SamplingParams(**{**base, "max_tokens": 4}, grammar=sp.grammar)
         run_round(engine, prompts[:2], warm, device, spent)
+    from serving.engine.grammar import FUSED
+
+    FUSED.wait(torch.device(device))  # a server compiles it in the background once per process
     rounds = [
         dict(
             plain=run_round(engine, prompts, plain, device, spent),

@@ -88,22 +88,51 @@ class MaskWorker:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-_FUSED: list[bool] = [True]  # until the compiled path fails once in this process
+class _FusedMask:
+    """llguidance's fused mask helper: one torch.compile'd kernel (dynamic shapes), 0.07 ms on one
+    CPU core at a 49K vocabulary and batch 16 against 5.7 ms for the plain ops. Its first call
+    compiles (~8 s cold on CPU), which on the engine thread would stall every stream of the
+    replica; so it compiles on a background thread, once per device type, and the plain ops
+    serve until it is ready (and for good where it cannot compile)."""
 
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ready: dict[str, Future] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
 
-def apply_bitmask(logits: torch.Tensor, words: torch.Tensor) -> None:
-    """logits [n, vocab] (float) masked in place by [n, W] int32 bitmasks on the same device.
-    llguidance's helper is one fused kernel (torch.compile, dynamic shapes: compiled once per
-    process): at a 49K vocabulary and batch 16 it takes 0.07 ms on one CPU core against 5.7 ms
-    for the unfused ops below, which stay as the fallback (no compiler in the process)."""
-    if _FUSED[0]:
+    def get(self, device: torch.device):
+        with self._lock:
+            fut = self._ready.get(device.type)
+            if fut is None:
+                fut = self._ready[device.type] = self._pool.submit(self._compile, device)
+        return fut.result() if fut.done() else None
+
+    def wait(self, device: torch.device):
+        """The compiled helper, or None if it cannot compile (blocks: for tests and warm-up)."""
+        self.get(device)
+        return self._ready[device.type].result()
+
+    @staticmethod
+    def _compile(device: torch.device):
         try:
             from llguidance.torch import apply_token_bitmask_inplace
 
-            apply_token_bitmask_inplace(logits, words)
-            return
-        except Exception:  # inductor unavailable here: the plain ops give the same result
-            _FUSED[0] = False
+            words = torch.zeros(2, 3, dtype=torch.int32, device=device)
+            apply_token_bitmask_inplace(torch.zeros(2, 70, device=device), words)
+            return apply_token_bitmask_inplace
+        except Exception:  # no compiler here: the plain ops give the same result
+            return None
+
+
+FUSED = _FusedMask()
+
+
+def apply_bitmask(logits: torch.Tensor, words: torch.Tensor) -> None:
+    """logits [n, vocab] (float) masked in place by [n, W] int32 bitmasks on the same device."""
+    fused = FUSED.get(logits.device)
+    if fused is not None:
+        fused(logits, words)
+        return
     allowed = allowed_from_bitmask(words, logits.shape[1])
     logits.masked_fill_(~allowed, float("-inf"))
 
